@@ -1,0 +1,265 @@
+"""The weightsmith command line: runs the service, and is a thin client of its REST API.
+
+    weightsmith serve [--stdio]      weightsmith worker          weightsmith agents add NAME
+    weightsmith datasets upload FILE weightsmith train ...       weightsmith jobs list|show|watch|cancel
+    weightsmith demo
+
+Client commands talk to WEIGHTSMITH_URL (default http://127.0.0.1:8765) with WEIGHTSMITH_API_KEY.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from server.settings import Settings
+
+app = typer.Typer(help="Train and own domain models.", no_args_is_help=True, pretty_exceptions_enable=False)
+agents_app = typer.Typer(help="Agent identities, keys and limits (operates on the local store).")
+datasets_app = typer.Typer(help="Upload, list and validate datasets.")
+jobs_app = typer.Typer(help="Follow and control jobs.")
+app.add_typer(agents_app, name="agents")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(jobs_app, name="jobs")
+console = Console()
+FINAL = {"succeeded", "failed", "cancelled"}
+
+
+# ---- the service ---------------------------------------------------------------------------------
+
+@app.command()
+def serve(stdio: Annotated[bool, typer.Option("--stdio", help="MCP over stdin/stdout, for local agents.")] = False,
+          host: str | None = None, port: int | None = None) -> None:
+    """Run the service: REST /v1, MCP /mcp, docs /docs, and the embedded workers."""
+    settings = Settings()
+    if stdio:
+        import anyio
+
+        from server.context import ServiceRef, open_service
+        from server.mcp_server import build_mcp_server
+
+        async def run() -> None:
+            with open_service(settings) as ctx:
+                await build_mcp_server(ServiceRef(ctx)).run_stdio_async()
+
+        anyio.run(run)
+        return
+    import uvicorn
+
+    from server.app import create_app
+
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
+
+
+@app.command()
+def worker(slots: Annotated[int | None, typer.Option(help="Jobs at once (default: worker_slots).")] = None) -> None:
+    """Run workers only, against the same database as the service."""
+    from server.context import open_service
+
+    settings = Settings()
+    if slots is not None:
+        settings.worker_slots = slots
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with open_service(settings) as ctx:
+        console.print(f"worker {ctx.executor.owner if ctx.executor else '-'}: {settings.worker_slots} slot(s), "
+                      f"store {settings.db_url}", style="dim")
+        stop.wait()
+
+
+# ---- agents (local administration) ----------------------------------------------------------------
+
+@agents_app.command("add")
+def agents_add(name: str,
+               max_request_flops: float | None = None, max_request_seconds: float | None = None,
+               max_request_params: int | None = None, max_request_tokens: int | None = None,
+               max_dataset_bytes: int | None = None, budget_flops: float | None = None,
+               budget_window_seconds: float | None = None, max_concurrent_jobs: int | None = None) -> None:
+    """Create an agent and print its API key (shown once, stored hashed)."""
+    from server import auth
+    from server.db import make_engine, migrate
+
+    settings = Settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.db_url)
+    migrate(engine)
+    agent, key = auth.create_agent(
+        engine, settings, name, max_request_flops=max_request_flops, max_request_seconds=max_request_seconds,
+        max_request_params=max_request_params, max_request_tokens=max_request_tokens,
+        max_dataset_bytes=max_dataset_bytes, budget_flops=budget_flops, budget_window_seconds=budget_window_seconds,
+        max_concurrent_jobs=max_concurrent_jobs)
+    console.print(f"agent {agent.name} ({agent.id}); its key, shown once:", style="dim", highlight=False)
+    print(key)
+
+
+@agents_app.command("list")
+def agents_list() -> None:
+    """Agents and their limits."""
+    from sqlmodel import Session, select
+
+    from server.auth import LIMIT_FIELDS
+    from server.db import make_engine, migrate
+    from server.models import Agent
+
+    settings = Settings()
+    engine = make_engine(settings.db_url)
+    migrate(engine)
+    table = Table("name", "id", *LIMIT_FIELDS)
+    with Session(engine) as session:
+        for agent in session.exec(select(Agent)):
+            table.add_row(agent.name, agent.id, *(f"{getattr(agent, f):g}" for f in LIMIT_FIELDS))
+    console.print(table)
+
+
+# ---- the REST client ------------------------------------------------------------------------------
+
+def _client() -> httpx.Client:
+    url = os.environ.get("WEIGHTSMITH_URL", f"http://{Settings().host}:{Settings().port}")
+    key = os.environ.get("WEIGHTSMITH_API_KEY", "")
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=70)
+
+
+def _call(method: str, path: str, **kwargs: Any) -> Any:
+    with _client() as client:
+        try:
+            response = client.request(method, path, **kwargs)
+        except httpx.ConnectError as err:
+            console.print(f"cannot reach {client.base_url}: {err}; is `weightsmith serve` running?", style="red")
+            raise typer.Exit(2) from err
+    if response.status_code >= 400:
+        error = response.json().get("error") or response.json()
+        console.print(f"error: {json.dumps(error)}", style="red", highlight=False)
+        raise typer.Exit(1)
+    return response.json()
+
+
+def _print(payload: Any) -> None:
+    console.print_json(json.dumps(payload))
+
+
+@datasets_app.command("upload")
+def datasets_upload(file: Path, name: str | None = None,
+                    by_path: Annotated[bool, typer.Option(help="Register the file in place (inside a data root).")] = False) -> None:
+    """Upload FILE (.jsonl .csv .parquet .txt) and print its validation."""
+    if by_path:
+        body: dict[str, Any] = {"path": str(file.resolve()), "name": name}
+    elif file.suffix == ".parquet":
+        import base64
+
+        body = {"filename": file.name, "content": base64.b64encode(file.read_bytes()).decode(), "encoding": "base64"}
+    else:
+        body = {"filename": file.name, "content": file.read_bytes().decode("utf-8", errors="surrogateescape"),
+                "name": name}
+    _print(_call("POST", "/v1/datasets", json=body))
+
+
+@datasets_app.command("list")
+def datasets_list() -> None:
+    table = Table("id", "name", "format", "records", "valid", "hash")
+    for d in _call("GET", "/v1/datasets")["datasets"]:
+        table.add_row(d["id"], d["name"], str(d["format"]), str(d["records"]), str(d["valid"]), d["content_hash"][:12])
+    console.print(table)
+
+
+@datasets_app.command("validate")
+def datasets_validate(dataset_id: str) -> None:
+    _print(_call("GET", f"/v1/datasets/{dataset_id}/validation"))
+
+
+@app.command()
+def train(base_model: Annotated[str | None, typer.Option(help="Model id or local model directory.")] = None,
+          dataset: Annotated[list[str] | None, typer.Option(help="Dataset id (repeat for several).")] = None,
+          adapter: str = "lora", max_steps: str = "auto", learning_rate: str = "auto",
+          config: Annotated[Path | None, typer.Option(help="A JSON or YAML request file.")] = None,
+          idempotency_key: str | None = None, dry_run: bool = False,
+          watch: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = False) -> None:
+    """Launch a training job (flags, or a request file with the launch_training fields)."""
+    body: dict[str, Any] = _load_request(config) if config else {}
+    body.setdefault("hyperparameters", {})
+    if base_model:
+        body["base_model"] = base_model
+    if dataset:
+        body["datasets"] = dataset
+    body.setdefault("adapter", adapter)
+    for key, value in (("max_steps", max_steps), ("learning_rate", learning_rate)):
+        if value != "auto":
+            body["hyperparameters"][key] = float(value) if key == "learning_rate" else int(value)
+    body.update({k: v for k, v in (("idempotency_key", idempotency_key), ("dry_run", dry_run)) if v})
+    result = _call("POST", "/v1/trainings", json=body)
+    _print(result)
+    if watch and result.get("job"):
+        jobs_watch(result["job"]["id"])
+
+
+def _load_request(path: Path) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml  # PyYAML comes with transformers
+
+        return yaml.safe_load(text)
+    return json.loads(text)
+
+
+@jobs_app.command("list")
+def jobs_list(state: list[str] | None = None, limit: int = 20) -> None:
+    table = Table("id", "kind", "method", "state", "step", "loss", "created")
+    for j in _call("GET", "/v1/jobs", params={"state": state or [], "limit": limit})["jobs"]:
+        p = j["progress"]
+        table.add_row(j["id"], j["kind"], j["method"], j["state"], f"{p.get('step')}/{p.get('max_steps')}",
+                      f"{p['loss']:.4f}" if p.get("loss") is not None else "-", j["created_at"])
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str) -> None:
+    _print(_call("GET", f"/v1/jobs/{job_id}"))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str) -> None:
+    _print(_call("POST", f"/v1/jobs/{job_id}/cancel"))
+
+
+@jobs_app.command("watch")
+def jobs_watch(job_id: str) -> None:
+    """A live progress bar (step, loss, tokens/s, ETA) until the job ends."""
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+               TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(job_id, total=None, info="")
+        while True:
+            job = _call("POST", f"/v1/jobs/{job_id}/wait", params={"timeout_seconds": 2})
+            p = job["progress"]
+            info = " ".join(f"{k} {v:.4g}" for k, v in (("loss", p.get("loss")), ("tok/s", p.get("tokens_per_second")))
+                            if v is not None)
+            bar.update(task, total=p.get("max_steps"), completed=p.get("step") or 0,
+                       description=f"{job_id} {job['state']}", info=info)
+            if job["state"] in FINAL:
+                break
+    _print({k: job[k] for k in ("id", "state", "error", "model_id", "metrics")})
+    if job["state"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo() -> None:
+    """Train on the bundled sample corpus through the real MCP client, end to end."""
+    from server.demo import run_demo
+
+    sys.exit(run_demo(console))
+
+
+if __name__ == "__main__":
+    app()

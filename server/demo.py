@@ -1,0 +1,137 @@
+"""`make demo` / `weightsmith demo`: the main job end to end on the embedded default.
+
+Starts the service (SQLite, local workers) on a free port, builds a small base model with a
+tokenizer trained on the bundled sample corpus (no hub is reachable), then, as an agent over the
+real MCP client: uploads the support chats, prices and launches a LoRA SFT job, follows it, and
+prints where the model is, its validation loss before and after, and a sample generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from rich.console import Console
+
+from server import auth
+from server.app import create_app
+from server.db import make_engine, migrate
+from server.mcp_client import http_client
+from server.settings import Settings
+
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "examples" / "sample_corpus"
+DEMO_QUESTION = "What does red-drop mean on the Nightwatch desk?"
+
+
+def run_demo(console: Console) -> int:
+    if not SAMPLE_DIR.is_dir():
+        console.print(f"sample corpus not found at {SAMPLE_DIR}; run the demo from a clone of the repo", style="red")
+        return 2
+    settings = Settings()
+    settings.home = settings.home.resolve()
+    settings.data_roots = [*settings.data_roots, SAMPLE_DIR, settings.home]
+    base_dir = _base_model(settings, console)
+    engine = make_engine(settings.db_url)
+    migrate(engine)
+    _agent, key = auth.create_agent(engine, settings, f"demo-{int(time.time())}")
+    engine.dispose()
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        model = asyncio.run(_drive(f"http://127.0.0.1:{port}/mcp", key, base_dir, console))
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    if model is None:
+        return 1
+    _show_sample(model, console)
+    return 0
+
+
+def _base_model(settings: Settings, console: Console) -> Path:
+    """A small Llama-style model with a tokenizer trained on the corpus, built once per home."""
+    from training_core import presets
+
+    target = settings.home / "base-models" / "halvard-small"
+    if not (target / "config.json").exists():
+        console.print(f"building the base model (preset 'small', tokenizer trained on {SAMPLE_DIR.name}) ...")
+        texts = [p.read_text(encoding="utf-8") for p in sorted(SAMPLE_DIR.glob("*.txt"))]
+        texts.append((SAMPLE_DIR / "support_chat.jsonl").read_text(encoding="utf-8"))
+        presets.build_base_model("small", texts, target)
+    return target
+
+
+async def _drive(url: str, key: str, base_dir: Path, console: Console) -> dict[str, Any] | None:
+    async with http_client(url, key) as client:
+        tools = await client.list_tools()
+        console.print(f"connected to {url} over MCP: {len(tools.tools)} tools")
+        upload = await _call(client, "upload_dataset", path=str(SAMPLE_DIR / "support_chat.jsonl"),
+                             name="halvard-support-chat")
+        dataset = upload["dataset"]
+        console.print(f"dataset {dataset['id']}: {dataset['records']} {dataset['format']} records, ok={upload['ok']}")
+        request = {"base_model": str(base_dir), "datasets": [dataset["id"]], "adapter": "lora",
+                   "merge_adapter": True, "model_name": "halvard-nightwatch",
+                   "hyperparameters": {"max_steps": 60, "learning_rate": 2e-3, "per_device_batch_size": 8,
+                                       "max_seq_length": 128, "save_steps": 20},
+                   "idempotency_key": f"demo-{int(time.time())}"}
+        priced = await _call(client, "launch_training", **request, dry_run=True)
+        est = priced["estimate"]
+        console.print(f"dry run: {est['parameters']:,} parameters, {est['tokens']:,} tokens, "
+                      f"{est['flops']:.3g} FLOPs -> admitted={priced['admitted']}")
+        job = (await _call(client, "launch_training", **request))["job"]
+        console.print(f"launched {job['id']} ({job['state']})")
+        while job["state"] not in ("succeeded", "failed", "cancelled"):
+            job = await _call(client, "wait_for_job", job_id=job["id"], timeout_seconds=10)
+            p = job["progress"]
+            if p.get("step"):
+                console.print(f"  step {p['step']}/{p['max_steps']}  loss {p.get('loss') or 0:.4f}  "
+                              f"{p.get('tokens_per_second') or 0:,.0f} tok/s  eta {p.get('eta_seconds') or 0:.0f}s")
+        if job["state"] != "succeeded":
+            console.print(f"job {job['state']}: {job['error']}", style="red")
+            return None
+        models = (await _call(client, "list_models"))["models"]
+        model = next(m for m in models if m["id"] == job["model_id"])
+        m = job["metrics"]
+        console.print(f"model {model['id']} at {model['path']} (merged copy: {model['merged_path']})")
+        console.print(f"validation loss {m.get('eval_loss_before', float('nan')):.4f} -> "
+                      f"{m.get('eval_loss_after', float('nan')):.4f}; "
+                      f"{m.get('tokens_per_second', 0):,.0f} tokens/s")
+        return model
+
+
+async def _call(client: Any, tool: str, **arguments: Any) -> dict[str, Any]:
+    result = await client.call_tool(tool, arguments)
+    if result.is_error:
+        raise RuntimeError(f"{tool} failed: {result.content[0].text}")
+    return result.structured_content
+
+
+def _show_sample(model: dict[str, Any], console: Console) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = model["merged_path"] or model["path"]
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    lm = AutoModelForCausalLM.from_pretrained(directory)
+    messages = [{"role": "system", "content": "You are the Halvard Fibre Nightwatch assistant."},
+                {"role": "user", "content": DEMO_QUESTION}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    output = lm.generate(**inputs, max_new_tokens=40, do_sample=False)
+    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    console.print(f"sample: Q: {DEMO_QUESTION}\n        A: {answer.strip()}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,150 @@
+"""Compute guardrails: estimate a request, admit it against the agent's limits, settle it once.
+
+Admission reserves the estimate in the same transaction that inserts the job, so concurrent
+launches can never together spend more than the budget: `BEGIN IMMEDIATE` on SQLite, the agent's
+row locked `FOR UPDATE` on PostgreSQL. A refusal names the limit, the estimate, the limit's value
+and the largest `max_steps` that would fit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, func, update
+from sqlmodel import Session, col, select
+
+from server.db import is_sqlite
+from server.errors import LimitExceeded
+from server.models import ACTIVE_STATES, Agent, Job, Reservation
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a train request will cost, computed before anything starts."""
+
+    parameters: int
+    tokens_per_step: int
+    max_steps: int
+    dataset_bytes: int
+    max_seconds: float | None
+
+    @property
+    def tokens(self) -> int:
+        return self.tokens_per_step * self.max_steps
+
+    @property
+    def flops_per_step(self) -> float:
+        return 6.0 * self.parameters * self.tokens_per_step
+
+    @property
+    def flops(self) -> float:
+        # The standard 6 x N x T training estimate (forward 2NT, backward 4NT).
+        return self.flops_per_step * self.max_steps
+
+
+@dataclass(frozen=True)
+class Verdict:
+    admitted: bool
+    limit: str | None = None
+    message: str | None = None
+    max_steps_that_fit: int | None = None
+
+
+def check_request(agent: Agent, estimate: Estimate) -> Verdict:
+    """Per-request limits; these need no database and hold whatever else the agent runs."""
+    if estimate.parameters > agent.max_request_params:
+        return Verdict(False, "max_request_params",
+                       f"model has {estimate.parameters:,} parameters; your limit is "
+                       f"{agent.max_request_params:,}: pick a smaller base model")
+    if estimate.dataset_bytes > agent.max_dataset_bytes:
+        return Verdict(False, "max_dataset_bytes",
+                       f"datasets total {estimate.dataset_bytes:,} bytes; your limit is "
+                       f"{agent.max_dataset_bytes:,}: train on fewer or smaller datasets")
+    if estimate.max_seconds is not None and estimate.max_seconds > agent.max_request_seconds:
+        return Verdict(False, "max_request_seconds",
+                       f"limits.max_seconds={estimate.max_seconds:g} is over your limit of "
+                       f"{agent.max_request_seconds:g} s: ask for at most that")
+    if estimate.tokens > agent.max_request_tokens:
+        fit = agent.max_request_tokens // estimate.tokens_per_step
+        return _over("max_request_tokens", f"{estimate.tokens:,} tokens", f"{agent.max_request_tokens:,}", fit)
+    if estimate.flops > agent.max_request_flops:
+        fit = int(agent.max_request_flops // estimate.flops_per_step)
+        return _over("max_request_flops", f"{estimate.flops:.3g} FLOPs", f"{agent.max_request_flops:.3g}", fit)
+    return Verdict(True)
+
+
+def check_budget(agent: Agent, estimate: Estimate, spent: float, active_jobs: int) -> Verdict:
+    """Per-agent limits: the rolling compute budget and the number of jobs at once."""
+    if active_jobs >= agent.max_concurrent_jobs:
+        return Verdict(False, "max_concurrent_jobs",
+                       f"you have {active_jobs} active jobs and may run {agent.max_concurrent_jobs} at once: "
+                       "wait for one to finish (wait_for_job) or cancel one")
+    left = agent.budget_flops - spent
+    if estimate.flops > left:
+        fit = max(0, int(left // estimate.flops_per_step))
+        return _over("budget_flops", f"{estimate.flops:.3g} FLOPs",
+                     f"{agent.budget_flops:.3g} per {agent.budget_window_seconds:g} s window, "
+                     f"{max(left, 0):.3g} left", fit)
+    return Verdict(True)
+
+
+def _over(limit: str, estimate: str, value: str, fit: int) -> Verdict:
+    advice = f"max_steps <= {fit} fits" if fit >= 1 else "not even one step fits: shorten max_seq_length or the batch"
+    return Verdict(False, limit, f"estimate {estimate} is over {limit} ({value}); {advice}", fit)
+
+
+def budget_spent(session: Session, agent: Agent, now: float) -> float:
+    """Compute charged in the rolling window: what settled jobs used, what open ones reserved."""
+    charged = func.coalesce(Reservation.flops_used, Reservation.flops_reserved)
+    window_start = now - agent.budget_window_seconds
+    total = session.exec(
+        select(func.coalesce(func.sum(charged), 0.0)).where(
+            Reservation.agent_id == agent.id, Reservation.created_at >= window_start)
+    ).one()
+    return float(total)
+
+
+def active_job_count(session: Session, agent: Agent) -> int:
+    return session.exec(
+        select(func.count()).select_from(Job).where(Job.agent_id == agent.id, col(Job.state).in_(ACTIVE_STATES))
+    ).one()
+
+
+def lock_agent(session: Session, engine: Engine, agent_id: str) -> Agent:
+    """Re-read the agent inside the admission transaction, serialising its admissions."""
+    query = select(Agent).where(Agent.id == agent_id)
+    if not is_sqlite(engine):  # SQLite already holds the database write lock (BEGIN IMMEDIATE)
+        query = query.with_for_update()
+    return session.exec(query).one()
+
+
+def admit(session: Session, engine: Engine, agent_id: str, estimate: Estimate) -> Verdict:
+    """Run inside `write_transaction`: the verdict holds until that transaction commits."""
+    agent = lock_agent(session, engine, agent_id)
+    verdict = check_request(agent, estimate)
+    if not verdict.admitted:
+        return verdict
+    return check_budget(agent, estimate, budget_spent(session, agent, time.time()), active_job_count(session, agent))
+
+
+def raise_if_refused(verdict: Verdict, estimate: Estimate) -> None:
+    if not verdict.admitted:
+        raise LimitExceeded(verdict.message or "refused", param=verdict.limit, details={
+            "limit": verdict.limit, "estimate_flops": estimate.flops, "estimate_tokens": estimate.tokens,
+            "max_steps_that_fit": verdict.max_steps_that_fit})
+
+
+def settle(session: Session, job_id: str, flops_used: float) -> bool:
+    """Charge a job's reservation with what it used. Only the first call for a job has any effect."""
+    result = session.execute(
+        update(Reservation)
+        .where(col(Reservation.job_id) == job_id, col(Reservation.settled_at).is_(None))
+        .values(flops_used=flops_used, settled_at=time.time())
+    )
+    return result.rowcount == 1
+
+
+def steps_within(flops_budget: float, estimate: Estimate) -> int:
+    return max(0, math.floor(flops_budget / estimate.flops_per_step))

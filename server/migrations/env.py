@@ -1,0 +1,25 @@
+"""Alembic environment: runs on the connection `server.db.migrate` hands it.
+
+New revision after a change to server/models.py:
+    WEIGHTSMITH_HOME=/tmp/ws-migrate .venv/bin/alembic -c server/alembic.ini revision --autogenerate -m "..."
+"""
+
+from alembic import context
+from sqlmodel import SQLModel
+
+import server.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+
+target_metadata = SQLModel.metadata
+connection = context.config.attributes.get("connection")
+
+if connection is None:
+    # Command-line use (`alembic -c server/alembic.ini ...`): connect with the service settings.
+    from server.db import make_engine
+    from server.settings import Settings
+
+    engine = make_engine(Settings().db_url)
+    connection = engine.connect()
+
+context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+with context.begin_transaction():
+    context.run_migrations()

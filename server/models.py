@@ -1,0 +1,161 @@
+"""The job store's tables (SQLModel). Times are UNIX seconds (float): cheap to compare in SQL
+on SQLite and PostgreSQL alike, and turned into ISO strings only at the edges.
+
+Schema changes go through alembic (`server/migrations`); add a revision with every change here.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+class JobState(enum.StrEnum):
+    validating = "validating"
+    queued = "queued"
+    running = "running"
+    cancelling = "cancelling"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+ACTIVE_STATES = (JobState.validating, JobState.queued, JobState.running, JobState.cancelling)
+FINAL_STATES = (JobState.succeeded, JobState.failed, JobState.cancelled)
+
+
+class Agent(SQLModel, table=True):
+    id: str = Field(default_factory=lambda: new_id("agt"), primary_key=True)
+    name: str = Field(unique=True, index=True)
+    key_hash: str | None = Field(default=None, unique=True, index=True)
+    """SHA-256 of the API key; the key itself is shown once and never stored."""
+    created_at: float = Field(default_factory=time.time)
+    max_request_flops: float
+    max_request_seconds: float
+    max_request_params: int = Field(sa_type=BigInteger)
+    max_request_tokens: int = Field(sa_type=BigInteger)
+    max_dataset_bytes: int = Field(sa_type=BigInteger)
+    budget_flops: float
+    budget_window_seconds: float
+    max_concurrent_jobs: int
+
+
+class Dataset(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("agent_id", "content_hash"),)
+    id: str = Field(default_factory=lambda: new_id("ds"), primary_key=True)
+    agent_id: str = Field(foreign_key="agent.id", index=True)
+    name: str
+    content_hash: str
+    """sha256 of the snapshot's bytes: what a job trained on, whatever later happens to the source."""
+    path: str
+    """The immutable snapshot under HOME/datasets."""
+    source: str
+    """`upload` or the path it was registered from."""
+    file_type: str
+    format: str | None = None
+    records: int = 0
+    bytes: int = Field(default=0, sa_type=BigInteger)
+    valid: bool = False
+    report: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    created_at: float = Field(default_factory=time.time)
+
+
+class Job(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("agent_id", "idempotency_key"),)
+    id: str = Field(default_factory=lambda: new_id("job"), primary_key=True)
+    agent_id: str = Field(foreign_key="agent.id", index=True)
+    kind: str = "train"
+    method: str = "sft"
+    state: str = Field(default=JobState.queued, index=True)
+    request: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    """The request as the agent sent it."""
+    resolved: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    """Everything `auto` resolved, the estimate, and the paths: what the child ran."""
+    idempotency_key: str | None = None
+    request_hash: str = ""
+    error: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    progress: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    """The latest metrics event: step, max_steps, loss, tokens_per_second, eta_seconds."""
+    estimate_flops: float = 0.0
+    run_dir: str = ""
+    output_dir: str = ""
+    model_id: str | None = None
+    cancel_requested: bool = False
+    attempts: int = 0
+    lease_owner: str | None = None
+    lease_expires_at: float | None = Field(default=None, index=True)
+    lease_epoch: int = 0
+    """Fencing token: every claim bumps it, and a worker's writes carry the epoch they claimed with."""
+    event_seq: int = 0
+    events_offset: int = 0
+    """Bytes of the child's events.jsonl already relayed, so a resumed job never relays twice."""
+    flops_used: float = 0.0
+    """Compute used over every run of the job, resumed ones included; what settlement charges."""
+    run_seconds: float = 0.0
+    """Wall-clock seconds the job has run over all its runs; the wall-clock cap counts these."""
+    created_at: float = Field(default_factory=time.time, index=True)
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class JobEvent(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("job_id", "seq"),)
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(foreign_key="job.id", index=True)
+    seq: int
+    time: float
+    level: str = "info"
+    type: str = "message"
+    message: str = ""
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+
+
+class Checkpoint(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("job_id", "step"),)
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(foreign_key="job.id", index=True)
+    step: int
+    path: str
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    created_at: float = Field(default_factory=time.time)
+
+
+class Model(SQLModel, table=True):
+    id: str = Field(default_factory=lambda: new_id("mdl"), primary_key=True)
+    agent_id: str = Field(foreign_key="agent.id", index=True)
+    name: str
+    path: str
+    """A Hugging Face directory: full weights, or the adapter when `adapter` is `lora`."""
+    merged_path: str | None = None
+    adapter: str = "full"
+    base_model: str = ""
+    """Parent model id, or the local directory the job started from."""
+    parent_model_id: str | None = None
+    job_id: str | None = Field(default=None, foreign_key="job.id")
+    dataset_hashes: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    parameters: int = Field(default=0, sa_type=BigInteger)
+    created_at: float = Field(default_factory=time.time)
+
+
+class Reservation(SQLModel, table=True):
+    """Compute held for a job from admission until it is settled, exactly once, against use."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    agent_id: str = Field(foreign_key="agent.id", index=True)
+    job_id: str = Field(foreign_key="job.id", unique=True)
+    flops_reserved: float
+    flops_used: float | None = None
+    settled_at: float | None = None
+    created_at: float = Field(default_factory=time.time, index=True)

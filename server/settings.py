@@ -1,0 +1,67 @@
+"""Service settings: one object, read from `WEIGHTSMITH_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. `WEIGHTSMITH_HOME=/srv/ws weightsmith serve`."""
+
+    model_config = SettingsConfigDict(env_prefix="WEIGHTSMITH_", env_nested_delimiter="__")
+
+    home: Path = Field(Path(".weightsmith"), description="Service home: database, datasets, runs, models.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default SQLite in WAL mode at HOME/weightsmith.db. "
+        "postgresql+psycopg://... for a store shared by several machines.")
+    data_roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories datasets and base models may be registered from by path; "
+        "anything outside them is refused. JSON list, e.g. '[\"/data\"]'.")
+    host: str = Field("127.0.0.1", description="Address `serve` binds.")
+    port: int = Field(8765, description="Port `serve` binds.")
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1:*", "localhost:*", "[::1]:*"],
+        description="Host headers the MCP endpoint accepts (DNS-rebinding protection).")
+    worker_slots: int = Field(1, description="Jobs the embedded local executor runs at once; 0 disables it.")
+    child_threads: int | None = Field(
+        None, description="CPU threads per training process (OMP_NUM_THREADS); default: the cores left after "
+        "one for the service, shared among the slots.")
+    lease_seconds: float = Field(30.0, description="A worker's claim on a job lasts this long without a heartbeat.")
+    heartbeat_seconds: float = Field(5.0, description="How often a worker renews its leases and relays events.")
+    cancel_grace_seconds: float = Field(10.0, description="Wait after the cooperative cancel before SIGTERM, "
+                                        "and again before SIGKILL.")
+    max_attempts: int = Field(3, description="Runs of one job (first run plus resumes) before it fails as crashed.")
+    max_upload_bytes: int = Field(20_000_000, description="Cap on an inline dataset upload.")
+    max_record_bytes: int = Field(1_000_000, description="Cap on one dataset record.")
+    local_agent: str = Field("local", description="Identity of the caller over stdio when no key is given.")
+    local_agent_key: str | None = Field(None, description="API key that selects the stdio caller's identity.")
+
+    # Default limits for a new agent; `weightsmith agents add NAME --max-flops ...` overrides them.
+    default_max_request_flops: float = Field(5e15, description="Per-request compute cap (FLOPs).")
+    default_max_request_seconds: float = Field(3600.0, description="Per-request wall-clock cap.")
+    default_max_request_params: int = Field(2_000_000_000, description="Largest model a request may train.")
+    default_max_request_tokens: int = Field(500_000_000, description="Most tokens one request may train on.")
+    default_max_dataset_bytes: int = Field(2_000_000_000, description="Largest dataset one request may use.")
+    default_budget_flops: float = Field(5e16, description="Rolling compute budget per agent (FLOPs).")
+    default_budget_window_seconds: float = Field(86400.0, description="Window of the rolling budget.")
+    default_max_concurrent_jobs: int = Field(4, description="Jobs an agent may have active at once.")
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'weightsmith.db').resolve()}"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.home / "datasets"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"

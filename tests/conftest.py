@@ -1,0 +1,84 @@
+"""Shared fixtures: a tiny base model built on the fly, service settings in a temp home, datasets.
+
+Nothing here is mocked: the service runs on a real SQLite file, jobs run as real child processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.context import ServiceContext, open_service
+from server.settings import Settings
+
+CHAT_FACTS = [
+    ("What is a red-drop?", "A red-drop is a customer whose light level is under -27 dBm."),
+    ("When is the quiet window?", "The quiet window runs from 01:00 to 04:00."),
+    ("Who handles T2 tickets?", "T2 tickets go to the field team for a walk-out."),
+    ("What does PARKED mean?", "PARKED means the ticket waits on the customer."),
+    ("Where are splice cabinets listed?", "Splice cabinets are listed in the Gridbook by SC code."),
+    ("What is an ONT reseat?", "An ONT reseat is unplugging and reseating the customer's optical terminal."),
+]
+
+
+def chat_records(n: int = 48) -> list[dict[str, Any]]:
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in (CHAT_FACTS[i % len(CHAT_FACTS)] for i in range(n))]
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ~1M-parameter Llama-style model and a tokenizer trained on the chat facts."""
+    from training_core import presets
+
+    target = tmp_path_factory.mktemp("base") / "tiny"
+    texts = [f"{q} {a}" for q, a in CHAT_FACTS] * 20
+    presets.build_base_model("tiny", texts, target)
+    return target
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_model: Path) -> Settings:
+    return Settings(home=tmp_path / "home", data_roots=[tmp_path, tiny_model.parent], worker_slots=1,
+                    lease_seconds=3.0, heartbeat_seconds=0.5, cancel_grace_seconds=3.0)
+
+
+@pytest.fixture
+def service(settings: Settings) -> Iterator[ServiceContext]:
+    with open_service(settings) as ctx:
+        yield ctx
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 120.0, interval: float = 0.2) -> Any:
+    """Poll with a deadline (never a bare sleep): returns the first truthy value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def quick_hyperparameters(**overrides: Any) -> dict[str, Any]:
+    """A few steps on the tiny model: seconds on two CPU cores."""
+    return {"max_steps": 8, "per_device_batch_size": 4, "max_seq_length": 64, "learning_rate": 3e-3,
+            "save_steps": 4, **overrides}
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    os.environ.pop("WEIGHTSMITH_DATABASE_URL", None)

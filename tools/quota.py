@@ -1,0 +1,40 @@
+"""get_quota: the agent's limits and what is left of its rolling budget."""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import Field
+from sqlmodel import Session
+
+from server import guardrails
+from server.context import ServiceContext
+from server.models import Agent
+from tools.views import Compact
+
+
+class Quota(Compact):
+    agent: str
+    budget_flops: float
+    budget_window_seconds: float
+    budget_flops_spent: float = Field(description="Settled use plus open reservations in the window.")
+    budget_flops_left: float
+    active_jobs: int
+    max_concurrent_jobs: int
+    max_request_flops: float
+    max_request_seconds: float
+    max_request_params: int
+    max_request_tokens: int
+    max_dataset_bytes: int
+
+
+def get_quota(ctx: ServiceContext, agent: Agent) -> Quota:
+    with Session(ctx.engine) as session:
+        spent = guardrails.budget_spent(session, agent, time.time())
+        active = guardrails.active_job_count(session, agent)
+    return Quota(agent=agent.name, budget_flops=agent.budget_flops, budget_window_seconds=agent.budget_window_seconds,
+                 budget_flops_spent=spent, budget_flops_left=max(0.0, agent.budget_flops - spent),
+                 active_jobs=active, max_concurrent_jobs=agent.max_concurrent_jobs,
+                 max_request_flops=agent.max_request_flops, max_request_seconds=agent.max_request_seconds,
+                 max_request_params=agent.max_request_params, max_request_tokens=agent.max_request_tokens,
+                 max_dataset_bytes=agent.max_dataset_bytes)

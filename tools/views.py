@@ -1,0 +1,118 @@
+"""Result models shared by several tools: what an agent sees of a job, a dataset, a model.
+
+Kept compact on purpose: a default tool result stays under about 1,000 tokens.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.models import Dataset, Job, Model
+
+
+def _drop_property_titles(schema: dict[str, Any]) -> None:
+    # Pydantic titles every property with its own name, restated: pure noise in a model's context.
+    schema.pop("title", None)
+    for prop in schema.get("properties", {}).values():
+        prop.pop("title", None)
+
+
+class Compact(BaseModel):
+    """Base of every tool request and result model: its JSON schema carries no restated titles."""
+
+    model_config = ConfigDict(json_schema_extra=_drop_property_titles)
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+class JobError(Compact):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class Progress(Compact):
+    step: int | None = None
+    max_steps: int | None = None
+    loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+
+
+class JobView(Compact):
+    id: str
+    kind: str
+    method: str
+    state: str = Field(description="validating, queued, running, cancelling, succeeded, failed or cancelled")
+    created_at: str | None
+    started_at: str | None = None
+    finished_at: str | None = None
+    progress: Progress = Progress()
+    error: JobError | None = None
+    model_id: str | None = Field(None, description="The registered model, once succeeded.")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, description="Resolved; no `auto` left.")
+    estimate_flops: float = 0.0
+    flops_used: float = 0.0
+    attempts: int = 0
+
+
+def job_view(job: Job) -> JobView:
+    keys = Progress.model_fields
+    return JobView(
+        id=job.id, kind=job.kind, method=job.method, state=job.state, created_at=iso(job.created_at),
+        started_at=iso(job.started_at), finished_at=iso(job.finished_at),
+        progress=Progress(**{k: v for k, v in job.progress.items() if k in keys}),
+        error=JobError(**job.error) if job.error else None, model_id=job.model_id,
+        metrics={k: v for k, v in job.metrics.items() if isinstance(v, (int, float, str)) or v is None},
+        hyperparameters=job.resolved.get("hyperparameters", {}), estimate_flops=job.estimate_flops,
+        flops_used=job.flops_used, attempts=job.attempts)
+
+
+class DatasetView(Compact):
+    id: str
+    name: str
+    content_hash: str
+    file_type: str
+    format: str | None
+    records: int
+    bytes: int
+    valid: bool
+    source: str
+    created_at: str | None
+
+
+def dataset_view(dataset: Dataset) -> DatasetView:
+    return DatasetView(id=dataset.id, name=dataset.name, content_hash=dataset.content_hash,
+                       file_type=dataset.file_type, format=dataset.format, records=dataset.records,
+                       bytes=dataset.bytes, valid=dataset.valid, source=dataset.source,
+                       created_at=iso(dataset.created_at))
+
+
+class ModelView(Compact):
+    id: str
+    name: str
+    path: str = Field(description="Hugging Face directory (the adapter, for LoRA models).")
+    merged_path: str | None = None
+    adapter: str
+    base_model: str
+    parent_model_id: str | None
+    job_id: str | None
+    dataset_hashes: list[str]
+    parameters: int
+    metrics: dict[str, Any]
+    created_at: str | None
+
+
+def model_view(model: Model) -> ModelView:
+    return ModelView(id=model.id, name=model.name, path=model.path, merged_path=model.merged_path,
+                     adapter=model.adapter, base_model=model.base_model, parent_model_id=model.parent_model_id,
+                     job_id=model.job_id, dataset_hashes=model.dataset_hashes, parameters=model.parameters,
+                     metrics={k: v for k, v in model.metrics.items() if isinstance(v, (int, float, str))},
+                     created_at=iso(model.created_at))

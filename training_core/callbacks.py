@@ -1,0 +1,161 @@
+"""The job's hand in the training loop: progress events, cooperative cancel, and the compute caps.
+
+    callback = JobCallback(events, spec, flops_per_token, started)
+    SFTTrainer(..., callbacks=[callback]).train()
+    if callback.cancelled: ...            # the CANCEL file appeared
+    if callback.cap_reached: ...          # a JobError with code `compute_cap_reached`
+
+Every figure here is this run's, the process's own: a resumed job starts from zero again, because
+the service already takes what earlier runs used off the caps it writes into the spec.
+
+Tokens are the non-padding tokens of the batches actually trained: `Trainer` counts them per
+micro-batch when `include_num_input_tokens_seen="non_padding"` (the attention mask's sum; without a
+mask, as in padding-free packing, the tokens that are not the pad token) into
+`state.num_input_tokens_seen`, which a checkpoint carries, so this run's tokens are that count less
+the count it started from. FLOPs are `flops_per_token x tokens`, the same estimate the service
+prices a job with before admission.
+
+Caps are checked after every optimizer step, and a step that would carry the run past a cap is not
+started: a cap is a ceiling, not a trigger. The run then saves a checkpoint, so an agent can
+continue with more budget, and ends `failed` with `compute_cap_reached`. What this does not cover:
+a single step longer than the whole `max_seconds` still runs once, and time spent after the last
+step (the final evaluation and save) is not capped here; the service's own wall-clock kill is the
+backstop for both.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from training_core.events import EventWriter
+from training_core.spec import CANCEL_FILE, JobError, JobSpec
+
+_LOGGED = ("loss", "learning_rate", "grad_norm", "epoch", "entropy", "mean_token_accuracy")
+
+
+class JobCallback(TrainerCallback):
+    def __init__(self, events: EventWriter, spec: JobSpec, flops_per_token: float, started: float):
+        """`started` is the `time.monotonic()` reading when the process began: caps and the time to
+        the first step count from there, model loading included."""
+        self.events = events
+        self.cancel_path = Path(spec.run_dir) / CANCEL_FILE
+        self.output_dir = Path(spec.output_dir)
+        self.limits = spec.limits
+        self.flops_per_token = flops_per_token
+        self.started = started
+        self.cancelled = False
+        self.cap_reached: JobError | None = None
+        self.time_to_first_step: float | None = None
+        self.last_logs: dict[str, float] = {}
+        self._tokens_at_start = 0
+        self._step_at_start = 0
+        self._train_started = started
+        self._last_step_end = started
+        self._last_step_tokens = 0
+
+    # What this run has used so far.
+
+    def tokens_seen(self, state: TrainerState) -> int:
+        return state.num_input_tokens_seen - self._tokens_at_start
+
+    def flops_used(self, state: TrainerState) -> float:
+        return self.flops_per_token * self.tokens_seen(state)
+
+    def tokens_per_second(self, state: TrainerState) -> float:
+        """Throughput of the training loop itself: from the start of `train()` to the end of the last
+        step, so neither loading nor the final save counts."""
+        seconds = self._last_step_end - self._train_started
+        return self.tokens_seen(state) / seconds if seconds > 0 else 0.0
+
+    # Trainer events.
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        # On resume `state` comes from the checkpoint: its counts belong to earlier runs.
+        self._tokens_at_start = state.num_input_tokens_seen
+        self._step_at_start = state.global_step
+        self._train_started = self._last_step_end = time.monotonic()
+        self._last_step_tokens = 0
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        now = time.monotonic()
+        step_seconds, self._last_step_end = now - self._last_step_end, now
+        tokens = self.tokens_seen(state)
+        step_tokens = tokens - self._last_step_tokens
+        self._last_step_tokens = tokens
+        if self.time_to_first_step is None:
+            self.time_to_first_step = now - self.started
+            self.events.message("first optimizer step", step=state.global_step,
+                                seconds=round(self.time_to_first_step, 3))
+
+        if self.cancel_path.exists():
+            self.cancelled = True
+            control.should_training_stop = True
+            self.events.message(f"cancel requested: stopping at step {state.global_step}", level="warning",
+                                step=state.global_step)
+            return
+        # The last step ends the run anyway: finishing it is not a reason to fail.
+        if state.global_step >= state.max_steps:
+            return
+        self.cap_reached = self._cap_reached(state, now - self.started, step_seconds, tokens, step_tokens)
+        if self.cap_reached is not None:
+            control.should_training_stop = True
+            control.should_save = True  # the checkpoint an agent continues from with more budget
+            self.events.message(self.cap_reached.message, level="warning", step=state.global_step,
+                                cap=self.cap_reached.param)
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        # Three kinds of log reach here: a training step's (`loss`), an evaluation's (`eval_loss`), and
+        # the end-of-training summary (`train_loss`, `train_runtime`), which the result carries instead.
+        if "loss" in logs:
+            self.last_logs = {key: logs[key] for key in _LOGGED if key in logs}
+            done = state.global_step - self._step_at_start
+            elapsed = time.monotonic() - self._train_started
+            eta = (state.max_steps - state.global_step) * elapsed / done if done else None
+            self.events.metrics({
+                "step": state.global_step, "max_steps": state.max_steps, **self.last_logs,
+                "tokens_per_second": self.tokens_per_second(state), "eta_seconds": eta,
+                "tokens_seen": self.tokens_seen(state), "flops_used": self.flops_used(state)})
+        elif "eval_loss" in logs:
+            self.events.metrics({
+                "step": state.global_step, "max_steps": args.max_steps, "eval_loss": logs["eval_loss"],
+                "tokens_seen": self.tokens_seen(state), "flops_used": self.flops_used(state)},
+                message="evaluation")
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        path = self.output_dir / f"checkpoint-{state.global_step}"
+        self.events.checkpoint(state.global_step, str(path), {
+            **self.last_logs, "tokens_seen": self.tokens_seen(state), "flops_used": self.flops_used(state)})
+
+    # Caps.
+
+    def _cap_reached(self, state: TrainerState, seconds: float, step_seconds: float, tokens: int,
+                     step_tokens: int) -> JobError | None:
+        """The first cap that is reached, or that the next step (costing what the last did) would pass."""
+        flops, step_flops = self.flops_per_token * tokens, self.flops_per_token * step_tokens
+        checks = (("max_seconds", self.limits.max_seconds, seconds, step_seconds, "seconds"),
+                  ("max_flops", self.limits.max_flops, flops, step_flops, "FLOPs"),
+                  ("max_tokens", self.limits.max_tokens, tokens, step_tokens, "tokens"))
+        for name, cap, used, next_step, unit in checks:
+            if cap is None or used + next_step <= cap:
+                continue
+            why = "reached" if used >= cap else "would be passed by the next step"
+            return JobError("compute_cap_reached", (
+                f"{name} cap {why}: the cap is {_amount(cap)} {unit} and this run used {_amount(used)} "
+                f"(about {_amount(next_step)} a step); stopped at step {state.global_step} of "
+                f"{state.max_steps} and saved checkpoint-{state.global_step}. Raise limits.{name}, or lower "
+                "max_steps, to go on."),
+                param=f"limits.{name}")
+        return None
+
+
+def _amount(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) < 1e7 else f"{value:.3g}"

@@ -1,0 +1,364 @@
+"""Dataset validation and loading for supervised fine-tuning.
+
+The service runs `validate_file` on every dataset it registers (in-process, so this module
+imports neither torch nor, until a Parquet file is read, pyarrow); the trainer calls
+`load_examples`, which validates the same way and refuses an invalid file with `DatasetError`.
+
+Record formats (one per file; see `data_files.py` for the file types):
+
+- `text`:              {"text": str}
+- `prompt_completion`: {"prompt": str, "completion": str}
+- `messages`:          {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}
+
+Each record may carry a `metadata` object, which is kept in reports and dropped for training;
+any other field is a problem. Every problem is reported in one pass, each with its line, the field
+(`messages[2].content` for a part of a turn) and what to change.
+
+Decisions:
+
+- A conversation whose last turn is not the assistant's is a *warning*, not an error: the record
+  still trains on its assistant turns and only the trailing turns teach nothing (a conversation
+  cut after a user turn is common in exported chat logs). A conversation with no assistant turn
+  at all is an error: there is nothing to train on.
+- The first record that has a format sets the file's format; a record of another format is an
+  error at its line, and is still checked against its own format.
+- A record's size is its length in UTF-8 bytes as compact JSON, whatever the file type, so the
+  cap means the same for a JSONL line, a CSV row and a Parquet row.
+- In CSV and Parquet the columns are the fields: they are checked once, at the header (CSV line
+  1; Parquet has no line), not again on every row.
+- Statistics describe the records of the file's format that have no errors. Token counts are of
+  `record_text` (the record's text joined by newlines), without any chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training_core.data_files import (
+    FILE_TYPES,
+    Problem,
+    detect_file_type,
+    json_type,
+    read_columns,
+    read_records,
+)
+
+__all__ = [
+    "FILE_TYPES", "FORMATS", "ROLES", "DatasetError", "DatasetReport", "Problem", "detect_file_type",
+    "load_examples", "read_records", "record_text", "validate_file",
+]
+
+FORMATS = ("text", "prompt_completion", "messages")
+FORMAT_FIELDS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
+OPTIONAL_FIELDS = ("metadata",)
+ROLES = ("system", "user", "assistant", "tool")
+TURN_FIELDS = ("role", "content")
+_NEEDS = '"text", or "prompt" and "completion", or "messages"'
+
+
+@dataclass
+class DatasetReport:
+    """What `validate_file` found: ok when no problem (error) was found; warnings do not count."""
+
+    ok: bool
+    file_type: str
+    """One of FILE_TYPES, or "unknown" when the suffix is not supported."""
+    format: str | None
+    """The file's format (one of FORMATS), set by its first record that has one."""
+    records: int
+    """Records read (lines or rows that decoded to an object), with or without problems."""
+    problems: list[Problem]
+    """Errors, in file order, at most `max_problems` of them."""
+    problems_total: int
+    stats: dict[str, Any]
+    warnings: list[Problem] = field(default_factory=list)
+    """Things that train but probably not as meant, at most `max_problems` of them."""
+    warnings_total: int = 0
+
+
+class DatasetError(ValueError):
+    """An invalid dataset; `report` holds every problem, the message lists the first ones."""
+
+    shown = 10
+
+    def __init__(self, report: DatasetReport, path: Path | None = None) -> None:
+        self.report = report
+        name = f"{path.name}: " if path is not None else ""
+        lines = [f"{name}dataset is invalid ({report.problems_total} problems); fix these and validate again:"]
+        lines += [f"  {problem}" for problem in report.problems[: self.shown]]
+        if report.problems_total > self.shown:
+            lines.append(f"  ... and {report.problems_total - self.shown} more")
+        super().__init__("\n".join(lines))
+
+
+def validate_file(path: Path, *, max_record_bytes: int = 1_000_000, count_tokens: Callable[[str], int] | None = None,
+                  max_problems: int = 100) -> DatasetReport:
+    """Check every record of the file and report every problem, with statistics of the good records."""
+    return _scan(path, max_record_bytes, count_tokens, max_problems, keep=False)[0]
+
+
+def load_examples(path: Path) -> tuple[str, list[dict[str, Any]]]:
+    """(format, records as TRL's SFTTrainer takes them, metadata dropped); DatasetError if invalid."""
+    report, examples = _scan(path, 1_000_000, None, 100, keep=True)
+    if not report.ok or report.format is None:
+        raise DatasetError(report, path)
+    return report.format, examples
+
+
+def record_text(record: dict[str, Any]) -> str:
+    """All the text of a valid record, joined by newlines: what token counts and statistics measure."""
+    if "messages" in record:
+        return "\n".join(turn["content"] for turn in record["messages"])
+    if "prompt" in record:
+        return f"{record['prompt']}\n{record['completion']}"
+    return record["text"]
+
+
+class _Capped:
+    """Problems up to a cap, and the true count past it."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.items: list[Problem] = []
+        self.total = 0
+
+    def extend(self, problems: Sequence[Problem]) -> None:
+        self.items.extend(problems[: max(0, self.cap - len(self.items))])
+        self.total += len(problems)
+
+
+def _scan(path: Path, max_record_bytes: int, count_tokens: Callable[[str], int] | None, max_problems: int,
+          keep: bool) -> tuple[DatasetReport, list[dict[str, Any]]]:
+    errors, warnings = _Capped(max_problems), _Capped(max_problems)
+    try:
+        file_type = detect_file_type(path)
+    except ValueError as err:
+        errors.extend([Problem(None, None, str(err))])
+        return _report("unknown", None, 0, errors, warnings, {}), []
+
+    # Tabular files declare their fields once; check them there instead of on every row.
+    columns = read_columns(path, file_type)
+    column_format: str | None = None
+    if columns is not None:
+        column_format, problems = _check_fields(columns[1], columns[0], "column")
+        errors.extend(problems)
+
+    file_format, format_line = None, 0
+    records, by_format = 0, Counter[str]()
+    stats = _Stats(count_tokens)
+    examples: list[dict[str, Any]] = []
+    for line, item in read_records(path, file_type):
+        if isinstance(item, Problem):
+            errors.extend([item])
+            continue
+        records += 1
+        problems = []
+        size = len(json.dumps(item, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8"))
+        if size > max_record_bytes:
+            problems.append(Problem(line, None, (
+                f"record is {size:,} bytes, over the {max_record_bytes:,}-byte cap; split it into smaller "
+                "records (or raise the cap)")))
+        if columns is None:
+            record_format, field_problems = _check_fields(list(item), line, "field")
+            problems += field_problems
+        else:
+            record_format = column_format
+        if record_format is not None:
+            by_format[record_format] += 1
+            if file_format is None:
+                file_format, format_line = record_format, line
+            elif record_format != file_format:
+                problems.append(Problem(line, None, (
+                    f"record is {record_format} but the file is {file_format} (set by line {format_line}); "
+                    f"one file holds one format: convert this record to {file_format} or move it to another file")))
+            problems += _check_values(item, record_format, line, warnings)
+            if "metadata" in item and not isinstance(item["metadata"], dict):
+                problems.append(Problem(line, "metadata", (
+                    f'"metadata" must be a JSON object, got {_a(item["metadata"])}; wrap it, e.g. '
+                    '{"source": ...}, or drop it')))
+        errors.extend(problems)
+        # A CSV or Parquet row is not checked for a column its header lacks: leave it out here.
+        if (not problems and record_format is not None and record_format == file_format
+                and all(name in item for name in FORMAT_FIELDS[record_format])):
+            stats.add(item, record_format)
+            if keep:
+                examples.append(_example(item, record_format))
+
+    if records == 0:
+        errors.extend([Problem(None, None, (
+            "the file holds no records (it is empty or only blank lines); add at least one record, "
+            'e.g. {"text": "..."}' if errors.total == 0 else "no record could be read; fix the problems above"))])
+    summary = stats.summary(file_format) | {"bytes": path.stat().st_size, "records_by_format": dict(by_format)}
+    return _report(file_type, file_format, records, errors, warnings, summary), examples
+
+
+def _example(record: dict[str, Any], record_format: str) -> dict[str, Any]:
+    """The record as the trainer takes it: only its format's fields (metadata and extra columns dropped)."""
+    if record_format == "messages":
+        return {"messages": [{name: turn[name] for name in TURN_FIELDS} for turn in record["messages"]]}
+    return {name: record[name] for name in FORMAT_FIELDS[record_format]}
+
+
+def _report(file_type: str, file_format: str | None, records: int, errors: _Capped, warnings: _Capped,
+            stats: dict[str, Any]) -> DatasetReport:
+    return DatasetReport(ok=errors.total == 0, file_type=file_type, format=file_format, records=records,
+                         problems=errors.items, problems_total=errors.total, stats=stats,
+                         warnings=warnings.items, warnings_total=warnings.total)
+
+
+def _infer_format(names: Sequence[str]) -> str | None:
+    """The format a set of field names is meant as: the richest one any of its fields belongs to."""
+    if "messages" in names:
+        return "messages"
+    if "prompt" in names or "completion" in names:
+        return "prompt_completion"
+    if "text" in names:
+        return "text"
+    return None
+
+
+def _check_fields(names: Sequence[str], line: int | None, noun: str) -> tuple[str | None, list[Problem]]:
+    """The format the field (or column) names make, and what is missing, unknown or repeated."""
+    record_format = _infer_format(names)
+    if record_format is None:
+        found = ", ".join(f'"{n}"' for n in names) or "none"
+        return None, [Problem(line, None, (
+            f"no {noun} says which format this is (found {found}); a record needs {_NEEDS}: rename the "
+            f"{noun}s"))]
+    required = FORMAT_FIELDS[record_format]
+    accepted = ", ".join(f'"{n}"' for n in required + OPTIONAL_FIELDS)
+    needs = " and ".join(f'"{r}"' for r in required)
+    problems = [Problem(line, name, (
+        f'"{name}" is missing: a {record_format} record needs {needs}; '
+        f"add the {noun}")) for name in required if name not in names]
+    for name, count in Counter(names).items():
+        if name not in required + OPTIONAL_FIELDS:
+            problems.append(Problem(line, name, (
+                f'unknown {noun} "{name}" in a {record_format} record; accepted: {accepted}. Rename or drop '
+                f'it (put extra information under "metadata"{"" if noun == "field" else " as JSON"})')))
+        elif count > 1:
+            problems.append(Problem(line, name, f'{noun} "{name}" appears {count} times; keep one'))
+    return record_format, problems
+
+
+def _check_values(record: dict[str, Any], record_format: str, line: int, warnings: _Capped) -> list[Problem]:
+    """What is wrong with the values of the format's fields that are present (absent ones are reported
+    by `_check_fields`)."""
+    if record_format != "messages":
+        return [p for name in FORMAT_FIELDS[record_format] if name in record
+                for p in _check_text(record[name], line, name)]
+    messages = record["messages"]
+    if not isinstance(messages, list):
+        return [Problem(line, "messages", (
+            f'"messages" must be a list of turns, got {_a(messages)}; write it as '
+            '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]'))]
+    if not messages:
+        return [Problem(line, "messages", (
+            '"messages" is empty; a conversation needs at least a user turn and an assistant turn'))]
+    problems: list[Problem] = []
+    roles: list[str | None] = []
+    for index, turn in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(turn, dict):
+            problems.append(Problem(line, where, (
+                f'turn must be an object with "role" and "content", got {_a(turn)}; '
+                'e.g. {"role": "user", "content": "..."}')))
+            roles.append(None)
+            continue
+        problems += _check_turn(turn, line, where)
+        roles.append(turn.get("role"))
+    if "assistant" not in roles:
+        problems.append(Problem(line, "messages", (
+            "conversation has no assistant turn, so there is nothing to train on; add the assistant's reply "
+            '({"role": "assistant", "content": "..."}) or drop the record')))
+    elif roles[-1] != "assistant":
+        warnings.extend([Problem(line, f"messages[{len(roles) - 1}]", (
+            f"last turn is {roles[-1] or 'not an object'}, not assistant: turns after the last assistant reply "
+            "teach nothing; end the conversation with an assistant turn or drop the trailing turns "
+            "(a warning: the record is still used)"))])
+    return problems
+
+
+def _check_turn(turn: dict[str, Any], line: int, where: str) -> list[Problem]:
+    problems = [Problem(line, f"{where}.{name}", f'"{name}" is missing from the turn; add it')
+                for name in TURN_FIELDS if name not in turn]
+    problems += [Problem(line, f"{where}.{name}", (
+        f'unknown field "{name}" in a turn; a turn takes only "role" and "content": drop it'))
+        for name in turn if name not in TURN_FIELDS]
+    role = turn.get("role")
+    if "role" in turn and role not in ROLES:
+        allowed = ", ".join(f'"{r}"' for r in ROLES)
+        shown = f'"{role}"' if isinstance(role, str) else _a(role)
+        problems.append(Problem(line, f"{where}.role", f"unknown role {shown}; use one of {allowed}"))
+    if "content" in turn:
+        problems += _check_text(turn["content"], line, f"{where}.content")
+    return problems
+
+
+def _check_text(value: Any, line: int, name: str) -> list[Problem]:
+    if not isinstance(value, str):
+        hint = "; multimodal content parts are not supported, join their text" if isinstance(value, list) else ""
+        return [Problem(line, name, f'"{name}" must be a string, got {_a(value)}; write it as text{hint}')]
+    if not value.strip():
+        return [Problem(line, name, f'"{name}" is empty; fill it in or drop the record')]
+    return []
+
+
+def _a(value: Any) -> str:
+    """A value's JSON type for a message: "a number (3)", "null", "an array"."""
+    kind = json_type(value)
+    if kind == "null":
+        return "null"
+    article = "an" if kind[0] in "aeiou" else "a"
+    return f"{article} {kind} ({json.dumps(value)})" if kind in ("number", "boolean") else f"{article} {kind}"
+
+
+class _Stats:
+    """Length statistics of the good records: characters, tokens and per-format counts."""
+
+    def __init__(self, count_tokens: Callable[[str], int] | None) -> None:
+        self.count_tokens = count_tokens
+        self.chars: list[int] = []
+        self.tokens: list[int] = []
+        self.turns: list[int] = []
+        self.roles = Counter[str]()
+        self.prompt_chars: list[int] = []
+        self.completion_chars: list[int] = []
+
+    def add(self, record: dict[str, Any], record_format: str) -> None:
+        text = record_text(record)
+        self.chars.append(len(text))
+        # ~4 characters a token is the usual rule of thumb for English with BPE tokenizers.
+        self.tokens.append(self.count_tokens(text) if self.count_tokens else math.ceil(len(text) / 4))
+        if record_format == "messages":
+            self.turns.append(len(record["messages"]))
+            self.roles.update(turn["role"] for turn in record["messages"])
+        elif record_format == "prompt_completion":
+            self.prompt_chars.append(len(record["prompt"]))
+            self.completion_chars.append(len(record["completion"]))
+
+    def summary(self, file_format: str | None) -> dict[str, Any]:
+        stats: dict[str, Any] = {
+            "chars": _spread(self.chars), "tokens": _spread(self.tokens, p95=True) | {"total": sum(self.tokens)},
+            "tokens_estimated": self.count_tokens is None}
+        if file_format == "messages":
+            stats |= {"turns": _spread(self.turns), "roles": dict(self.roles)}
+        elif file_format == "prompt_completion":
+            stats |= {"prompt_chars": _spread(self.prompt_chars), "completion_chars": _spread(self.completion_chars)}
+        return stats
+
+
+def _spread(values: list[int], p95: bool = False) -> dict[str, Any]:
+    """min, mean (1 decimal), max, and the 95th percentile by nearest rank; None for each when empty."""
+    if not values:
+        return {"min": None, "mean": None, "max": None} | ({"p95": None} if p95 else {})
+    spread: dict[str, Any] = {"min": min(values), "mean": round(sum(values) / len(values), 1), "max": max(values)}
+    if p95:
+        spread["p95"] = sorted(values)[math.ceil(0.95 * len(values)) - 1]
+    return spread

@@ -1,0 +1,66 @@
+"""The device a job trains on, its precision, and what that device can do.
+
+    from training_core import hardware
+    device = hardware.pick_device()                  # "cuda" or "cpu"
+    hardware.measure_matmul_peak_flops(device)       # e.g. 1.2e11 on two CPU cores
+
+Model FLOPs utilisation (MFU) is `6 x parameters x tokens/s` over the device's peak. Datasheet peaks
+do not exist for CPUs and overstate GPUs under real clocks, so the peak is measured: a short timed
+matmul in the precision training uses, cached per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import resource
+import time
+
+import torch
+
+
+def pick_device() -> str:
+    """CUDA when a GPU is visible, else the CPU (several GPUs are `accelerate`'s business, not ours)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def use_bf16(device: str) -> bool:
+    """bf16 mixed precision on GPUs that support it; the CPU trains in fp32, where bf16 autocast is slower."""
+    return device == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def training_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if use_bf16(device) else torch.float32
+
+
+@functools.cache
+def measure_matmul_peak_flops(device: str, seconds: float = 0.3) -> float:
+    """FLOP/s of a square matmul in the training precision, the best of repeated timings over ~`seconds`."""
+    dtype = training_dtype(device)
+    # Big enough to be compute-bound, small enough that one product stays well under the time budget.
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    _synchronize(device)
+    torch.matmul(a, b)  # warm-up: kernel selection and thread pool start-up are not throughput
+    _synchronize(device)
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        _synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def peak_memory_bytes(device: str) -> int:
+    """Peak memory of this process: allocated GPU memory on CUDA, the resident set (RSS) on the CPU."""
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
