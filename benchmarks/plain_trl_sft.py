@@ -12,6 +12,7 @@ import json
 import sys
 import time
 
+import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
@@ -38,7 +39,8 @@ def main(model_dir: str, data_path: str, steps: int, batch: int, seq_len: int) -
     config = SFTConfig(output_dir="/tmp/plain-trl-sft", max_steps=steps, per_device_train_batch_size=batch,
                        max_length=seq_len, learning_rate=1e-3, report_to="none", save_strategy="no",
                        logging_steps=10, include_num_input_tokens_seen="non_padding", disable_tqdm=True,
-                       assistant_only_loss=True, gradient_checkpointing=False)
+                       assistant_only_loss=True, gradient_checkpointing=False,
+                       bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer,
                          train_dataset=Dataset.from_list(records), callbacks=[clock])
     trainer.train()

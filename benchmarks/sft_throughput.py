@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import torch
 from mcp import Client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,17 +86,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="Alternating runs of each side; medians.")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each side (OMP_NUM_THREADS).")
     args = parser.parse_args()
+    # Both sides inherit it: the service's child keeps an OMP_NUM_THREADS it is given.
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)  # and the matmul peak here is measured with as many
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = build_model(work)
         params = modelinfo.count_parameters(model_dir)
         peak = hardware.measure_matmul_peak_flops("cpu")
-        base = plain(model_dir, args.steps, args.batch, args.seq_len)
-        job = service_job(work, model_dir, args.steps, args.batch, args.seq_len)
+        plain(model_dir, 1, args.batch, args.seq_len)  # warm-up: file cache and bytecode for both sides
+        runs = []
+        for index in range(args.repeats):  # alternated, so drift in machine load hits both sides alike
+            runs.append((plain(model_dir, args.steps, args.batch, args.seq_len),
+                         service_job(work / f"run{index}", model_dir, args.steps, args.batch, args.seq_len)))
+    base = {k: statistics.median(r[0][k] for r in runs) for k in ("tokens_per_second", "start_to_first_step")}
+    job = {k: statistics.median(r[1][k] for r in runs) for k in ("tokens_per_second", "call_to_first_step")}
     mfu = lambda tps: 6 * params * tps / peak
     print(f"model: {params:,} parameters; {args.steps} steps x batch {args.batch} x seq {args.seq_len}; "
-          f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+          f"{args.threads} thread(s); median of {args.repeats} alternating runs; matmul peak {peak / 1e9:.1f} GFLOP/s")
     print(f"{'':24}{'tokens/s':>12}{'MFU':>8}{'start->step 1 (s)':>20}")
     print(f"{'plain TRL script':24}{base['tokens_per_second']:12,.0f}{mfu(base['tokens_per_second']):8.1%}"
           f"{base['start_to_first_step']:20.2f}")

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from server.settings import Settings
@@ -235,7 +235,7 @@ def jobs_cancel(job_id: str) -> None:
 @jobs_app.command("watch")
 def jobs_watch(job_id: str) -> None:
     """A live progress bar (step, loss, tokens/s, ETA) until the job ends."""
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(job_id, total=None, info="")

@@ -19,8 +19,8 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from server.db import write_transaction
-from server.errors import InvalidRequest, NotFound
+from server.db import owned, write_transaction
+from server.errors import InvalidRequest
 from server.models import Dataset
 from server.settings import Settings
 from training_core import data
@@ -78,10 +78,7 @@ def upload(engine: Engine, settings: Settings, agent_id: str, filename: str, con
 
 def get(engine: Engine, agent_id: str, dataset_id: str) -> Dataset:
     with Session(engine) as session:
-        dataset = session.get(Dataset, dataset_id)
-    if dataset is None or dataset.agent_id != agent_id:
-        raise NotFound(f"no dataset {dataset_id!r}; list_datasets shows yours", param="dataset_id")
-    return dataset
+        return owned(session, Dataset, dataset_id, agent_id, "dataset_id")
 
 
 def _register(engine: Engine, settings: Settings, agent_id: str, staged: Path, filename: str, name: str,

@@ -11,11 +11,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlmodel import Session
+
+from server.errors import NotFound
+
+T = TypeVar("T")
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -74,3 +79,17 @@ def migrate(engine: Engine) -> None:
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+_LISTED_BY = {"job": "list_jobs", "dataset": "list_datasets", "model": "list_models"}
+
+
+def owned(session: Session, table: type[T], object_id: str, agent_id: str, param: str) -> T:
+    """The agent's own row, or NotFound: another agent's object is "not found", never "forbidden",
+    so its existence is not disclosed."""
+    row = session.get(table, object_id)
+    if row is None or row.agent_id != agent_id:  # type: ignore[attr-defined]
+        noun = table.__tablename__  # type: ignore[attr-defined]
+        raise NotFound(f"no {noun} {object_id!r}; {_LISTED_BY.get(noun, 'the list tools')} shows yours",
+                       param=param)
+    return row

@@ -8,7 +8,6 @@ and the largest `max_steps` that would fit.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -145,6 +144,3 @@ def settle(session: Session, job_id: str, flops_used: float) -> bool:
     )
     return result.rowcount == 1
 
-
-def steps_within(flops_budget: float, estimate: Estimate) -> int:
-    return max(0, math.floor(flops_budget / estimate.flops_per_step))

@@ -14,8 +14,7 @@ from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
 from server import guardrails
-from server.db import write_transaction
-from server.errors import NotFound
+from server.db import owned, write_transaction
 from server.models import (
     ACTIVE_STATES,
     FINAL_STATES,
@@ -29,10 +28,7 @@ from server.models import (
 
 def get(engine: Engine, agent_id: str, job_id: str) -> Job:
     with Session(engine) as session:
-        job = session.get(Job, job_id)
-    if job is None or job.agent_id != agent_id:
-        raise NotFound(f"no job {job_id!r}; list_jobs shows yours", param="job_id")
-    return job
+        return owned(session, Job, job_id, agent_id, "job_id")
 
 
 def list_for_agent(engine: Engine, agent_id: str, *, states: Sequence[str] = (), kind: str | None = None,
@@ -68,9 +64,7 @@ def checkpoints(engine: Engine, job_id: str) -> list[Checkpoint]:
 def request_cancel(engine: Engine, agent_id: str, job_id: str) -> Job:
     """A job not yet running ends at once; a running one is asked to stop (see executor)."""
     with write_transaction(engine) as session:
-        job = session.get(Job, job_id)
-        if job is None or job.agent_id != agent_id:
-            raise NotFound(f"no job {job_id!r}; list_jobs shows yours", param="job_id")
+        job = owned(session, Job, job_id, agent_id, "job_id")
         if job.state in (JobState.validating, JobState.queued):
             job.state, job.finished_at = JobState.cancelled, time.time()
             job.error = {"code": "cancelled", "message": "cancelled before it started", "param": None}

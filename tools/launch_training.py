@@ -15,8 +15,8 @@ from sqlmodel import Session, select
 from server import guardrails
 from server.context import ServiceContext
 from server.datasets import resolve_in_roots, sha256_file
-from server.db import write_transaction
-from server.errors import Conflict, InvalidDataset, InvalidRequest, NotFound
+from server.db import owned, write_transaction
+from server.errors import Conflict, InvalidDataset, InvalidRequest
 from server.models import Agent, Dataset, Job, JobState, Model, Reservation
 from tools.views import Compact, JobView, job_view
 from training_core import modelinfo
@@ -78,7 +78,6 @@ class EstimateView(Compact):
     flops: float
     max_steps: int
     tokens_per_step: int
-    budget_flops_left: float
 
 
 class LaunchResult(Compact):
@@ -87,6 +86,7 @@ class LaunchResult(Compact):
     estimate: EstimateView
     refusal: str | None = Field(None, description="Which limit, and what would fit (dry_run only; a real launch raises).")
     max_steps_that_fit: int | None = None
+    budget_flops_left: float | None = Field(None, description="dry_run: your rolling budget left now.")
     job: JobView | None = None
 
 
@@ -97,7 +97,7 @@ def launch_training(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRe
     if request.idempotency_key and not request.dry_run:
         existing = _existing_for_key(ctx, agent, request.idempotency_key, request_hash)
         if existing is not None:
-            return _launched(existing, admitted=True)
+            return _launched(existing)
     with Session(ctx.engine) as session:
         datasets = _owned_datasets(session, agent, request.datasets)
         base_dir, parent = _base_model(session, ctx, agent, request.base_model)
@@ -113,8 +113,9 @@ def launch_training(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRe
         with Session(ctx.engine) as session:
             verdict = guardrails.admit(session, ctx.engine, agent.id, estimate)
             left = agent.budget_flops - guardrails.budget_spent(session, agent, time.time())
-        return LaunchResult(admitted=verdict.admitted, dry_run=True, estimate=_estimate_view(estimate, left),
-                            refusal=verdict.message, max_steps_that_fit=verdict.max_steps_that_fit)
+        return LaunchResult(admitted=verdict.admitted, dry_run=True, estimate=_estimate_view(estimate),
+                            refusal=verdict.message, max_steps_that_fit=verdict.max_steps_that_fit,
+                            budget_flops_left=max(left, 0.0))
 
     job = Job(agent_id=agent.id, kind="train", method=request.method, state=JobState.validating,
               request=request.model_dump(mode="json"), idempotency_key=request.idempotency_key,
@@ -131,7 +132,7 @@ def launch_training(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRe
         flops_per_token=6.0 * parameters)
     job.resolved = {
         "spec": json.loads(spec.to_json()), "hyperparameters": json.loads(json.dumps(hyper.__dict__)),
-        "estimate": {"parameters": parameters, "tokens": estimate.tokens, "flops": estimate.flops},
+        "estimate": _estimate_view(estimate).model_dump(),
         "base_model": request.base_model, "parent_model_id": parent.id if parent else None,
         "dataset_ids": [d.id for d in datasets], "dataset_hashes": [d.content_hash for d in datasets],
         "model_name": request.model_name}
@@ -142,7 +143,7 @@ def launch_training(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRe
                 Job.agent_id == agent.id, Job.idempotency_key == request.idempotency_key)).first()
             if existing is not None:
                 _same_request_or_conflict(existing, request_hash)
-                return _launched(existing, admitted=True)
+                return _launched(existing)
         verdict = guardrails.admit(session, ctx.engine, agent.id, estimate)
         guardrails.raise_if_refused(verdict, estimate)
         session.add(job)
@@ -150,7 +151,7 @@ def launch_training(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRe
         session.add(Reservation(agent_id=agent.id, job_id=job.id, flops_reserved=estimate.flops))
     _queue_after_snapshot_check(ctx, job, datasets)
     ctx.wake_workers()
-    return _launched(job, admitted=True, estimate=estimate)
+    return _launched(job)
 
 
 def _queue_after_snapshot_check(ctx: ServiceContext, job: Job, datasets: list[Dataset]) -> None:
@@ -209,9 +210,7 @@ def _resolve(request: LaunchTrainingRequest, datasets: list[Dataset], parameters
 def _owned_datasets(session: Session, agent: Agent, ids: list[str]) -> list[Dataset]:
     datasets = []
     for index, ds_id in enumerate(ids):
-        dataset = session.get(Dataset, ds_id)
-        if dataset is None or dataset.agent_id != agent.id:
-            raise NotFound(f"no dataset {ds_id!r}; list_datasets shows yours", param=f"datasets[{index}]")
+        dataset = owned(session, Dataset, ds_id, agent.id, f"datasets[{index}]")
         if not dataset.valid:
             problems = dataset.report.get("problems", [])[:3]
             where = "; ".join(f"line {p.get('line')}: {p.get('message')}" for p in problems)
@@ -227,9 +226,7 @@ def _owned_datasets(session: Session, agent: Agent, ids: list[str]) -> list[Data
 
 def _base_model(session: Session, ctx: ServiceContext, agent: Agent, ref: str) -> tuple[Path, Model | None]:
     if ref.startswith("mdl_"):
-        model = session.get(Model, ref)
-        if model is None or model.agent_id != agent.id:
-            raise NotFound(f"no model {ref!r}; list_models shows yours", param="base_model")
+        model = owned(session, Model, ref, agent.id, "base_model")
         if model.adapter == "lora" and not model.merged_path:
             raise InvalidRequest(f"{ref} is a LoRA adapter without a merged copy; train it again with "
                                  "merge_adapter=true to build on it", param="base_model")
@@ -270,15 +267,12 @@ def _hash_matches(path: Path, expected: str) -> bool:
         return False
 
 
-def _estimate_view(estimate: guardrails.Estimate, left: float) -> EstimateView:
+def _estimate_view(estimate: guardrails.Estimate) -> EstimateView:
     return EstimateView(parameters=estimate.parameters, tokens=estimate.tokens, flops=estimate.flops,
-                        max_steps=estimate.max_steps, tokens_per_step=estimate.tokens_per_step,
-                        budget_flops_left=max(left, 0.0))
+                        max_steps=estimate.max_steps, tokens_per_step=estimate.tokens_per_step)
 
 
-def _launched(job: Job, admitted: bool, estimate: guardrails.Estimate | None = None) -> LaunchResult:
-    est = job.resolved.get("estimate", {})
-    view = EstimateView(parameters=est.get("parameters", 0), tokens=est.get("tokens", 0), flops=job.estimate_flops,
-                        max_steps=job.resolved.get("hyperparameters", {}).get("max_steps", 0),
-                        tokens_per_step=estimate.tokens_per_step if estimate else 0, budget_flops_left=0.0)
-    return LaunchResult(admitted=admitted, dry_run=False, estimate=view, job=job_view(job))
+def _launched(job: Job) -> LaunchResult:
+    """A launched job as the caller sees it, the same for a first launch and a same-key retry."""
+    return LaunchResult(admitted=True, dry_run=False, estimate=EstimateView(**job.resolved["estimate"]),
+                        job=job_view(job))

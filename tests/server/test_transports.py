@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -58,6 +59,7 @@ def test_mcp_over_streamable_http_lists_launches_watches_and_cancels(http_servic
 
     async def main() -> None:
         async with http_client(f"{base}/mcp", key, mode=mode) as client:
+            assert client.protocol_version == {"auto": "2026-07-28", "legacy": "2025-11-25"}[mode]
             assert {t.name for t in (await client.list_tools()).tools} == TOOLS
             ds = (await call(client, "upload_dataset", path=str(data)))["dataset"]["id"]
             request = {"base_model": str(settings.data_roots[1] / "tiny"), "datasets": [ds]}
@@ -81,6 +83,31 @@ def test_mcp_over_http_refuses_a_missing_or_unknown_key(http_service) -> None:
         response = httpx.post(f"{base}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
                               headers={**headers, "Accept": "application/json, text/event-stream"})
         assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
+
+
+def test_mcp_over_http_refuses_hosts_outside_the_allow_list(http_service) -> None:
+    base, key, _ = http_service
+    response = httpx.post(f"{base}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                          headers={"Authorization": f"Bearer {key}", "Host": "attacker.example:80",
+                                   "Accept": "application/json, text/event-stream"})
+    assert response.status_code in (400, 403, 421)
+
+
+def test_cli_uploads_trains_and_watches_a_job_to_its_end(http_service, settings: Settings, tmp_path: Path) -> None:
+    base, key, _ = http_service
+    env = {**os.environ, "WEIGHTSMITH_URL": base, "WEIGHTSMITH_API_KEY": key}
+    cli = [sys.executable, "-m", "server.cli"]
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(24))
+    uploaded = subprocess.run([*cli, "datasets", "upload", str(data)], env=env, capture_output=True, text=True,
+                              check=True)
+    dataset_id = json.loads(uploaded.stdout)["dataset"]["id"]
+    trained = subprocess.run([*cli, "train", "--base-model", str(settings.data_roots[1] / "tiny"), "--dataset",
+                              dataset_id, "--max-steps", "6", "--watch"], env=env, capture_output=True, text=True,
+                             check=False, timeout=300)
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert '"state": "succeeded"' in trained.stdout
+    listed = subprocess.run([*cli, "jobs", "list"], env=env, capture_output=True, text=True, check=True)
+    assert "succeeded" in listed.stdout
 
 
 def test_rest_api_runs_the_same_operations_with_json_errors(http_service, settings: Settings, tmp_path: Path) -> None:
