@@ -22,8 +22,8 @@ How the worker is confined, by the client that starts it:
 What the sandbox covers:
 
 - **Network**: none. The network namespace has no interface but its own loopback (so the host's
-  127.0.0.1 and abstract unix sockets are out of reach), and the seccomp filter refuses every
-  socket but AF_UNIX.
+  127.0.0.1 and abstract unix sockets are out of reach), and on x86-64 the seccomp filter
+  refuses every socket but AF_UNIX.
 - **Files**: the service's home, its database, agent keys, /etc/shadow, /root, /tmp, the
   repository: none of them exists in the sandbox's view. What it does see is read-only. Writes go
   to a fresh tmpfs working directory (`/home/sandbox`, also HOME; `work_mb` big), which vanishes
