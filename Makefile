@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv sandbox-deps demo test test-fast lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -17,13 +17,23 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
+# The sandbox prefers bubblewrap: install it where we can (root with apt-get). Never fails without
+# it: the sandbox then builds the same jail through util-linux unshare, or, with no namespaces at
+# all, refuses to run agent code (see sandbox/__init__.py); its tests say which backend they ran.
+sandbox-deps:
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -q bubblewrap >/dev/null 2>&1 || \
+	    { timeout 300 apt-get update -q >/dev/null 2>&1 && \
+	      DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -q bubblewrap >/dev/null 2>&1; }; }; } || \
+	  echo "bubblewrap not installed: the sandbox uses its unshare fallback"
+
 demo: venv
 	$(BIN)/weightsmith demo
 
-test: venv
+test: venv sandbox-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-test-fast: venv
+test-fast: venv sandbox-deps
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: venv
