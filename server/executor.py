@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -254,8 +255,7 @@ class _Runner:
                 f"training process ended with {how} and no result; the job resumes from its newest checkpoint")
             jobs.expire_lease(self.engine, job.id, self.epoch, reason, flops_used, run_seconds)
         elif result.status == JobState.succeeded:
-            model = _registered_model(job, result)
-            jobs.finish(self.engine, job.id, self.epoch, JobState.succeeded, metrics=result.metrics, model=model)
+            ON_SUCCESS.get(job.kind, _finish_train)(self.engine, job, self.epoch, result)
         else:
             jobs.finish(self.engine, job.id, self.epoch, result.status, error=result.error, metrics=result.metrics)
 
@@ -273,6 +273,15 @@ class _Runner:
         write_json_atomic(path, raw)
         (self.run_dir / CANCEL_FILE).unlink(missing_ok=True)
         return path
+
+
+def _finish_train(engine: Engine, job: Job, epoch: int, result: JobResult) -> None:
+    jobs.finish(engine, job.id, epoch, JobState.succeeded, metrics=result.metrics, model=_registered_model(job, result))
+
+
+ON_SUCCESS: dict[str, Callable[[Engine, Job, int, JobResult], None]] = {"train": _finish_train}
+"""What a succeeded child's result becomes, per job kind: a train job registers a model. Each
+handler ends the job with `jobs.finish` under the run's epoch, so a fenced-off worker writes nothing."""
 
 
 def _registered_model(job: Job, result: JobResult) -> Model:
