@@ -93,6 +93,9 @@ class JobSpec:
     limits: Limits = field(default_factory=Limits)
     flops_per_token: float = 0.0
     """6 x trainable-path parameters: what one trained token costs, for the compute cap."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Method-specific settings that only that method's module reads (DPO's beta, GRPO's rewards,
+    an eval job's suite, a synth job's task); plain JSON values."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
