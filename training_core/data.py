@@ -281,7 +281,7 @@ def _check_fields(names: Sequence[str], line: int | None, noun: str,
         f"add the {noun}")) for name in required if name not in names]
     for name, count in Counter(names).items():
         if name not in required + optional:
-            answer_hint = (f' (a prompt_completion record names its answer "completion")'
+            answer_hint = (' (a prompt_completion record names its answer "completion")'
                            if record_format == "prompt_only" else "")
             problems.append(Problem(line, name, (
                 f'unknown {noun} "{name}" in a {record_format} record; accepted: {accepted}{answer_hint}. Rename '
