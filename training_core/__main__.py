@@ -22,7 +22,13 @@ from pathlib import Path
 from training_core.events import EventWriter
 from training_core.spec import JobError, JobResult, JobSpec
 
-METHODS = {"sft": "training_core.sft"}
+METHODS = {
+    "pretrain": "training_core.pretrain",
+    "continued_pretrain": "training_core.continued_pretrain",
+    "sft": "training_core.sft",
+    "dpo": "training_core.dpo",
+    "grpo": "training_core.grpo",
+}
 """Each method's module exposes `run(spec, events, started) -> JobResult`."""
 
 
