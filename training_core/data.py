@@ -175,6 +175,7 @@ def _scan(path: Path, max_record_bytes: int, count_tokens: Callable[[str], int] 
         errors.extend(problems)
 
     file_format, format_line = None, 0
+    prompt_kind, prompt_kind_line = None, 0
     records, by_format = 0, Counter[str]()
     stats = _Stats(count_tokens)
     examples: list[dict[str, Any]] = []
@@ -205,6 +206,15 @@ def _scan(path: Path, max_record_bytes: int, count_tokens: Callable[[str], int] 
                     f"record is {record_format} but the file is {file_format} (set by line {format_line}); "
                     f"one file holds one format: convert this record to {file_format} or move it to another file")))
             problems += _check_values(item, record_format, line, warnings)
+            if record_format in ("preference", "prompt_only") and "prompt" in item:
+                # The trainers take a file's prompts all as text or all as conversations, never mixed.
+                kind = "conversational" if isinstance(item["prompt"], list) else "standard"
+                if prompt_kind is None:
+                    prompt_kind, prompt_kind_line = kind, line
+                elif kind != prompt_kind:
+                    problems.append(Problem(line, "prompt", (
+                        f"record is {kind} but the file's records are {prompt_kind} (set by line {prompt_kind_line}); "
+                        "a file holds prompts all as text or all as lists of turns: convert this record")))
             if "metadata" in item and not isinstance(item["metadata"], dict):
                 problems.append(Problem(line, "metadata", (
                     f'"metadata" must be a JSON object, got {_a(item["metadata"])}; wrap it, e.g. '
