@@ -28,6 +28,8 @@ class Estimate:
     max_steps: int
     dataset_bytes: int
     max_seconds: float | None
+    flops_per_parameter_token: float = 6.0
+    """6 for training (forward 2, backward 4); DPO adds a reference forward (8), GRPO generation (8)."""
 
     @property
     def tokens(self) -> int:
@@ -35,11 +37,11 @@ class Estimate:
 
     @property
     def flops_per_step(self) -> float:
-        return 6.0 * self.parameters * self.tokens_per_step
+        return self.flops_per_parameter_token * self.parameters * self.tokens_per_step
 
     @property
     def flops(self) -> float:
-        # The standard 6 x N x T training estimate (forward 2NT, backward 4NT).
+        # The standard 6 x N x T training estimate (forward 2NT, backward 4NT), or the method's factor.
         return self.flops_per_step * self.max_steps
 
 

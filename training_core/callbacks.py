@@ -87,7 +87,8 @@ class JobCallback(TrainerCallback):
             self._peak_flops = hardware.measure_matmul_peak_flops(self.device)
             self._train_started += time.monotonic() - before
             self._last_step_end += time.monotonic() - before
-        return self.flops_per_token * tokens_per_second / self._peak_flops
+        # Token counts are the whole job's (Trainer gathers them from every process); the peak is one device's.
+        return self.flops_per_token * tokens_per_second / (self._peak_flops * hardware.world_size())
 
     # Trainer events.
 
@@ -111,16 +112,23 @@ class JobCallback(TrainerCallback):
             self.events.message("first optimizer step", step=state.global_step,
                                 seconds=round(self.time_to_first_step, 3))
 
-        if self.cancel_path.exists():
+        cancel = self.cancel_path.exists()
+        cap = None if state.global_step >= state.max_steps else self._cap_reached(
+            state, now - self.started, step_seconds, tokens, step_tokens)
+        # The processes of a several-device job must stop at the same step, or the ones still
+        # training wait for the others forever: they agree on the decision first.
+        cancel, capped = hardware.agree(cancel, cap is not None)
+        if capped and cap is None:
+            cap = JobError("compute_cap_reached", "another process of this job reached a compute cap",
+                           param="limits")
+        if cancel:
             self.cancelled = True
             control.should_training_stop = True
             self.events.message(f"cancel requested: stopping at step {state.global_step}", level="warning",
                                 step=state.global_step)
             return
-        # The last step ends the run anyway: finishing it is not a reason to fail.
-        if state.global_step >= state.max_steps:
-            return
-        self.cap_reached = self._cap_reached(state, now - self.started, step_seconds, tokens, step_tokens)
+        # The last step ends the run anyway: finishing it is not a reason to fail (`cap` is None then).
+        self.cap_reached = cap
         if self.cap_reached is not None:
             control.should_training_stop = True
             control.should_save = True  # the checkpoint an agent continues from with more budget

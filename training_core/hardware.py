@@ -34,6 +34,16 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def agree(*flags: bool) -> tuple[bool, ...]:
+    """Each flag true if it is true in any process of the job (an all-reduce of a few bytes a step)."""
+    if world_size() == 1 or not torch.distributed.is_initialized():
+        return flags
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    votes = torch.tensor([float(flag) for flag in flags], device=device)
+    torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
+    return tuple(bool(vote) for vote in votes.tolist())
+
+
 def use_bf16(device: str) -> bool:
     """bf16 mixed precision on GPUs that support it; the CPU trains in fp32, where bf16 autocast is slower."""
     return device == "cuda" and torch.cuda.is_bf16_supported()

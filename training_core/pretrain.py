@@ -22,6 +22,7 @@ so a later `continued_pretrain` can show how much of this corpus it forgets.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -102,7 +103,8 @@ def _initial_model(spec: JobSpec, texts: list[str], events: EventWriter) -> Path
         return init_dir
     options = spec.options
     shape = _shape(options)
-    building = init_dir.with_name("init.building")
+    # Every process of a several-device job builds the same (seeded) model; the first rename wins.
+    building = init_dir.with_name(f"init.building-{os.environ.get('RANK', '0')}")
     shutil.rmtree(building, ignore_errors=True)
     tokenizer_options: dict[str, Any] = {}
     if options.get("vocab_size"):
@@ -112,7 +114,10 @@ def _initial_model(spec: JobSpec, texts: list[str], events: EventWriter) -> Path
     if options.get("chat_template"):
         tokenizer_options["chat_template"] = options["chat_template"]
     presets.build_base_model(shape, texts, building, seed=spec.hyperparameters.seed, **tokenizer_options)
-    building.rename(init_dir)  # whole or absent: a run killed while building starts it again
+    try:
+        building.rename(init_dir)  # whole or absent: a run killed while building starts it again
+    except OSError:  # another process's identical copy is in place
+        shutil.rmtree(building, ignore_errors=True)
     events.message(f"trained a {len(AutoTokenizer.from_pretrained(init_dir))}-token byte-level BPE tokenizer and "
                    f"built the initial model ({options.get('preset') or 'explicit config'})")
     return init_dir
@@ -132,5 +137,7 @@ def _shape(options: dict[str, Any]) -> ModelPreset:
 
 
 def write_heldout(model_dir: Path, texts: list[str]) -> None:
+    if not hardware.is_main_process():
+        return
     with (model_dir / HELDOUT_FILE).open("w", encoding="utf-8") as handle:
         handle.writelines(json.dumps({"text": text}) + "\n" for text in texts)

@@ -59,6 +59,8 @@ def common_arguments(spec: JobSpec, device: str) -> dict[str, Any]:
         "gradient_accumulation_steps": hyper.gradient_accumulation_steps,
         "seed": hyper.seed,
         "bf16": hardware.use_bf16(device),
+        # Explicit, so several CPU processes train as one job (gloo) rather than each on its own.
+        "use_cpu": device == "cpu",
         "activation_checkpointing": False,
         "logging_steps": hyper.logging_steps,
         "save_strategy": "steps",
@@ -143,6 +145,8 @@ def save_model(spec: JobSpec, trainer: Trainer, tokenizer: PreTrainedTokenizerBa
     trainer.save_model(str(model_dir))  # weights or adapter, config, tokenizer and chat template
     if not (spec.adapter == "lora" and spec.merge_adapter):
         return model_dir, None
+    if not hardware.is_main_process():  # one process of a several-device job writes the merged copy
+        return model_dir, Path(spec.output_dir) / "merged"
     merged_dir = Path(spec.output_dir) / "merged"
     peft_model = trainer.model
     assert isinstance(peft_model, PeftModel)

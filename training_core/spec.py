@@ -93,6 +93,8 @@ class JobSpec:
     limits: Limits = field(default_factory=Limits)
     flops_per_token: float = 0.0
     """6 x trainable-path parameters: what one trained token costs, for the compute cap."""
+    devices: int = 1
+    """Processes training together (`accelerate launch`): GPUs, or CPU processes where there are none."""
     options: dict[str, Any] = field(default_factory=dict)
     """Method-specific settings that only that method's module reads (DPO's beta, GRPO's rewards,
     an eval job's suite, a synth job's task); plain JSON values."""
