@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar
 import anyio.to_thread
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import Tool as MCPTool
 from mcp_types import ToolAnnotations
 from starlette.requests import Request
 
@@ -40,7 +41,7 @@ from tools.launch_training import (
 from tools.methods import MethodName
 from tools.models import ModelList
 from tools.quota import Quota
-from tools.views import JobView
+from tools.views import JobView, compact_schema
 
 T = TypeVar("T")
 
@@ -57,9 +58,22 @@ INSTRUCTIONS = (
 )
 
 
+class _CompactSchemas(MCPServer):
+    """Lists tools with compacted schemas (`tools.views.compact_schema`); calls are still validated
+    against the full ones."""
+
+    async def list_tools(self) -> list[MCPTool]:
+        listed = await super().list_tools()
+        for tool in listed:
+            tool.input_schema = compact_schema(tool.input_schema)
+            if tool.output_schema is not None:
+                tool.output_schema = compact_schema(tool.output_schema)
+        return listed
+
+
 def build_mcp_server(service: ServiceRef, local_key: str | None = None) -> MCPServer:
     """`local_key` picks the identity of callers without HTTP headers (stdio, in-memory)."""
-    mcp = MCPServer("weightsmith", instructions=INSTRUCTIONS, version="0.1.0", log_level="WARNING")
+    mcp = _CompactSchemas("weightsmith", instructions=INSTRUCTIONS, version="0.1.0", log_level="WARNING")
 
     def agent_of(ctx: Context) -> Agent:
         svc = service.get()

@@ -119,7 +119,7 @@ def launch_training(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRe
         parameters = modelinfo.count_parameters(base_dir)
     hyper = _resolve(request, datasets, parameters, config)
     estimate = guardrails.Estimate(
-        parameters=parameters, tokens_per_step=_tokens_per_step(request.method, hyper, options, datasets),
+        parameters=parameters, tokens_per_step=request.devices * _tokens_per_step(request.method, hyper, options, datasets),
         max_steps=hyper.max_steps, dataset_bytes=sum(d.bytes for d in datasets),
         max_seconds=request.limits.max_seconds, flops_per_parameter_token=method.flops_per_parameter_token)
 
@@ -147,7 +147,10 @@ def launch_training(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRe
     job.resolved = {
         "spec": json.loads(spec.to_json()), "hyperparameters": json.loads(json.dumps(hyper.__dict__)),
         "estimate": _estimate_view(estimate).model_dump(),
-        "base_model": request.base_model, "parent_model_id": parent.id if parent else None,
+        # A pretrained model starts from nothing but its shape: say so in its lineage.
+        "base_model": request.base_model or (
+            "scratch:model_config" if options.get("model_config") else f"scratch:{options.get('preset')}"),
+        "parent_model_id": parent.id if parent else None,
         "dataset_ids": [d.id for d in datasets], "dataset_hashes": [d.content_hash for d in datasets],
         "model_name": request.model_name}
 
@@ -254,7 +257,7 @@ def _check_formats(method: str, datasets: list[Dataset]) -> None:
 
 def _tokens_per_step(method: str, hyper: ResolvedHyperparameters, options: dict[str, Any],
                      datasets: list[Dataset]) -> int:
-    """Tokens one optimizer step trains on, per device: what the estimate multiplies by steps."""
+    """Tokens one optimizer step trains on, per device (each device trains a batch of its own)."""
     sequences = hyper.per_device_batch_size * hyper.gradient_accumulation_steps
     if method in ("pretrain", "continued_pretrain"):
         return sequences * hyper.max_seq_length  # packed: every block is full

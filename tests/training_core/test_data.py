@@ -441,7 +441,9 @@ def test_malformed_preferences_name_the_field(tmp_path: Path) -> None:
         {"prompt": "q", "chosen": "a"},
         {"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": [{"role": "user", "content": "b"}]}))
     report = validate_file(path)
-    assert [(p.line, p.field) for p in report.problems] == [(1, "rejected"), (2, "chosen"), (2, "rejected[0].role")]
+    # Line 2 is also conversational in a file whose prompts line 1 made text.
+    assert [(p.line, p.field) for p in report.problems] == [
+        (1, "rejected"), (2, "chosen"), (2, "rejected[0].role"), (2, "prompt")]
 
 
 def test_prompt_only_records_keep_their_reference(tmp_path: Path) -> None:
