@@ -114,8 +114,8 @@ def test_pretrain_sft_dpo_grpo_chain_learns_at_each_step_and_keeps_its_lineage(
     assert json.loads(Path(chain[3]["path"], "lineage.json").read_text())["parent_model_id"] == chain[2]["id"]
 
     # pretrain and SFT: the loss falls; held-out perplexity too, with bits per byte reported.
-    def mean(values: list[dict[str, Any]]) -> float:
-        return sum(v["value"] for v in values) / len(values)
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
 
     for name in ("pretrain", "sft"):
         assert mean(history[name][-5:]) < mean(history[name][:5]), name
