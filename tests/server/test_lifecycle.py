@@ -141,6 +141,7 @@ def test_pretrain_sft_dpo_grpo_chain_learns_at_each_step_and_keeps_its_lineage(
         assert 0 < model["metrics"]["mfu"] < 1
 
 
+@pytest.mark.slow
 def test_continued_pretraining_reports_the_new_domain_and_forgetting(service: ServiceContext, tmp_path: Path) -> None:
     gridbook = tmp_path / "gridbook.txt"
     gridbook.write_text((CORPUS / "procedures.txt").read_text(encoding="utf-8"), encoding="utf-8")

@@ -447,8 +447,9 @@ def test_malformed_preferences_name_the_field(tmp_path: Path) -> None:
 
 
 def test_prompt_only_records_keep_their_reference(tmp_path: Path) -> None:
-    path = write(tmp_path, "g.jsonl", jsonl({"prompt": "Say yes", "reference": "yes"},
-                                            {"prompt": [{"role": "user", "content": "Say no"}]}))
+    path = write(tmp_path, "g.jsonl", jsonl({"prompt": "Say yes", "reference": "yes"}, {"prompt": "Say no"}))
     file_format, examples = load_examples(path)
     assert file_format == "prompt_only"
-    assert examples == [{"prompt": "Say yes", "reference": "yes"}, {"prompt": [{"role": "user", "content": "Say no"}]}]
+    assert examples == [{"prompt": "Say yes", "reference": "yes"}, {"prompt": "Say no"}]
+    turns = write(tmp_path, "t.jsonl", jsonl({"prompt": [{"role": "user", "content": "Say no"}]}))
+    assert load_examples(turns) == ("prompt_only", [{"prompt": [{"role": "user", "content": "Say no"}]}])
