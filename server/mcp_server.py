@@ -176,18 +176,14 @@ def build_mcp_server(service: ServiceRef, local_key: str | None = None) -> MCPSe
     async def generate_synthetic_data(
         ctx: Context, task: Literal["instructions", "qa_from_documents", "preferences", "workflow_traces", "prompts"],
         generator: dict[str, Any], num_records: int, sources: list[str] | None = None,
-        seed_examples: list[dict[str, Any]] | None = None, options: dict[str, Any] | None = None,
-        filters: dict[str, Any] | None = None, decontaminate_against: list[str] | None = None, seed: int = 0,
-        limits: dict[str, Any] | None = None, dataset_name: str | None = None, dry_run: bool = False,
+        seed_examples: list[dict[str, Any]] | None = None, options: dict[str, Any] | None = None, seed: int = 0,
+        dry_run: bool = False,
     ) -> SynthLaunch:
-        """Start a synth job that generates, filters (dedup, MinHash, ROUGE-L, 13-gram decontamination) and
-        registers a dataset; wait_for_job, then metrics.dataset_id. generator: {"type":"template","templates":
-        [record with {slot}s],"slots":{...}} | {"type":"model","model":"mdl_..."} | {"type":"openai_compatible",
-        "endpoint":NAME}. README "Synthetic data" lists options, filters and limits; dry_run prices it."""
+        """Start a job that generates, filters and registers a dataset (wait_for_job; metrics.dataset_id).
+        generator: {"type":"template","templates":[..],"slots":{..}}, {"type":"model","model":"mdl_.."} or
+        {"type":"openai_compatible","endpoint":NAME}. options: see README."""
         raw = {"task": task, "generator": generator, "num_records": num_records, "sources": sources or [],
-               "seed_examples": seed_examples or [], "options": options or {}, "filters": filters or {},
-               "decontaminate_against": decontaminate_against or [], "seed": seed, "limits": limits or {},
-               "dataset_name": dataset_name, "dry_run": dry_run}
+               "seed_examples": seed_examples or [], "options": options or {}, "seed": seed, "dry_run": dry_run}
         try:
             request = synth_tools.parse_request(raw)
         except WeightsmithError as err:

@@ -126,26 +126,28 @@ class SynthRequest(Compact):
     dry_run: bool = False
 
 
-class SynthEstimate(Compact):
-    records: int
-    max_generated: int
-    tokens: int
-    flops: float
-    parameters: int
-
-
 class SynthLaunch(Compact):
+    # A started synth job ("" for job_id and state on a dry run), or a dry run's verdict. No docstring:
+    # it would become the output schema's description, read by every model that lists the tools.
     admitted: bool
-    estimate: SynthEstimate
-    refusal: str | None = Field(None, description="dry_run: which limit, and what fits.")
-    job_id: str | None = None
-    state: str | None = None
+    job_id: str = ""
+    state: str = ""
+    estimate_tokens: int
+    estimate_flops: float
+    refusal: str = ""
+
+
+LIFTED_OPTIONS = ("filters", "limits", "decontaminate_against", "dataset_name")
+"""Request fields the MCP tool takes inside `options`, to keep its schema short."""
 
 
 def parse_request(raw: dict[str, Any]) -> SynthRequest:
-    """The request, or InvalidRequest naming every field that is wrong (for transports that take JSON)."""
+    """The request from tool arguments (with `filters`, `limits`, ... inside `options`), or
+    InvalidRequest naming every field that is wrong."""
+    options = dict(raw.get("options") or {})
+    lifted = {key: options.pop(key) for key in LIFTED_OPTIONS if key in options}
     try:
-        return SynthRequest.model_validate(raw)
+        return SynthRequest.model_validate({**raw, **lifted, "options": options})
     except ValidationError as err:
         problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
         first = ".".join(str(p) for p in err.errors()[0]["loc"])
@@ -185,19 +187,20 @@ def generate_synthetic_data(ctx: ServiceContext, agent: Agent, request: SynthReq
         parameters=parameters, tokens_per_step=max(1, tokens_per_record), max_steps=request.num_records,
         dataset_bytes=sum(d.bytes for d in sources), max_seconds=request.limits.max_seconds,
         flops_per_token=2.0 * parameters, unit="num_records")
-    view = SynthEstimate(records=request.num_records, max_generated=options["max_generated"],
-                         tokens=estimate.tokens if tokens_per_record else 0, flops=estimate.flops, parameters=parameters)
+    view = {"records": request.num_records, "max_generated": options["max_generated"], "parameters": parameters,
+            "tokens": estimate.tokens if tokens_per_record else 0, "flops": estimate.flops}
     max_tokens = min(request.limits.max_tokens or settings.synth_max_tokens, settings.synth_max_tokens,
                      agent.max_request_tokens)
-    if view.tokens > settings.synth_max_tokens:
+    if view["tokens"] > settings.synth_max_tokens:
         fit = settings.synth_max_tokens // max(1, tokens_per_record)
-        raise InvalidRequest(f"up to {view.tokens:,} generated tokens is over the service's cap of "
+        raise InvalidRequest(f"up to {view['tokens']:,} generated tokens is over the service's cap of "
                              f"{settings.synth_max_tokens:,} per request: num_records <= {fit} fits, or lower "
                              "generator.max_new_tokens", param="num_records")
     if request.dry_run:
         with Session(ctx.engine) as session:
             verdict = guardrails.admit(session, ctx.engine, agent.id, estimate)
-        return SynthLaunch(admitted=verdict.admitted, estimate=view, refusal=verdict.message)
+        return SynthLaunch(admitted=verdict.admitted, estimate_tokens=view["tokens"], estimate_flops=estimate.flops,
+                           refusal=verdict.message or "")
 
     job = Job(agent_id=agent.id, kind="synth", method="synth", state=JobState.validating,
               request=request.model_dump(mode="json"), estimate_flops=estimate.flops)
@@ -214,7 +217,7 @@ def generate_synthetic_data(ctx: ServiceContext, agent: Agent, request: SynthReq
                       max_flops=min(request.limits.max_flops or agent.max_request_flops, agent.max_request_flops),
                       max_tokens=max_tokens),
         flops_per_token=2.0 * parameters, options=options)
-    job.resolved = {"spec": json.loads(spec.to_json()), "estimate": view.model_dump(),
+    job.resolved = {"spec": json.loads(spec.to_json()), "estimate": view,
                     "dataset_name": request.dataset_name, "datasets_dir": str(settings.datasets_dir.resolve()),
                     "max_record_bytes": settings.max_record_bytes}
     with write_transaction(ctx.engine) as session:
@@ -225,7 +228,8 @@ def generate_synthetic_data(ctx: ServiceContext, agent: Agent, request: SynthReq
         session.add(Reservation(agent_id=agent.id, job_id=job.id, flops_reserved=estimate.flops))
     _queue_after_snapshot_check(ctx, job, sources + decontaminate)
     ctx.wake_workers()
-    return SynthLaunch(admitted=True, estimate=view, job_id=job.id, state=job.state)
+    return SynthLaunch(admitted=True, job_id=job.id, state=job.state, estimate_tokens=view["tokens"],
+                       estimate_flops=estimate.flops)
 
 
 def _eval_suite_items(session: Session, agent_id: str) -> list[str]:

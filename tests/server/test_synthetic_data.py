@@ -35,7 +35,7 @@ SLOTS = {"verb": ["reset", "inspect", "replace", "label", "test"],
 def _template_request(**overrides: Any) -> dict[str, Any]:
     return {"task": "instructions", "num_records": 30, "seed": 7,
             "generator": {"type": "template", "templates": TEMPLATES, "slots": SLOTS},
-            "filters": {"diversity_rouge_l": None}, **overrides}
+            "options": {"filters": {"diversity_rouge_l": None}}, **overrides}
 
 
 def _dataset(service: ServiceContext, dataset_id: str) -> Dataset:
@@ -50,7 +50,7 @@ def test_template_synth_registers_a_deduplicated_decontaminated_dataset_that_rep
     async def main() -> tuple[dict[str, Any], ...]:
         async with Client(build_mcp_server(ServiceRef(service))) as client:
             priced = await call(client, "generate_synthetic_data", **_template_request(), dry_run=True)
-            assert priced["admitted"] and priced["estimate"]["flops"] == 0 and priced["job_id"] is None
+            assert priced["admitted"] and priced["estimate_flops"] == 0 and priced["job_id"] == ""
             plain = await call(client, "generate_synthetic_data", **_template_request())
             plain = await wait_final(client, plain["job_id"])
             assert plain["state"] == "succeeded", plain["error"]
@@ -59,7 +59,8 @@ def test_template_synth_registers_a_deduplicated_decontaminated_dataset_that_rep
             planted = json.loads(made.splitlines()[5])["messages"][-1]["content"]
             evals = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "Eval item", "completion": planted}])
             eval_id = (await call(client, "upload_dataset", path=str(evals)))["dataset"]["id"]
-            request = _template_request(decontaminate_against=[eval_id], dataset_name="field-howtos")
+            request = _template_request(options={"filters": {"diversity_rouge_l": None}, "dataset_name": "field-howtos",
+                                                 "decontaminate_against": [eval_id]})
             first = await wait_final(client, (await call(client, "generate_synthetic_data", **request))["job_id"])
             again = await wait_final(client, (await call(client, "generate_synthetic_data", **request))["job_id"])
             assert first["state"] == again["state"] == "succeeded", first["error"]
@@ -88,7 +89,10 @@ def test_template_synth_registers_a_deduplicated_decontaminated_dataset_that_rep
     assert trained["metrics"]["train_loss"] > 0
 
 
-def test_workflow_traces_follow_the_tool_schemas_and_preferences_record_how_they_were_made(
+SCORE_ROUTER_ONLY = "def score(records):\n    return [1.0 if 'router' in r['prompt'] else 0.0 for r in records]\n"
+
+
+def test_traces_follow_the_tool_schemas_preferences_record_their_making_and_a_sandboxed_score_filters(
         service: ServiceContext) -> None:
     tools = [{"name": "lookup_ticket", "description": "A ticket's state",
               "parameters": {"type": "object", "required": ["ticket_id"], "additionalProperties": False,
@@ -111,15 +115,22 @@ def test_workflow_traces_follow_the_tool_schemas_and_preferences_record_how_they
             traces = await call(client, "generate_synthetic_data", task="workflow_traces", num_records=12, seed=1,
                                 generator={"type": "template", "templates": [good, unknown_tool, bad_argument],
                                            "slots": slots},
-                                options={"tools": tools}, filters={"diversity_rouge_l": None})
+                                options={"tools": tools, "filters": {"diversity_rouge_l": None}})
             prefs = await call(client, "generate_synthetic_data", task="preferences", num_records=8, seed=1,
                                generator={"type": "template", "templates": [{
                                    "prompt": "How do I {verb} the {thing}?",
                                    "chosen": "Open the {place}. Find the {thing}. Then {verb} it and note it."}],
-                                   "slots": SLOTS}, filters={"diversity_rouge_l": None, "near_duplicate": None})
-            return await wait_final(client, traces["job_id"]), await wait_final(client, prefs["job_id"])
+                                   "slots": SLOTS},
+                               options={"filters": {"diversity_rouge_l": None, "near_duplicate": None}})
+            prompts = await call(client, "generate_synthetic_data", task="prompts", num_records=6, seed=3,
+                                 generator={"type": "template", "templates": [{"prompt": "Plan how to {verb} the {thing}."}],
+                                            "slots": SLOTS},
+                                 options={"filters": {"diversity_rouge_l": None, "near_duplicate": None, "score": {
+                                     "python": SCORE_ROUTER_ONLY, "threshold": 0.5}}})
+            return (await wait_final(client, traces["job_id"]), await wait_final(client, prefs["job_id"]),
+                    await wait_final(client, prompts["job_id"]))
 
-    traces, prefs = anyio.run(main)
+    traces, prefs, prompts = anyio.run(main)
     assert traces["state"] == "succeeded", traces["error"]
     assert traces["metrics"]["dropped_schema"] > 0
     dataset = _dataset(service, traces["metrics"]["dataset_id"])
@@ -132,8 +143,15 @@ def test_workflow_traces_follow_the_tool_schemas_and_preferences_record_how_they
             Path(_dataset(service, prefs["metrics"]["dataset_id"]).path).read_text(encoding="utf-8").splitlines()]
     assert rows and all(set(r) == {"prompt", "chosen", "rejected", "metadata"} for r in rows)
     assert all(r["chosen"] != r["rejected"] and r["metadata"]["rejected_from"].startswith("corruption:") for r in rows)
+    assert prompts["state"] == "succeeded", prompts["error"]
+    assert prompts["metrics"]["dropped_score"] > 0
+    rows = [json.loads(line) for line in
+            Path(_dataset(service, prompts["metrics"]["dataset_id"]).path).read_text(encoding="utf-8").splitlines()]
+    assert rows and all(set(r) == {"prompt", "metadata"} and "router" in r["prompt"] for r in rows)
+    assert all(r["metadata"]["scores"] == {"score": 1.0} for r in rows)
 
 
+@pytest.mark.slow  # trains the model it then generates with: about a minute on two busy cores
 def test_model_generator_with_a_registered_model_is_priced_charged_and_greedy_repeats(
         service: ServiceContext, tmp_path: Path) -> None:
     seeds = [{"prompt": q, "completion": a} for q, a in (
@@ -151,10 +169,10 @@ def test_model_generator_with_a_registered_model_is_priced_charged_and_greedy_re
             model_id = (await wait_final(client, trained["job"]["id"]))["model_id"]
             request = {"task": "instructions", "num_records": 4, "seed_examples": seeds, "sources": [ds],
                        "generator": {"type": "model", "model": model_id, "max_new_tokens": 12, "batch_size": 4},
-                       "filters": {"near_duplicate": None, "diversity_rouge_l": None},
-                       "options": {"output_format": "prompt_completion"}}
+                       "options": {"output_format": "prompt_completion",
+                                   "filters": {"near_duplicate": None, "diversity_rouge_l": None}}}
             first = await call(client, "generate_synthetic_data", **request)
-            assert first["estimate"]["parameters"] > 0 and first["estimate"]["flops"] > 0
+            assert first["estimate_tokens"] > 0 and first["estimate_flops"] > 0
             first = await wait_final(client, first["job_id"])
             second = await wait_final(client, (await call(client, "generate_synthetic_data", **request))["job_id"])
             return first, second, model_id
@@ -240,7 +258,7 @@ def test_openai_compatible_endpoint_is_retried_through_429_and_500_and_its_key_i
             assert (await call(client, "list_jobs"))["jobs"] == []
             job = await call(client, "generate_synthetic_data", task="instructions", num_records=3,
                              seed_examples=seeds, generator={"type": "openai_compatible", "endpoint": "loopback"},
-                             filters={"near_duplicate": None, "diversity_rouge_l": None})
+                             options={"filters": {"near_duplicate": None, "diversity_rouge_l": None}})
             return await wait_final(client, job["job_id"])
 
     with open_service(configured) as service:
