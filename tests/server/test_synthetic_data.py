@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,6 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
+import httpx
 import pytest
 from mcp import Client
 from sqlmodel import Session, select
@@ -20,6 +24,7 @@ from server.models import Dataset, Job
 from server.settings import Settings, SynthEndpoint
 from tests.conftest import quick_hyperparameters, write_jsonl
 from tests.server.test_mcp_in_memory import call, wait_final
+from tests.server.test_transports import http_service  # noqa: F401 -- a fixture
 
 TEMPLATES = [
     {"prompt": "How do I {verb} the {thing}?",
@@ -276,3 +281,29 @@ def test_openai_compatible_endpoint_is_retried_through_429_and_500_and_its_key_i
     assert {s["body"]["model"] for s in seen} == {"company-llm"}
     leaked = [p for p in configured.home.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaked == [], f"the key was written to {leaked}"
+
+
+def test_rest_and_cli_start_synth_jobs_and_refuse_bad_requests_with_the_field(
+        http_service: tuple[str, str, str], tmp_path: Path) -> None:  # noqa: F811 -- the fixture
+    base, key, _ = http_service
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=70)
+    body = _template_request(num_records=10, filters={"diversity_rouge_l": None}, options={})
+    started = client.post("/v1/synthetic-data", json=body)
+    assert started.status_code == 200, started.text
+    job_id = started.json()["job_id"]
+    job = client.post(f"/v1/jobs/{job_id}/wait", params={"timeout_seconds": 50}).json()
+    while job["state"] not in ("succeeded", "failed", "cancelled"):
+        job = client.post(f"/v1/jobs/{job_id}/wait", params={"timeout_seconds": 50}).json()
+    assert job["state"] == "succeeded" and job["kind"] == "synth" and job["metrics"]["records"] == 10
+    bad = client.post("/v1/synthetic-data", json={**body, "generator": {"type": "template", "templates": [
+        {"prompt": "How do I {fix} it?", "completion": "Carefully."}]}})
+    assert bad.status_code == 422 and "generator.templates[0]" in bad.text and "fix" in bad.text
+
+    request = tmp_path / "synth.json"
+    request.write_text(json.dumps(body), encoding="utf-8")
+    env = {**os.environ, "WEIGHTSMITH_URL": base, "WEIGHTSMITH_API_KEY": key}
+    priced = subprocess.run([sys.executable, "-m", "server.cli", "synth", str(request), "--dry-run"], env=env,
+                            capture_output=True, text=True, check=False, timeout=120)
+    assert priced.returncode == 0, priced.stdout + priced.stderr
+    assert json.loads(priced.stdout)["admitted"] is True
+    assert len(client.get("/v1/jobs", params={"kind": "synth"}).json()["jobs"]) == 1

@@ -124,8 +124,10 @@ def _cap(spec: JobSpec, options: dict[str, Any], started: float, generated: int,
 def _filtered(records: list[dict[str, Any] | None], filters: RecordFilters, score: dict[str, Any] | None,
               judge: generators.TextGenerator | None, first_index: int) -> list[dict[str, Any]]:
     """The batch's records that pass every filter, in order; the score runs only on what passed the rest."""
-    candidates = [r for r in records if r is not None and filters.why_dropped(r) is None]
-    scores = dict(zip(map(id, candidates), _scores(candidates, score, judge), strict=True)) if score else {}
+    scores: dict[int, float | None] = {}
+    if score:
+        candidates = [r for r in records if r is not None and filters.why_dropped(r) is None]
+        scores = dict(zip(map(id, candidates), _scores(candidates, score, judge), strict=True))
     kept = []
     for offset, record in enumerate(records):
         if record is None:

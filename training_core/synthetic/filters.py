@@ -64,6 +64,8 @@ class RecordFilters:
         self._seen: set[str] = set()
         self._kept_words: list[list[str]] = []
         self._lsh = MinHashLSH(threshold=self.near_threshold, num_perm=NUM_PERM) if self.near_threshold else None
+        template = MinHash(num_perm=NUM_PERM, seed=1)
+        self._permutations, self._scheme = template.permutations, template.scheme
         self._grams: set[tuple[str, ...]] = set()
         self._short_items: list[str] = []
         for text in contamination:
@@ -75,38 +77,50 @@ class RecordFilters:
 
     def admit(self, record: dict[str, Any], index: int) -> bool:
         """Keep the record (and remember it for the duplicate checks) or count why it was dropped."""
-        reason = self.why_dropped(record)
+        reason, tokens, minhash = self._check(record)
         if reason is not None:
             self.dropped[reason] += 1
             return False
-        text = record_text(record)
-        self._seen.add(_fingerprint(text))
-        tokens = words(text)
+        self._seen.add(_fingerprint(record_text(record)))
         if self._lsh is not None:
-            self._lsh.insert(str(index), _minhash(tokens))
+            self._lsh.insert(str(index), minhash or self._minhash(tokens))
         if self.rouge_threshold is not None:
             self._kept_words.append(tokens)
         return True
 
     def why_dropped(self, record: dict[str, Any]) -> str | None:
+        return self._check(record)[0]
+
+    def _check(self, record: dict[str, Any]) -> tuple[str | None, list[str], MinHash | None]:
+        """(the filter that drops the record or None, its words, its MinHash once computed)."""
         if not _has_its_fields(record):
-            return "format"
+            return "format", [], None
         text = record_text(record)
         if not self.min_chars <= len(text) <= self.max_chars:
-            return "length"
+            return "length", [], None
         if self.tools is not None and check_trace(record, self.tools):
-            return "schema"
+            return "schema", [], None
         if _fingerprint(text) in self._seen:
-            return "exact_duplicate"
+            return "exact_duplicate", [], None
         tokens = words(text)
-        if self._lsh is not None and self._lsh.query(_minhash(tokens)):
-            return "near_duplicate"
+        minhash = None
+        if self._lsh is not None:
+            minhash = self._minhash(tokens)
+            if self._lsh.query(minhash):
+                return "near_duplicate", tokens, minhash
         if self.rouge_threshold is not None and any(
                 _rouge_words(tokens, kept) > self.rouge_threshold for kept in self._kept_words):
-            return "diversity"
+            return "diversity", tokens, minhash
         if self._contaminated(tokens):
-            return "decontamination"
-        return None
+            return "decontamination", tokens, minhash
+        return None, tokens, minhash
+
+    def _minhash(self, tokens: list[str]) -> MinHash:
+        shingles = {" ".join(tokens[i:i + 3]) for i in range(max(1, len(tokens) - 2))}
+        # The permutations are drawn once: building them is most of a MinHash's cost.
+        minhash = MinHash(num_perm=NUM_PERM, seed=1, permutations=self._permutations, scheme=self._scheme)
+        minhash.update_batch([s.encode("utf-8") for s in shingles])
+        return minhash
 
     def _contaminated(self, tokens: list[str]) -> bool:
         if self._grams and not self._grams.isdisjoint(_ngrams(tokens, self.ngram)):
@@ -202,13 +216,6 @@ def _has_its_fields(record: dict[str, Any]) -> bool:
 
 def _fingerprint(text: str) -> str:
     return hashlib.sha256(" ".join(text.lower().split()).encode("utf-8")).hexdigest()
-
-
-def _minhash(tokens: list[str]) -> MinHash:
-    shingles = {" ".join(tokens[i:i + 3]) for i in range(max(1, len(tokens) - 2))}
-    minhash = MinHash(num_perm=NUM_PERM, seed=1)
-    minhash.update_batch([s.encode("utf-8") for s in shingles])
-    return minhash
 
 
 def _ngrams(tokens: list[str], n: int) -> set[tuple[str, ...]]:
