@@ -165,9 +165,9 @@ def generate_synthetic_data(ctx: ServiceContext, agent: Agent, request: SynthReq
         generator = _resolved_generator(session, ctx, agent, request.generator.model_dump(), "generator")
         rejected = None
         if request.task == "preferences" and request.options.rejected == "model":
-            rejected = _resolved_generator(session, ctx, agent, {**request.generator.model_dump(), "type": "model",
-                                                          "model": request.options.rejected_model},
-                                           "options.rejected_model")
+            weaker = {"type": "model", "model": request.options.rejected_model, "temperature": 0.0, "batch_size": 8,
+                      "max_new_tokens": generator.get("max_new_tokens", 128)}
+            rejected = _resolved_generator(session, ctx, agent, weaker, "options.rejected_model")
         score = request.filters.score.model_dump() if request.filters.score else None
         if score and score["judge"]:
             score["judge"] = _resolved_generator(session, ctx, agent, {"type": "model", "model": score["judge"],
@@ -258,6 +258,10 @@ def _check(request: SynthRequest, ctx: ServiceContext) -> None:
     elif task in ("instructions", "prompts", "preferences") and not (request.seed_examples or request.sources):
         problems.append(("seed_examples", (f"{task} with a {gen.type} generator grows new examples from seeds: "
                          "give seed_examples or sources holding examples")))
+    if (task == "preferences" and opts.chosen == "reference" and not request.sources
+            and not any({"completion", "chosen", "messages"} & set(seed) for seed in request.seed_examples)):
+        problems.append(("options.chosen", ('"reference" takes the chosen answer from seed examples: give seeds '
+                         'with "completion" (or chat "messages"), or sources holding them')))
     if task == "qa_from_documents" and not request.sources:
         problems.append(("sources", "qa_from_documents needs the ids of datasets holding the documents"))
     if task == "workflow_traces":

@@ -283,6 +283,35 @@ def test_openai_compatible_endpoint_is_retried_through_429_and_500_and_its_key_i
     assert leaked == [], f"the key was written to {leaked}"
 
 
+def test_qa_from_documents_keeps_the_chunk_each_pair_came_from(service: ServiceContext) -> None:
+    corpus = Path(__file__).resolve().parents[2] / "examples" / "sample_corpus" / "procedures.txt"
+
+    async def main() -> dict[str, Any]:
+        async with Client(build_mcp_server(ServiceRef(service))) as client:
+            docs = await call(client, "upload_dataset", filename="procedures.txt",
+                              content=corpus.read_text(encoding="utf-8"))
+            job = await call(client, "generate_synthetic_data", task="qa_from_documents", num_records=8,
+                             sources=[docs["dataset"]["id"]], seed=2,
+                             generator={"type": "template", "templates": [
+                                 {"question": "What does the Gridbook say right after this: {sentence}",
+                                  "answer": "It says: {sentence}"}]},
+                             options={"chunk_chars": 400, "output_format": "prompt_completion",
+                                      "filters": {"diversity_rouge_l": None}})
+            return await wait_final(client, job["job_id"])
+
+    job = anyio.run(main)
+    assert job["state"] == "succeeded", job["error"]
+    dataset = _dataset(service, job["metrics"]["dataset_id"])
+    assert dataset.valid and dataset.format == "prompt_completion"
+    text = corpus.read_text(encoding="utf-8")
+    for line in Path(dataset.path).read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        chunk = record["metadata"]["source_chunk"]
+        assert len(chunk["text"]) <= 400 and chunk["dataset_hash"] == dataset.lineage["sources"][0]["content_hash"]
+        sentence = record["completion"].removeprefix("It says: ")
+        assert sentence in chunk["text"] and " ".join(sentence.split()) in " ".join(text.split())
+
+
 def test_rest_and_cli_start_synth_jobs_and_refuse_bad_requests_with_the_field(
         http_service: tuple[str, str, str], tmp_path: Path) -> None:  # noqa: F811 -- the fixture
     base, key, _ = http_service

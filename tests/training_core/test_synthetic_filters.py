@@ -95,6 +95,10 @@ def test_empty_answers_fail_the_format_check() -> None:
 def test_corruptions_change_the_answer_in_the_recorded_way() -> None:
     text = "First check the light level. Then reseat the ONT. Finally close the ticket."
     rng = random.Random(0)
-    assert corrupt(text, "truncate", rng) == "First check the light level. Then"
-    assert sorted(corrupt(text, "shuffle_sentences", rng).split(". ")) != text.split(". ")
-    assert len(corrupt(text, "drop_sentence", rng)) < len(text)
+    assert corrupt(text, "truncate", rng) == ("First check the light level. Then", "truncate")
+    shuffled, how = corrupt(text, "shuffle_sentences", rng)
+    assert how == "shuffle_sentences" and shuffled != text and sorted(shuffled.split()) == sorted(text.split())
+    dropped, how = corrupt(text, "drop_sentence", rng)
+    assert how == "drop_sentence" and len(dropped.split(". ")) == 2
+    # One sentence cannot be shuffled: it is truncated, and the record says so.
+    assert corrupt("Reseat the ONT and wait.", "shuffle_sentences", rng) == ("Reseat the", "truncate")

@@ -186,8 +186,16 @@ def _load_sources(options: dict[str, Any]) -> tasks.Sources:
                 sources.seeds.append(item)
         for index, text in enumerate(_chunks("\n\n".join(texts), chunk_chars)):
             sources.chunks.append({"text": text, "dataset_hash": source["content_hash"], "index": index})
-    if options["task"] == "qa_from_documents" and not sources.chunks:
+    task, template = options["task"], options["generator"]["type"] == "template"
+    if task == "qa_from_documents" and not sources.chunks:
         raise JobError("invalid_request", "the sources hold no text to ask questions about", param="sources")
+    if not template and task in ("instructions", "prompts", "preferences") and not sources.seeds:
+        raise JobError("invalid_request", f"{task} grows new examples from seeds, and neither seed_examples nor "
+                       "the sources hold any (text datasets are documents, not examples)", param="seed_examples")
+    if (not template and task == "preferences" and options["task_options"]["chosen"] == "reference"
+            and not any(tasks.seed_completion(s) for s in sources.seeds)):
+        raise JobError("invalid_request", 'chosen="reference" needs seeds with an answer ("completion" or an '
+                       "assistant turn)", param="options.chosen")
     return sources
 
 

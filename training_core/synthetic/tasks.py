@@ -134,7 +134,7 @@ def _task_slots(task: str, rng: random.Random, sources: Sources) -> tuple[dict[s
         return {"chunk": chunk["text"], "sentence": rng.choice(sentences)}, {"source_chunk": chunk}
     if sources.seeds:
         seed = rng.choice(sources.seeds)
-        prompt, completion = _seed_prompt(seed), _seed_completion(seed)
+        prompt, completion = _seed_prompt(seed), seed_completion(seed)
         return {"seed_prompt": prompt or "", "seed_completion": completion or ""}, {}
     return {}, {}
 
@@ -153,9 +153,8 @@ def _shape(task: str, filled: dict[str, Any], options: dict[str, Any], rng: rand
         record = {"prompt": filled["prompt"], "chosen": filled["chosen"], "metadata": meta | {"chosen_from": "template"}}
         if "rejected" in filled:
             return record | {"rejected": filled["rejected"], "metadata": record["metadata"] | {"rejected_from": "template"}}
-        how = rng.choice(CORRUPTIONS)
-        return record | {"rejected": corrupt(filled["chosen"], how, rng),
-                         "metadata": record["metadata"] | {"rejected_from": f"corruption:{how}"}}
+        rejected, how = corrupt(filled["chosen"], rng.choice(CORRUPTIONS), rng)
+        return record | {"rejected": rejected, "metadata": record["metadata"] | {"rejected_from": f"corruption:{how}"}}
     if task == "workflow_traces":
         return {"messages": [_trace_turn(t) for t in filled["messages"]], "metadata": meta}
     return {"prompt": filled["prompt"], "metadata": meta}
@@ -191,10 +190,10 @@ def _preferences(rng: random.Random, sources: Sources, task_options: dict[str, A
                  rejecter: TextGenerator | None, n: int) -> list[dict[str, Any] | None]:
     if task_options["chosen"] == "reference":
         # The seed's own answer is chosen, with the seed's prompt, so the pair stays consistent.
-        answered = [s for s in sources.seeds if _seed_completion(s)]
+        answered = [s for s in sources.seeds if seed_completion(s)]
         seeds = [rng.choice(answered) for _ in range(n)]
         prompts = [_seed_prompt(s) or "" for s in seeds]
-        chosen = [Completion(_seed_completion(s) or "", 0) for s in seeds]
+        chosen = [Completion(seed_completion(s) or "", 0) for s in seeds]
     else:
         prompts = _new_prompts(rng, sources, task_options, generator, n)
         chosen = generator.complete([_conversation(p, task_options) for p in prompts])
@@ -204,26 +203,27 @@ def _preferences(rng: random.Random, sources: Sources, task_options: dict[str, A
     else:
         rejected = []
         for c in chosen:
-            how = rng.choice(CORRUPTIONS)
-            rejected.append((corrupt(c.text, how, rng), f"corruption:{how}"))
+            worse, how = corrupt(c.text, rng.choice(CORRUPTIONS), rng)
+            rejected.append((worse, f"corruption:{how}"))
     chosen_from = "reference" if task_options["chosen"] == "reference" else f"generator:{generator.name}"
     return [{"prompt": p, "chosen": c.text, "rejected": r, "metadata": {"chosen_from": chosen_from, "rejected_from": how}}
             for p, c, (r, how) in zip(prompts, chosen, rejected, strict=True)]
 
 
-def corrupt(text: str, how: str, rng: random.Random) -> str:
-    """A controlled corruption: a worse answer whose way of being worse is known."""
+def corrupt(text: str, how: str, rng: random.Random) -> tuple[str, str]:
+    """A controlled corruption: a worse answer, and the way it was made worse (one sentence cannot be
+    shuffled or lose a sentence, so it is truncated, and says so)."""
     sentences = _sentences(text)
-    if how == "shuffle_sentences" and len(sentences) > 1:
+    if how == "shuffle_sentences" and len(sentences) > 1 and len(set(sentences)) > 1:
         shuffled = sentences[:]
         while shuffled == sentences:
             rng.shuffle(shuffled)
-        return " ".join(shuffled)
+        return " ".join(shuffled), how
     if how == "drop_sentence" and len(sentences) > 1:
         dropped = rng.randrange(len(sentences))
-        return " ".join(s for i, s in enumerate(sentences) if i != dropped)
+        return " ".join(s for i, s in enumerate(sentences) if i != dropped), how
     words = text.split()
-    return " ".join(words[: max(1, len(words) // 2)]) + ("" if len(words) > 1 else " ...")
+    return " ".join(words[: max(1, len(words) // 2)]) + ("" if len(words) > 1 else " ..."), "truncate"
 
 
 def _parse_trace(text: str) -> dict[str, Any] | None:
@@ -298,7 +298,7 @@ def _seed_prompt(seed: dict[str, Any]) -> str | None:
     return next((t.get("content") for t in turns if isinstance(t, dict) and t.get("role") == "user"), None)
 
 
-def _seed_completion(seed: dict[str, Any]) -> str | None:
+def seed_completion(seed: dict[str, Any]) -> str | None:
     for key in ("completion", "chosen"):
         if key in seed:
             return str(seed[key])
