@@ -1,7 +1,11 @@
 """Synthetic data throughput: the template generator's records/s, and the model generator against a
 plain batched `generate` loop, side by side in one run.
 
-    .venv/bin/python benchmarks/synth_throughput.py [--records 2000] [--prompts 64] [--batch 16] [--new-tokens 64]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/synth_throughput.py [--records 2000] [--prompts 64] [--batch 16]
+        [--new-tokens 32]
+
+(On a CPU shared with other work, set the threads as the executor sets a job's: torch threads that
+outnumber the free cores stall each other, ten times over on a busy two-core machine.)
 
 Template: `training_core.synthetic.run` (what a synth job's child runs) makes `--records`
 instruction records from two templates and five slots, through the default filters (exact and
@@ -120,7 +124,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=2000)
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
 
     plain_template = template_records_per_second(args.records, None)

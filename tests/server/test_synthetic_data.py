@@ -18,6 +18,7 @@ import pytest
 from mcp import Client
 from sqlmodel import Session, select
 
+from server import auth
 from server.context import ServiceContext, ServiceRef, open_service
 from server.mcp_server import build_mcp_server
 from server.models import Dataset, Job
@@ -336,3 +337,31 @@ def test_rest_and_cli_start_synth_jobs_and_refuse_bad_requests_with_the_field(
     assert priced.returncode == 0, priced.stdout + priced.stderr
     assert json.loads(priced.stdout)["admitted"] is True
     assert len(client.get("/v1/jobs", params={"kind": "synth"}).json()["jobs"]) == 1
+
+
+def test_a_job_at_its_token_cap_registers_what_it_made_as_partial_and_a_refusal_says_what_fits(
+        service: ServiceContext, tiny_model: Path) -> None:
+    _, key = auth.create_agent(service.engine, service.settings, "frugal", max_request_flops=1e9)
+    seeds = [{"prompt": "What is a red-drop?", "completion": "A customer under -27 dBm."},
+             {"prompt": "Who handles T2 tickets?", "completion": "The field team."}]
+    request = {"task": "instructions", "num_records": 8, "seed_examples": seeds,
+               "generator": {"type": "model", "model": str(tiny_model), "max_new_tokens": 8, "batch_size": 8},
+               "options": {"limits": {"max_tokens": 40}, "filters": {"near_duplicate": None, "diversity_rouge_l": None}}}
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        async with Client(build_mcp_server(ServiceRef(service), key)) as client:
+            too_big = await call(client, "generate_synthetic_data", **(request | {"num_records": 5000}), dry_run=True)
+            refused = await client.call_tool("generate_synthetic_data", request | {"num_records": 5000})
+            assert refused.is_error and "limit_exceeded" in refused.content[0].text
+            job = await call(client, "generate_synthetic_data", **request)
+            return too_big, job, await wait_final(client, job["job_id"])
+
+    too_big, started, job = anyio.run(main)
+    assert not too_big["admitted"] and "max_request_flops" in too_big["refusal"]
+    assert "num_records <= " in too_big["refusal"]
+    assert job["state"] == "succeeded", job["error"]
+    metrics = job["metrics"]
+    assert metrics["partial"] and metrics["stop_reason"] == "max_tokens" and 1 <= metrics["records"] < 8
+    assert metrics["tokens_generated"] <= 40 and metrics["dataset_id"]
+    assert 0 < job["flops_used"] <= started["estimate_flops"]
+    assert _dataset(service, metrics["dataset_id"]).lineage["partial"] is True
