@@ -182,6 +182,9 @@ def datasets_validate(dataset_id: str) -> None:
 @app.command()
 def train(base_model: Annotated[str | None, typer.Option(help="Model id or local model directory.")] = None,
           dataset: Annotated[list[str] | None, typer.Option(help="Dataset id (repeat for several).")] = None,
+          method: Annotated[str | None, typer.Option(help="pretrain, continued_pretrain, sft, dpo or grpo.")] = None,
+          preset: Annotated[str | None, typer.Option(help="pretrain: the size preset (tiny ... 1b).")] = None,
+          devices: Annotated[int | None, typer.Option(help="Processes to train on (accelerate).")] = None,
           adapter: str = "lora", max_steps: str = "auto", learning_rate: str = "auto",
           config: Annotated[Path | None, typer.Option(help="A JSON or YAML request file.")] = None,
           idempotency_key: str | None = None, dry_run: bool = False,
@@ -194,6 +197,12 @@ def train(base_model: Annotated[str | None, typer.Option(help="Model id or local
     if dataset:
         body["datasets"] = dataset
     body.setdefault("adapter", adapter)
+    if method:
+        body["method"] = method
+    if preset:
+        body.setdefault("options", {})["preset"] = preset
+    if devices:
+        body["devices"] = devices
     for key, value in (("max_steps", max_steps), ("learning_rate", learning_rate)):
         if value != "auto":
             body["hyperparameters"][key] = float(value) if key == "learning_rate" else int(value)

@@ -1,9 +1,10 @@
 """`make demo` / `weightsmith demo`: the main job end to end on the embedded default.
 
-Starts the service (SQLite, local workers) on a free port, builds a small base model with a
-tokenizer trained on the bundled sample corpus (no hub is reachable), then, as an agent over the
-real MCP client: uploads the support chats, prices and launches a LoRA SFT job, follows it, and
-prints where the model is, its validation loss before and after, and a sample generation.
+Starts the service (SQLite, local workers) on a free port and then, as an agent over the real MCP
+client: uploads the bundled sample corpus, pre-trains a small model from scratch on its documents
+(a tokenizer trained on them, the `small` preset), fine-tunes that model with LoRA on the support
+chats, and prints the lineage, held-out perplexity and validation loss, throughput and MFU, and a
+sample generation. Nothing is fetched from a hub.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ def run_demo(console: Console) -> int:
     settings = Settings()
     settings.home = settings.home.resolve()
     settings.data_roots = [*settings.data_roots, SAMPLE_DIR, settings.home]
-    base_dir = _base_model(settings, console)
     engine = make_engine(settings.db_url)
     migrate(engine)
     _agent, key = auth.create_agent(engine, settings, f"demo-{int(time.time())}")
@@ -48,7 +48,7 @@ def run_demo(console: Console) -> int:
     while not server.started:
         time.sleep(0.05)
     try:
-        model = asyncio.run(_drive(f"http://127.0.0.1:{port}/mcp", key, base_dir, console))
+        model = asyncio.run(_drive(f"http://127.0.0.1:{port}/mcp", key, console))
     finally:
         server.should_exit = True
         thread.join(30)
@@ -58,55 +58,69 @@ def run_demo(console: Console) -> int:
     return 0
 
 
-def _base_model(settings: Settings, console: Console) -> Path:
-    """A small Llama-style model with a tokenizer trained on the corpus, built once per home."""
-    from training_core import presets
-
-    target = settings.home / "base-models" / "halvard-small"
-    if not (target / "config.json").exists():
-        console.print(f"building the base model (preset 'small', tokenizer trained on {SAMPLE_DIR.name}) ...")
-        texts = [p.read_text(encoding="utf-8") for p in sorted(SAMPLE_DIR.glob("*.txt"))]
-        texts.append((SAMPLE_DIR / "support_chat.jsonl").read_text(encoding="utf-8"))
-        presets.build_base_model("small", texts, target)
-    return target
-
-
-async def _drive(url: str, key: str, base_dir: Path, console: Console) -> dict[str, Any] | None:
+async def _drive(url: str, key: str, console: Console) -> dict[str, Any] | None:
+    run = int(time.time())
     async with http_client(url, key) as client:
         tools = await client.list_tools()
         console.print(f"connected to {url} over MCP: {len(tools.tools)} tools")
-        upload = await _call(client, "upload_dataset", path=str(SAMPLE_DIR / "support_chat.jsonl"),
-                             name="halvard-support-chat")
-        dataset = upload["dataset"]
-        console.print(f"dataset {dataset['id']}: {dataset['records']} {dataset['format']} records, ok={upload['ok']}")
-        request = {"base_model": str(base_dir), "datasets": [dataset["id"]], "adapter": "lora",
-                   "merge_adapter": True, "model_name": "halvard-nightwatch",
-                   "hyperparameters": {"max_steps": 60, "learning_rate": 2e-3, "per_device_batch_size": 8,
-                                       "max_seq_length": 128, "save_steps": 20},
-                   "idempotency_key": f"demo-{int(time.time())}"}
-        priced = await _call(client, "launch_training", **request, dry_run=True)
-        est = priced["estimate"]
-        console.print(f"dry run: {est['parameters']:,} parameters, {est['tokens']:,} tokens, "
-                      f"{est['flops']:.3g} FLOPs -> admitted={priced['admitted']}")
-        job = (await _call(client, "launch_training", **request))["job"]
-        console.print(f"launched {job['id']} ({job['state']})")
-        while job["state"] not in ("succeeded", "failed", "cancelled"):
-            job = await _call(client, "wait_for_job", job_id=job["id"], timeout_seconds=10)
-            p = job["progress"]
-            if p.get("step"):
-                console.print(f"  step {p['step']}/{p['max_steps']}  loss {p.get('loss') or 0:.4f}  "
-                              f"{p.get('tokens_per_second') or 0:,.0f} tok/s  eta {p.get('eta_seconds') or 0:.0f}s")
-        if job["state"] != "succeeded":
-            console.print(f"job {job['state']}: {job['error']}", style="red")
+        documents = []
+        for name in ("procedures.txt", "tickets.txt"):
+            upload = await _call(client, "upload_dataset", path=str(SAMPLE_DIR / name), name=f"halvard-{name}")
+            documents.append(upload["dataset"])
+        chats = (await _call(client, "upload_dataset", path=str(SAMPLE_DIR / "support_chat.jsonl"),
+                             name="halvard-support-chat"))["dataset"]
+        for dataset in (*documents, chats):
+            console.print(f"dataset {dataset['id']}: {dataset['records']} {dataset['format']} records")
+
+        pretrain = {"method": "pretrain", "datasets": [d["id"] for d in documents], "adapter": "full",
+                    "options": {"preset": "small", "vocab_size": 4096}, "model_name": "halvard-base",
+                    "hyperparameters": {"max_steps": 120, "learning_rate": 2e-3, "per_device_batch_size": 8,
+                                        "max_seq_length": 128, "save_steps": 40, "warmup_ratio": 0.05},
+                    "idempotency_key": f"demo-pretrain-{run}"}
+        base = await _launch_and_follow(client, pretrain, console)
+        if base is None:
+            return None
+        m = base["metrics"]
+        console.print(f"pre-trained {base['model_id']}: held-out perplexity {m['heldout_before_perplexity']:,.0f} -> "
+                      f"{m['heldout_after_perplexity']:,.1f} ({m['heldout_after_bits_per_byte']:.3f} bits/byte), "
+                      f"{m['tokens_per_second']:,.0f} tokens/s, MFU {m['mfu']:.1%}")
+
+        sft = {"method": "sft", "base_model": base["model_id"], "datasets": [chats["id"]], "adapter": "lora",
+               "merge_adapter": True, "model_name": "halvard-nightwatch",
+               "hyperparameters": {"max_steps": 60, "learning_rate": 3e-3, "per_device_batch_size": 8,
+                                   "max_seq_length": 128, "save_steps": 20},
+               "idempotency_key": f"demo-sft-{run}"}
+        job = await _launch_and_follow(client, sft, console)
+        if job is None:
             return None
         models = (await _call(client, "list_models"))["models"]
         model = next(m for m in models if m["id"] == job["model_id"])
         m = job["metrics"]
         console.print(f"model {model['id']} at {model['path']} (merged copy: {model['merged_path']})")
+        console.print(f"lineage: {model['id']} <- {model['parent_model_id']} (pre-trained here) <- the sample corpus")
         console.print(f"validation loss {m.get('eval_loss_before', float('nan')):.4f} -> "
                       f"{m.get('eval_loss_after', float('nan')):.4f}; "
-                      f"{m.get('tokens_per_second', 0):,.0f} tokens/s")
+                      f"{m.get('tokens_per_second', 0):,.0f} tokens/s, MFU {m.get('mfu', 0):.1%}")
         return model
+
+
+async def _launch_and_follow(client: Any, request: dict[str, Any], console: Console) -> dict[str, Any] | None:
+    priced = await _call(client, "launch_training", **request, dry_run=True)
+    est = priced["estimate"]
+    console.print(f"{request['method']} dry run: {est['parameters']:,} parameters, {est['tokens']:,} tokens, "
+                  f"{est['flops']:.3g} FLOPs -> admitted={priced['admitted']}")
+    job = (await _call(client, "launch_training", **request))["job"]
+    console.print(f"launched {request['method']} job {job['id']} ({job['state']})")
+    while job["state"] not in ("succeeded", "failed", "cancelled"):
+        job = await _call(client, "wait_for_job", job_id=job["id"], timeout_seconds=10)
+        p = job["progress"]
+        if p.get("step"):
+            console.print(f"  step {p['step']}/{p['max_steps']}  loss {p.get('loss') or 0:.4f}  "
+                          f"{p.get('tokens_per_second') or 0:,.0f} tok/s  eta {p.get('eta_seconds') or 0:.0f}s")
+    if job["state"] != "succeeded":
+        console.print(f"job {job['state']}: {job['error']}", style="red")
+        return None
+    return job
 
 
 async def _call(client: Any, tool: str, **arguments: Any) -> dict[str, Any]:

@@ -187,8 +187,9 @@ class _Runner:
         started = time.monotonic()
         with log_path.open("ab") as child_log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "training_core", str(spec_path)], stdout=child_log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, env=_child_env(self.settings), cwd=self.run_dir)
+                training_command(spec_path, int(job.resolved["spec"].get("devices", 1))), stdout=child_log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                env=_child_env(self.settings), cwd=self.run_dir)
         jobs.relay(self.engine, job.id, self.epoch, [{
             "type": "message", "message": f"training process {proc.pid} started", "data": {"pid": proc.pid}}],
             job.events_offset)
@@ -312,6 +313,18 @@ def _registered_model(job: Job, result: JobResult) -> Model:
     for directory in filter(None, (result.model_dir, result.merged_dir)):
         Path(directory, "lineage.json").write_text(json.dumps(lineage, indent=2), encoding="utf-8")
     return model
+
+
+def training_command(spec_path: Path, devices: int) -> list[str]:
+    """`python -m training_core SPEC`, or for several devices the same under `accelerate launch`
+    (torchrun underneath: one process per device, gloo on CPUs, NCCL on GPUs). Every process is in
+    the job's process group, so cancel and fail-over reach them all."""
+    if devices == 1:
+        return [sys.executable, "-m", "training_core", str(spec_path)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+            "--num_processes", str(devices), "--mixed_precision", "no", "--dynamo_backend", "no",
+            # a free port per job, so two several-device jobs on one machine do not collide
+            "--main_process_port", "0", "-m", "training_core", str(spec_path)]
 
 
 class _EventTail:

@@ -28,8 +28,9 @@ class Estimate:
     max_steps: int
     dataset_bytes: int
     max_seconds: float | None
-    flops_per_token: float | None = None
-    """None: training's 6 x parameters. Generation costs 2 x parameters a token (forward only)."""
+    flops_per_parameter_token: float = 6.0
+    """6 for training (forward 2, backward 4); DPO adds a reference forward (8), GRPO generation (8);
+    a synth job's generation is forward only (2)."""
     unit: str = "max_steps"
     """What a refusal's "N fits" counts: training steps, or a synth job's records."""
 
@@ -39,12 +40,11 @@ class Estimate:
 
     @property
     def flops_per_step(self) -> float:
-        per_token = 6.0 * self.parameters if self.flops_per_token is None else self.flops_per_token
-        return per_token * self.tokens_per_step
+        return self.flops_per_parameter_token * self.parameters * self.tokens_per_step
 
     @property
     def flops(self) -> float:
-        # The standard 6 x N x T training estimate (forward 2NT, backward 4NT).
+        # The standard 6 x N x T training estimate (forward 2NT, backward 4NT), or the method's factor.
         return self.flops_per_step * self.max_steps
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar
 import anyio.to_thread
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import Tool as MCPTool
 from mcp_types import ToolAnnotations
 from starlette.requests import Request
 
@@ -39,9 +40,10 @@ from tools.launch_training import (
 from tools.launch_training import (
     launch_training as _launch,
 )
+from tools.methods import MethodName
 from tools.models import ModelList
 from tools.quota import Quota
-from tools.views import JobView
+from tools.views import JobView, compact_schema
 
 T = TypeVar("T")
 
@@ -58,9 +60,22 @@ INSTRUCTIONS = (
 )
 
 
+class _CompactSchemas(MCPServer):
+    """Lists tools with compacted schemas (`tools.views.compact_schema`); calls are still validated
+    against the full ones."""
+
+    async def list_tools(self) -> list[MCPTool]:
+        listed = await super().list_tools()
+        for tool in listed:
+            tool.input_schema = compact_schema(tool.input_schema)
+            if tool.output_schema is not None:
+                tool.output_schema = compact_schema(tool.output_schema)
+        return listed
+
+
 def build_mcp_server(service: ServiceRef, local_key: str | None = None) -> MCPServer:
     """`local_key` picks the identity of callers without HTTP headers (stdio, in-memory)."""
-    mcp = MCPServer("weightsmith", instructions=INSTRUCTIONS, version="0.1.0", log_level="WARNING")
+    mcp = _CompactSchemas("weightsmith", instructions=INSTRUCTIONS, version="0.1.0", log_level="WARNING")
 
     def agent_of(ctx: Context) -> Agent:
         svc = service.get()
@@ -81,20 +96,28 @@ def build_mcp_server(service: ServiceRef, local_key: str | None = None) -> MCPSe
 
     @mcp.tool(annotations=WRITE)
     async def launch_training(
-        ctx: Context, base_model: str, datasets: list[str], method: Literal["sft"] = "sft",
-        adapter: Literal["full", "lora"] = "lora", hyperparameters: Hyperparameters | None = None,
-        lora: LoraOptions | None = None, merge_adapter: bool = False, limits: RequestLimits | None = None,
+        ctx: Context, datasets: list[str], method: MethodName = "sft", base_model: str | None = None,
+        options: dict[str, Any] | None = None, adapter: Literal["full", "lora"] = "lora",
+        hyperparameters: Hyperparameters | None = None, lora: LoraOptions | None = None,
+        merge_adapter: bool = False, devices: int = 1, limits: RequestLimits | None = None,
         model_name: str | None = None, idempotency_key: str | None = None, dry_run: bool = False,
     ) -> LaunchResult:
-        """Start a training job; returns its handle at once. base_model: a model id (mdl_...) or a local
-        model directory. datasets: ids from upload_dataset. Any hyperparameter may be "auto". Give an
-        idempotency_key so a retry never starts a second job. dry_run=true prices the request (FLOPs
-        = 6 x params x tokens) against your limits and starts nothing; a refusal says what fits."""
-        request = LaunchTrainingRequest(
-            base_model=base_model, datasets=datasets, method=method, adapter=adapter,
-            hyperparameters=hyperparameters or Hyperparameters(), lora=lora or LoraOptions(),
-            merge_adapter=merge_adapter, limits=limits or RequestLimits(), model_name=model_name,
-            idempotency_key=idempotency_key, dry_run=dry_run)
+        """Start a training job; returns its handle at once. method: pretrain (text; no base_model; options
+        {preset: tiny|small|medium|125m|350m|1b, vocab_size, special_tokens, chat_template}),
+        continued_pretrain (text; {reference_dataset}), sft (text, prompt/completion, messages), dpo
+        (prompt/chosen/rejected; {beta, loss_type}), grpo (prompt[, reference]; {rewards: [grader
+        {type: exact|contains|regex|json_schema|length|similarity, ...} or {type: python, source,
+        function}], num_generations, max_completion_length}). base_model: mdl_... or a model directory.
+        Hyperparameters may be "auto". idempotency_key makes retries safe; dry_run prices the request
+        (FLOPs ~ 6 x params x tokens) and starts nothing; a refusal says what fits."""
+        try:
+            request = LaunchTrainingRequest(
+                base_model=base_model, datasets=datasets, method=method, adapter=adapter, options=options,
+                hyperparameters=hyperparameters or Hyperparameters(), lora=lora or LoraOptions(),
+                merge_adapter=merge_adapter, devices=devices, limits=limits or RequestLimits(),
+                model_name=model_name, idempotency_key=idempotency_key, dry_run=dry_run)
+        except ValueError as err:
+            raise ToolError(f"invalid_request: {err}") from err
         return await call(ctx, _launch, request)
 
     @mcp.tool(annotations=READ)

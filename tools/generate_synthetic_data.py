@@ -186,7 +186,7 @@ def generate_synthetic_data(ctx: ServiceContext, agent: Agent, request: SynthReq
     estimate = guardrails.Estimate(
         parameters=parameters, tokens_per_step=max(1, tokens_per_record), max_steps=request.num_records,
         dataset_bytes=sum(d.bytes for d in sources), max_seconds=request.limits.max_seconds,
-        flops_per_token=2.0 * parameters, unit="num_records")
+        flops_per_parameter_token=2.0, unit="num_records")
     view = {"records": request.num_records, "max_generated": options["max_generated"], "parameters": parameters,
             "tokens": estimate.tokens if tokens_per_record else 0, "flops": estimate.flops}
     max_tokens = min(request.limits.max_tokens or settings.synth_max_tokens, settings.synth_max_tokens,

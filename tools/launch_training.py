@@ -18,6 +18,7 @@ from server.datasets import resolve_in_roots, sha256_file
 from server.db import owned, write_transaction
 from server.errors import Conflict, InvalidDataset, InvalidRequest
 from server.models import Agent, Dataset, Job, JobState, Model, Reservation
+from tools import methods
 from tools.views import Compact, JobView, job_view
 from training_core import modelinfo
 from training_core.spec import Hyperparameters as ResolvedHyperparameters
@@ -28,7 +29,7 @@ Auto = Literal["auto"]
 
 class Hyperparameters(Compact):
     model_config = ConfigDict(extra="forbid")
-    learning_rate: float | Auto = Field("auto", gt=0, description="auto: 1e-3 below 100M params (LoRA or full), else 2e-4 (LoRA) / 2e-5 (full).")
+    learning_rate: float | Auto = Field("auto", gt=0, description="auto: 1e-3 below 100M params, else 2e-4 (LoRA, pretraining) or 2e-5.")
     max_steps: int | Auto = Field("auto", ge=1, description="auto: `epochs` over the training split.")
     epochs: float = Field(3.0, gt=0, le=100, description="Used only when max_steps is auto.")
     per_device_batch_size: int | Auto = Field("auto", ge=1, le=1024, description="auto: 8, or 4 above 512 tokens.")
@@ -59,13 +60,16 @@ class RequestLimits(Compact):
 
 class LaunchTrainingRequest(Compact):
     model_config = ConfigDict(extra="forbid")
-    method: Literal["sft"] = "sft"
-    base_model: str = Field(description="A registered model id (mdl_...) or a local HF model directory inside a data root.")
+    method: methods.MethodName = "sft"
+    base_model: str | None = Field(None, description="A registered model id (mdl_...) or a local HF model directory "
+                                   "inside a data root; none for pretrain, which builds one from options.preset.")
     datasets: list[str] = Field(min_length=1, max_length=16, description="Dataset ids (upload_dataset); one format.")
     adapter: Literal["full", "lora"] = "lora"
     hyperparameters: Hyperparameters = Hyperparameters()
     lora: LoraOptions = LoraOptions()
     merge_adapter: bool = Field(False, description="With lora: also save a merged full model.")
+    options: dict[str, Any] | None = Field(None, description="Method options (see tools/methods.py).")
+    devices: int = Field(1, ge=1, le=64, description="Processes (GPUs, or CPU processes) to train on, via accelerate.")
     limits: RequestLimits = RequestLimits()
     model_name: str | None = Field(None, max_length=120, description="Name of the registered model.")
     idempotency_key: str | None = Field(None, max_length=200, description="A retry with the same key returns the same job.")
@@ -98,16 +102,26 @@ def launch_training(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRe
         existing = _existing_for_key(ctx, agent, request.idempotency_key, request_hash)
         if existing is not None:
             return _launched(existing)
+    method = methods.METHODS[request.method]
+    options = methods.validated_options(request.method, request.options)
     with Session(ctx.engine) as session:
         datasets = _owned_datasets(session, agent, request.datasets)
-        base_dir, parent = _base_model(session, ctx, agent, request.base_model)
-    config = modelinfo.read_model_config(base_dir)
-    parameters = modelinfo.count_parameters(base_dir)
+        _check_formats(request.method, datasets)
+        if options.get("reference_dataset"):
+            reference = owned(session, Dataset, options["reference_dataset"], agent.id, "options.reference_dataset")
+            options["reference_files"] = [reference.path]
+        base_dir, parent = _base_model(session, ctx, agent, request)
+    if base_dir is None:  # pretrain: the model is built in the job, from a preset or an explicit shape
+        config = {"max_position_embeddings": methods.context_length(options)}
+        parameters = methods.pretrain_parameters(options)
+    else:
+        config = modelinfo.read_model_config(base_dir)
+        parameters = modelinfo.count_parameters(base_dir)
     hyper = _resolve(request, datasets, parameters, config)
-    tokens_per_step = hyper.per_device_batch_size * hyper.gradient_accumulation_steps * min(
-        hyper.max_seq_length, _longest_record_tokens(datasets))
-    estimate = guardrails.Estimate(parameters=parameters, tokens_per_step=tokens_per_step, max_steps=hyper.max_steps,
-                                   dataset_bytes=sum(d.bytes for d in datasets), max_seconds=request.limits.max_seconds)
+    estimate = guardrails.Estimate(
+        parameters=parameters, tokens_per_step=request.devices * _tokens_per_step(request.method, hyper, options, datasets),
+        max_steps=hyper.max_steps, dataset_bytes=sum(d.bytes for d in datasets),
+        max_seconds=request.limits.max_seconds, flops_per_parameter_token=method.flops_per_parameter_token)
 
     if request.dry_run:
         with Session(ctx.engine) as session:
@@ -124,16 +138,19 @@ def launch_training(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRe
     job.output_dir = str(Path(job.run_dir) / "output")
     spec = JobSpec(
         job_id=job.id, method=request.method, run_dir=job.run_dir, output_dir=job.output_dir,
-        base_model=str(base_dir), train_files=[d.path for d in datasets], hyperparameters=hyper,
+        base_model=str(base_dir or ""), train_files=[d.path for d in datasets], hyperparameters=hyper,
         adapter=request.adapter, lora=LoraSpec(**request.lora.model_dump()), merge_adapter=request.merge_adapter,
         limits=Limits(max_seconds=min(request.limits.max_seconds or agent.max_request_seconds, agent.max_request_seconds),
                       max_flops=min(request.limits.max_flops or agent.max_request_flops, agent.max_request_flops),
                       max_tokens=agent.max_request_tokens),
-        flops_per_token=6.0 * parameters)
+        flops_per_token=method.flops_per_parameter_token * parameters, options=options, devices=request.devices)
     job.resolved = {
         "spec": json.loads(spec.to_json()), "hyperparameters": json.loads(json.dumps(hyper.__dict__)),
         "estimate": _estimate_view(estimate).model_dump(),
-        "base_model": request.base_model, "parent_model_id": parent.id if parent else None,
+        # A pretrained model starts from nothing but its shape: say so in its lineage.
+        "base_model": request.base_model or (
+            "scratch:model_config" if options.get("model_config") else f"scratch:{options.get('preset')}"),
+        "parent_model_id": parent.id if parent else None,
         "dataset_ids": [d.id for d in datasets], "dataset_hashes": [d.content_hash for d in datasets],
         "model_name": request.model_name}
 
@@ -180,25 +197,31 @@ def _resolve(request: LaunchTrainingRequest, datasets: list[Dataset], parameters
     """Turn every `auto` into a value; the result is stored on the job."""
     h = request.hyperparameters
     small = parameters < 100_000_000
+    packed = request.method in ("pretrain", "continued_pretrain")
     if h.learning_rate != "auto":
         lr = h.learning_rate
     else:
-        lr = 1e-3 if small else (2e-4 if request.adapter == "lora" else 2e-5)
+        lr = 1e-3 if small else (2e-4 if request.adapter == "lora" or packed else 2e-5)
     context = int(config.get("max_position_embeddings") or 2048)
     if h.max_seq_length != "auto":
         if h.max_seq_length > context:
             raise InvalidRequest(f"max_seq_length {h.max_seq_length} is over the model's context of {context}",
                                  param="hyperparameters.max_seq_length")
         seq = h.max_seq_length
+    elif packed:
+        seq = min(context, 512)  # packed blocks: the corpus is cut to length, records do not set it
     else:
         p95 = max(int(d.report.get("stats", {}).get("tokens", {}).get("p95") or 0) for d in datasets)
         seq = min(context, 2048, max(64, 2 ** math.ceil(math.log2(max(p95, 1)))))
     batch = h.per_device_batch_size if h.per_device_batch_size != "auto" else (8 if seq <= 512 else 4)
-    train_records = max(1, int(sum(d.records for d in datasets) * (1 - h.eval_fraction)))
+    # A step's examples: records, or for packed methods blocks of `seq` tokens of the corpus.
+    examples = sum(int(d.report.get("stats", {}).get("tokens", {}).get("total") or 0) for d in datasets) // seq \
+        if packed else sum(d.records for d in datasets)
+    train_examples = max(1, int(examples * (1 - h.eval_fraction)))
     if h.max_steps != "auto":
         steps = h.max_steps
     else:
-        steps = max(1, math.ceil(h.epochs * train_records / (batch * h.gradient_accumulation_steps)))
+        steps = max(1, math.ceil(h.epochs * train_examples / (batch * h.gradient_accumulation_steps * request.devices)))
     save_steps = h.save_steps if h.save_steps != "auto" else max(1, steps // 5)
     return ResolvedHyperparameters(
         learning_rate=lr, max_steps=steps, per_device_batch_size=batch,
@@ -224,7 +247,44 @@ def _owned_datasets(session: Session, agent: Agent, ids: list[str]) -> list[Data
     return datasets
 
 
-def _base_model(session: Session, ctx: ServiceContext, agent: Agent, ref: str) -> tuple[Path, Model | None]:
+def _check_formats(method: str, datasets: list[Dataset]) -> None:
+    accepted = methods.METHODS[method].formats
+    for index, dataset in enumerate(datasets):
+        if dataset.format not in accepted:
+            raise InvalidRequest(f"{method} trains on {' or '.join(accepted)} records; dataset {dataset.id} is "
+                                 f"{dataset.format}", param=f"datasets[{index}]")
+
+
+def _tokens_per_step(method: str, hyper: ResolvedHyperparameters, options: dict[str, Any],
+                     datasets: list[Dataset]) -> int:
+    """Tokens one optimizer step trains on, per device (each device trains a batch of its own)."""
+    sequences = hyper.per_device_batch_size * hyper.gradient_accumulation_steps
+    if method in ("pretrain", "continued_pretrain"):
+        return sequences * hyper.max_seq_length  # packed: every block is full
+    longest = min(hyper.max_seq_length, _longest_record_tokens(datasets))
+    if method == "dpo":
+        return sequences * 2 * longest  # the chosen and the rejected answer
+    if method == "grpo":
+        if sequences % options["num_generations"]:
+            raise InvalidRequest(
+                f"per_device_batch_size x gradient_accumulation_steps ({sequences}) must be a multiple of "
+                f"options.num_generations ({options['num_generations']}): each prompt's completions form one group",
+                param="hyperparameters.per_device_batch_size")
+        return sequences * (longest + options["max_completion_length"])
+    return sequences * longest
+
+
+def _base_model(session: Session, ctx: ServiceContext, agent: Agent, request: LaunchTrainingRequest
+                ) -> tuple[Path | None, Model | None]:
+    ref = request.base_model
+    if request.method == "pretrain":
+        if ref is not None:
+            raise InvalidRequest("pretrain builds a new model from options.preset; to go on training base_model "
+                                 "use method continued_pretrain", param="base_model")
+        return None, None
+    if ref is None:
+        raise InvalidRequest(f"{request.method} needs a base_model: a model id (mdl_...) or a model directory",
+                             param="base_model")
     if ref.startswith("mdl_"):
         model = owned(session, Model, ref, agent.id, "base_model")
         if model.adapter == "lora" and not model.merged_path:

@@ -26,6 +26,33 @@ class Compact(BaseModel):
     model_config = ConfigDict(json_schema_extra=_drop_property_titles)
 
 
+def compact_schema(node: Any) -> Any:
+    """A JSON schema as a model should read it: no restated titles, no `default: null`, and
+    `anyOf [X, null]` written as `type: [X, "null"]`. The meaning is unchanged; the tool list is
+    about a third shorter, and it must fit in an agent's context next to its work."""
+    if isinstance(node, list):
+        return [compact_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "properties" and isinstance(value, dict):
+            out[key] = {name: compact_schema(prop) for name, prop in value.items()}
+        elif key == "title" and isinstance(value, str):
+            continue
+        elif key == "default" and (value is None or isinstance(value, dict)):
+            continue  # null says nothing; a nested model's defaults are in its own schema
+        else:
+            out[key] = compact_schema(value)
+    options = out.get("anyOf")
+    if isinstance(options, list) and len(options) == 2 and {"type": "null"} in options:
+        other = next(option for option in options if option != {"type": "null"})
+        if isinstance(other.get("type"), str):
+            out.pop("anyOf")
+            out.update({**other, "type": [other["type"], "null"]})
+    return out
+
+
 def iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 

@@ -22,7 +22,14 @@ from pathlib import Path
 from training_core.events import EventWriter
 from training_core.spec import JobError, JobResult, JobSpec
 
-METHODS = {"sft": "training_core.sft", "synth": "training_core.synthetic"}
+METHODS = {
+    "pretrain": "training_core.pretrain",
+    "continued_pretrain": "training_core.continued_pretrain",
+    "sft": "training_core.sft",
+    "dpo": "training_core.dpo",
+    "grpo": "training_core.grpo",
+    "synth": "training_core.synthetic",
+}
 """Each method's module exposes `run(spec, events, started) -> JobResult`."""
 
 
@@ -33,6 +40,13 @@ def main(argv: list[str]) -> int:
         return 2
     _exit_with_parent()
     spec = JobSpec.read(Path(argv[0]))
+    # In a several-device job (`accelerate launch`, which sets RANK) every process runs this; only
+    # rank 0 speaks for the job: the others keep their events apart and leave no result.
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        with EventWriter(Path(spec.run_dir) / f"rank-{rank}") as events:
+            _run(spec, events, started)
+        return 0
     with EventWriter(spec.run_dir) as events:
         events.message(f"{spec.method} job {spec.job_id} started", method=spec.method, adapter=spec.adapter)
         try:

@@ -31,16 +31,22 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from training_core import hardware
 from training_core.events import EventWriter
 from training_core.spec import CANCEL_FILE, JobError, JobSpec
 
-_LOGGED = ("loss", "learning_rate", "grad_norm", "epoch", "entropy", "mean_token_accuracy")
+# The summary Trainer logs once at the end; the result carries it instead.
+_SUMMARY_KEYS = ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+                 "total_flos")
 
 
 class JobCallback(TrainerCallback):
-    def __init__(self, events: EventWriter, spec: JobSpec, flops_per_token: float, started: float):
+    def __init__(self, events: EventWriter, spec: JobSpec, flops_per_token: float, started: float,
+                 device: str = "cpu"):
         """`started` is the `time.monotonic()` reading when the process began: caps and the time to
         the first step count from there, model loading included."""
+        self.device = device
+        self._peak_flops: float | None = None
         self.events = events
         self.cancel_path = Path(spec.run_dir) / CANCEL_FILE
         self.output_dir = Path(spec.output_dir)
@@ -71,6 +77,19 @@ class JobCallback(TrainerCallback):
         seconds = self._last_step_end - self._train_started
         return self.tokens_seen(state) / seconds if seconds > 0 else 0.0
 
+    def mfu(self, tokens_per_second: float) -> float:
+        """Model FLOPs utilisation: model FLOPs per second over the device's measured matmul peak
+        (summed over the processes of a several-device job, since each counts its own tokens)."""
+        if self._peak_flops is None:
+            # Measured once, at the first report, not before the first step: the ~0.3 s it takes is
+            # taken off the training clock, so it changes neither the time to the first step nor tokens/s.
+            before = time.monotonic()
+            self._peak_flops = hardware.measure_matmul_peak_flops(self.device)
+            self._train_started += time.monotonic() - before
+            self._last_step_end += time.monotonic() - before
+        # Token counts are the whole job's (Trainer gathers them from every process); the peak is one device's.
+        return self.flops_per_token * tokens_per_second / (self._peak_flops * hardware.world_size())
+
     # Trainer events.
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -93,16 +112,23 @@ class JobCallback(TrainerCallback):
             self.events.message("first optimizer step", step=state.global_step,
                                 seconds=round(self.time_to_first_step, 3))
 
-        if self.cancel_path.exists():
+        cancel = self.cancel_path.exists()
+        cap = None if state.global_step >= state.max_steps else self._cap_reached(
+            state, now - self.started, step_seconds, tokens, step_tokens)
+        # The processes of a several-device job must stop at the same step, or the ones still
+        # training wait for the others forever: they agree on the decision first.
+        cancel, capped = hardware.agree(cancel, cap is not None)
+        if capped and cap is None:
+            cap = JobError("compute_cap_reached", "another process of this job reached a compute cap",
+                           param="limits")
+        if cancel:
             self.cancelled = True
             control.should_training_stop = True
             self.events.message(f"cancel requested: stopping at step {state.global_step}", level="warning",
                                 step=state.global_step)
             return
-        # The last step ends the run anyway: finishing it is not a reason to fail.
-        if state.global_step >= state.max_steps:
-            return
-        self.cap_reached = self._cap_reached(state, now - self.started, step_seconds, tokens, step_tokens)
+        # The last step ends the run anyway: finishing it is not a reason to fail (`cap` is None then).
+        self.cap_reached = cap
         if self.cap_reached is not None:
             control.should_training_stop = True
             control.should_save = True  # the checkpoint an agent continues from with more budget
@@ -115,13 +141,18 @@ class JobCallback(TrainerCallback):
         # Three kinds of log reach here: a training step's (`loss`), an evaluation's (`eval_loss`), and
         # the end-of-training summary (`train_loss`, `train_runtime`), which the result carries instead.
         if "loss" in logs:
-            self.last_logs = {key: logs[key] for key in _LOGGED if key in logs}
+            # Every number a step logs: loss, learning rate and grad norm, and each method's own
+            # (DPO's rewards/margins/accuracies, GRPO's reward mean and spread per reward function).
+            self.last_logs = {key: value for key, value in logs.items()
+                              if isinstance(value, int | float) and key not in _SUMMARY_KEYS}
             done = state.global_step - self._step_at_start
             elapsed = time.monotonic() - self._train_started
             eta = (state.max_steps - state.global_step) * elapsed / done if done else None
+            tokens_per_second = self.tokens_per_second(state)
             self.events.metrics({
                 "step": state.global_step, "max_steps": state.max_steps, **self.last_logs,
-                "tokens_per_second": self.tokens_per_second(state), "eta_seconds": eta,
+                "tokens_per_second": tokens_per_second, "mfu": self.mfu(tokens_per_second),
+                "peak_memory_bytes": hardware.peak_memory_bytes(self.device), "eta_seconds": eta,
                 "tokens_seen": self.tokens_seen(state), "flops_used": self.flops_used(state)})
         elif "eval_loss" in logs:
             self.events.metrics({

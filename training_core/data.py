@@ -12,6 +12,12 @@ Record formats (one per file; see `data_files.py` for the file types):
                        An assistant turn may call tools (`"tool_calls": [{"type": "function", "function":
                        {"name": str, "arguments": str}}]`, its content then may be empty); a tool turn
                        may name its call (`"name"`, `"tool_call_id"`): workflow traces.
+- `preference`:        {"prompt": str, "chosen": str, "rejected": str} (DPO), or conversational: the
+                       prompt a list of turns, chosen and rejected lists of assistant turns. The
+                       `{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}`
+                       records that hosted fine-tuning APIs take are imported as conversational ones.
+- `prompt_only`:       {"prompt": str or a list of turns, "reference"?: str} (GRPO; graders may
+                       compare a completion with the reference)
 
 Each record may carry a `metadata` object, which is kept in reports and dropped for training;
 any other field is a problem. Every problem is reported in one pass, each with its line, the field
@@ -57,14 +63,18 @@ __all__ = [
     "load_examples", "read_records", "record_text", "validate_file",
 ]
 
-FORMATS = ("text", "prompt_completion", "messages")
-FORMAT_FIELDS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
+FORMATS = ("text", "prompt_completion", "messages", "preference", "prompt_only")
+FORMAT_FIELDS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "messages": ("messages",),
+                 "preference": ("prompt", "chosen", "rejected"), "prompt_only": ("prompt",)}
 OPTIONAL_FIELDS = ("metadata",)
+FORMAT_OPTIONAL_FIELDS = {"prompt_only": ("reference",)}
+HOSTED_PREFERENCE_FIELDS = ("input", "preferred_output", "non_preferred_output")
 ROLES = ("system", "user", "assistant", "tool")
 TURN_FIELDS = ("role", "content")
 TOOL_TURN_FIELDS = {"assistant": ("tool_calls",), "tool": ("name", "tool_call_id")}
 """Fields a turn of that role may add to role and content (workflow traces)."""
-_NEEDS = '"text", or "prompt" and "completion", or "messages"'
+_NEEDS = ('"text", or "prompt" and "completion", or "messages", or "prompt", "chosen" and "rejected", '
+          'or "prompt" alone')
 
 
 @dataclass
@@ -109,7 +119,7 @@ def validate_file(path: Path, *, max_record_bytes: int = 1_000_000, count_tokens
 
 
 def load_examples(path: Path) -> tuple[str, list[dict[str, Any]]]:
-    """(format, records as TRL's SFTTrainer takes them, metadata dropped); DatasetError if invalid."""
+    """(format, records as the TRL trainers take them, metadata dropped); DatasetError if invalid."""
     report, examples = _scan(path, 1_000_000, None, 100, keep=True)
     if not report.ok or report.format is None:
         raise DatasetError(report, path)
@@ -119,12 +129,29 @@ def load_examples(path: Path) -> tuple[str, list[dict[str, Any]]]:
 def record_text(record: dict[str, Any]) -> str:
     """All the text of a valid record, joined by newlines: what token counts and statistics measure."""
     if "messages" in record:
-        return "\n".join(
-            [turn["content"] for turn in record["messages"] if turn["content"]]
-            + [json.dumps(call["function"]) for turn in record["messages"] for call in turn.get("tool_calls", ())])
-    if "prompt" in record:
-        return f"{record['prompt']}\n{record['completion']}"
-    return record["text"]
+        return _turns_text(record["messages"])
+    if "text" in record:
+        return record["text"]
+    parts = [record.get(name) for name in ("prompt", "completion", "chosen", "rejected", "reference")]
+    return "\n".join(_turns_text(part) for part in parts if part is not None)
+
+
+def _turns_text(value: str | list[dict[str, Any]]) -> str:
+    """A conversation's text: its turns' contents, and the calls of turns that call tools."""
+    if isinstance(value, str):
+        return value
+    return "\n".join([turn["content"] for turn in value if turn["content"]]
+                     + [json.dumps(call["function"]) for turn in value for call in turn.get("tool_calls", ())])
+
+
+def import_hosted_preference(record: dict[str, Any]) -> dict[str, Any]:
+    """A hosted-API preference record (`input`, `preferred_output`, `non_preferred_output`) as a
+    conversational `preference` record; anything malformed is passed on for the checks to name."""
+    source = record.get("input")
+    prompt = source.get("messages", source) if isinstance(source, dict) else source
+    imported = {"prompt": prompt, "chosen": record.get("preferred_output"),
+                "rejected": record.get("non_preferred_output")}
+    return imported | ({"metadata": record["metadata"]} if "metadata" in record else {})
 
 
 class _Capped:
@@ -157,6 +184,7 @@ def _scan(path: Path, max_record_bytes: int, count_tokens: Callable[[str], int] 
         errors.extend(problems)
 
     file_format, format_line = None, 0
+    prompt_kind, prompt_kind_line = None, 0
     records, by_format = 0, Counter[str]()
     stats = _Stats(count_tokens)
     examples: list[dict[str, Any]] = []
@@ -165,6 +193,8 @@ def _scan(path: Path, max_record_bytes: int, count_tokens: Callable[[str], int] 
             errors.extend([item])
             continue
         records += 1
+        if columns is None and all(name in item for name in HOSTED_PREFERENCE_FIELDS):
+            item = import_hosted_preference(item)
         problems = []
         size = len(json.dumps(item, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8"))
         if size > max_record_bytes:
@@ -172,7 +202,7 @@ def _scan(path: Path, max_record_bytes: int, count_tokens: Callable[[str], int] 
                 f"record is {size:,} bytes, over the {max_record_bytes:,}-byte cap; split it into smaller "
                 "records (or raise the cap)")))
         if columns is None:
-            record_format, field_problems = _check_fields(list(item), line, "field")
+            record_format, field_problems = _check_fields(list(item), line, "field", file_format)
             problems += field_problems
         else:
             record_format = column_format
@@ -185,6 +215,15 @@ def _scan(path: Path, max_record_bytes: int, count_tokens: Callable[[str], int] 
                     f"record is {record_format} but the file is {file_format} (set by line {format_line}); "
                     f"one file holds one format: convert this record to {file_format} or move it to another file")))
             problems += _check_values(item, record_format, line, warnings)
+            if record_format in ("preference", "prompt_only") and "prompt" in item:
+                # The trainers take a file's prompts all as text or all as conversations, never mixed.
+                kind = "conversational" if isinstance(item["prompt"], list) else "standard"
+                if prompt_kind is None:
+                    prompt_kind, prompt_kind_line = kind, line
+                elif kind != prompt_kind:
+                    problems.append(Problem(line, "prompt", (
+                        f"record is {kind} but the file's records are {prompt_kind} (set by line {prompt_kind_line}); "
+                        "a file holds prompts all as text or all as lists of turns: convert this record")))
             if "metadata" in item and not isinstance(item["metadata"], dict):
                 problems.append(Problem(line, "metadata", (
                     f'"metadata" must be a JSON object, got {_a(item["metadata"])}; wrap it, e.g. '
@@ -208,9 +247,15 @@ def _scan(path: Path, max_record_bytes: int, count_tokens: Callable[[str], int] 
 def _example(record: dict[str, Any], record_format: str) -> dict[str, Any]:
     """The record as the trainer takes it: only its format's fields (metadata and extra columns dropped)."""
     if record_format == "messages":
-        return {"messages": [{name: turn[name] for name in TURN_FIELDS + TOOL_TURN_FIELDS.get(turn["role"], ())
-                              if name in turn} for turn in record["messages"]]}
-    return {name: record[name] for name in FORMAT_FIELDS[record_format]}
+        return {"messages": _turns(record["messages"])}
+    fields = FORMAT_FIELDS[record_format] + FORMAT_OPTIONAL_FIELDS.get(record_format, ())
+    return {name: _turns(record[name]) if isinstance(record[name], list) else record[name]
+            for name in fields if name in record}
+
+
+def _turns(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{name: turn[name] for name in TURN_FIELDS + TOOL_TURN_FIELDS.get(turn["role"], ()) if name in turn}
+            for turn in turns]
 
 
 def _report(file_type: str, file_format: str | None, records: int, errors: _Capped, warnings: _Capped,
@@ -224,32 +269,43 @@ def _infer_format(names: Sequence[str]) -> str | None:
     """The format a set of field names is meant as: the richest one any of its fields belongs to."""
     if "messages" in names:
         return "messages"
-    if "prompt" in names or "completion" in names:
+    if "chosen" in names or "rejected" in names:
+        return "preference"
+    if "completion" in names:
         return "prompt_completion"
+    if "prompt" in names:
+        return "prompt_only"
     if "text" in names:
         return "text"
     return None
 
 
-def _check_fields(names: Sequence[str], line: int | None, noun: str) -> tuple[str | None, list[Problem]]:
-    """The format the field (or column) names make, and what is missing, unknown or repeated."""
+def _check_fields(names: Sequence[str], line: int | None, noun: str,
+                  file_format: str | None = None) -> tuple[str | None, list[Problem]]:
+    """The format the field (or column) names make, and what is missing, unknown or repeated.
+    In a prompt-completion file a lone prompt is a record missing its completion."""
     record_format = _infer_format(names)
+    if record_format == "prompt_only" and file_format == "prompt_completion":
+        record_format = "prompt_completion"
     if record_format is None:
         found = ", ".join(f'"{n}"' for n in names) or "none"
         return None, [Problem(line, None, (
             f"no {noun} says which format this is (found {found}); a record needs {_NEEDS}: rename the "
             f"{noun}s"))]
     required = FORMAT_FIELDS[record_format]
-    accepted = ", ".join(f'"{n}"' for n in required + OPTIONAL_FIELDS)
+    optional = FORMAT_OPTIONAL_FIELDS.get(record_format, ()) + OPTIONAL_FIELDS
+    accepted = ", ".join(f'"{n}"' for n in required + optional)
     needs = " and ".join(f'"{r}"' for r in required)
     problems = [Problem(line, name, (
         f'"{name}" is missing: a {record_format} record needs {needs}; '
         f"add the {noun}")) for name in required if name not in names]
     for name, count in Counter(names).items():
-        if name not in required + OPTIONAL_FIELDS:
+        if name not in required + optional:
+            answer_hint = (' (a prompt_completion record names its answer "completion")'
+                           if record_format == "prompt_only" else "")
             problems.append(Problem(line, name, (
-                f'unknown {noun} "{name}" in a {record_format} record; accepted: {accepted}. Rename or drop '
-                f'it (put extra information under "metadata"{"" if noun == "field" else " as JSON"})')))
+                f'unknown {noun} "{name}" in a {record_format} record; accepted: {accepted}{answer_hint}. Rename '
+                f'or drop it (put extra information under "metadata"{"" if noun == "field" else " as JSON"})')))
         elif count > 1:
             problems.append(Problem(line, name, f'{noun} "{name}" appears {count} times; keep one'))
     return record_format, problems
@@ -258,6 +314,11 @@ def _check_fields(names: Sequence[str], line: int | None, noun: str) -> tuple[st
 def _check_values(record: dict[str, Any], record_format: str, line: int, warnings: _Capped) -> list[Problem]:
     """What is wrong with the values of the format's fields that are present (absent ones are reported
     by `_check_fields`)."""
+    if record_format == "preference":
+        return _check_preference(record, line)
+    if record_format == "prompt_only":
+        problems = [p for p in _check_prompt(record["prompt"], line)] if "prompt" in record else []
+        return problems + (_check_text(record["reference"], line, "reference") if "reference" in record else [])
     if record_format != "messages":
         return [p for name in FORMAT_FIELDS[record_format] if name in record
                 for p in _check_text(record[name], line, name)]
@@ -290,6 +351,49 @@ def _check_values(record: dict[str, Any], record_format: str, line: int, warning
             f"last turn is {roles[-1] or 'not an object'}, not assistant: turns after the last assistant reply "
             "teach nothing; end the conversation with an assistant turn or drop the trailing turns "
             "(a warning: the record is still used)"))])
+    return problems
+
+
+def _check_prompt(prompt: Any, line: int) -> list[Problem]:
+    """A prompt is a string or a conversation (a list of turns) that a completion will follow."""
+    if not isinstance(prompt, list):
+        return _check_text(prompt, line, "prompt")
+    if not prompt:
+        return [Problem(line, "prompt", '"prompt" is an empty list of turns; add at least a user turn')]
+    return _check_turn_list(prompt, line, "prompt")
+
+
+def _check_turn_list(turns: list[Any], line: int, name: str) -> list[Problem]:
+    problems: list[Problem] = []
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            problems.append(Problem(line, f"{name}[{index}]", (
+                f'turn must be an object with "role" and "content", got {_a(turn)}')))
+        else:
+            problems += _check_turn(turn, line, f"{name}[{index}]")
+    return problems
+
+
+def _check_preference(record: dict[str, Any], line: int) -> list[Problem]:
+    """Standard (all strings) or conversational (all lists of turns, the answers the assistant's)."""
+    problems = _check_prompt(record["prompt"], line) if "prompt" in record else []
+    conversational = isinstance(record.get("prompt"), list)
+    for name in ("chosen", "rejected"):
+        if name not in record:
+            continue
+        value = record[name]
+        if not conversational:
+            problems += _check_text(value, line, name)
+        elif not isinstance(value, list) or not value:
+            problems.append(Problem(line, name, (
+                f'"{name}" must be a non-empty list of assistant turns when "prompt" is a list of turns, '
+                f'got {_a(value)}; e.g. [{{"role": "assistant", "content": "..."}}]')))
+        else:
+            problems += _check_turn_list(value, line, name)
+            problems += [Problem(line, f"{name}[{i}].role", (
+                f'an answer turn must be the assistant\'s, got "{turn.get("role")}"'))
+                for i, turn in enumerate(value) if isinstance(turn, dict) and turn.get("role") not in
+                (None, "assistant")]
     return problems
 
 

@@ -12,6 +12,7 @@ matmul in the precision training uses, cached per process.
 from __future__ import annotations
 
 import functools
+import os
 import resource
 import time
 
@@ -21,6 +22,26 @@ import torch
 def pick_device() -> str:
     """CUDA when a GPU is visible, else the CPU (several GPUs are `accelerate`'s business, not ours)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def world_size() -> int:
+    """Processes training this job together (`accelerate launch` / torchrun set WORLD_SIZE); 1 alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a several-device job, or the only process: the one that writes events and results."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def agree(*flags: bool) -> tuple[bool, ...]:
+    """Each flag true if it is true in any process of the job (an all-reduce of a few bytes a step)."""
+    if world_size() == 1 or not torch.distributed.is_initialized():
+        return flags
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    votes = torch.tensor([float(flag) for flag in flags], device=device)
+    torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
+    return tuple(bool(vote) for vote in votes.tolist())
 
 
 def use_bf16(device: str) -> bool:

@@ -17,9 +17,9 @@ at either.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -30,6 +30,10 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
+
+from training_core.shapes import PRESETS, ModelPreset
+
+__all__ = ["PRESETS", "ModelPreset", "build_base_model", "build_tiny_model", "model_config", "train_tokenizer"]
 
 PAD, BOS, EOS = "<|pad|>", "<|startoftext|>", "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -49,30 +53,6 @@ CHAT_TEMPLATE = (
 )
 
 
-@dataclass(frozen=True)
-class ModelPreset:
-    """A Llama shape. `parameters` is the count at `vocab_size` with tied embeddings; a tokenizer
-    trained on a small corpus has fewer tokens, and so the model fewer parameters."""
-
-    hidden_size: int
-    num_hidden_layers: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    max_position_embeddings: int
-    parameters: int
-
-
-PRESETS: dict[str, ModelPreset] = {
-    # Tests: trains a few steps in well under a second on two CPU cores.
-    "tiny": ModelPreset(128, 4, 352, 4, 4, 2048, 1024, parameters=1_066_112),
-    # Benchmarks and the demo: learns a small domain on a CPU in minutes.
-    "small": ModelPreset(256, 10, 768, 8, 4, 8192, 2048, parameters=9_966_848),
-    # A GPU-sized check of throughput and MFU.
-    "medium": ModelPreset(512, 12, 1408, 8, 8, 16384, 2048, parameters=46_936_576),
-}
-
 # Enough varied English for a tokenizer and a few training steps: what `build_tiny_model` uses.
 TINY_CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -86,29 +66,36 @@ TINY_CORPUS = [
 ] * 8
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str | Path,
-                    model_max_length: int = 2048) -> PreTrainedTokenizerFast:
-    """Train byte-level BPE on `texts` and save it, with its chat template, as a transformers tokenizer."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, model_max_length: int = 2048,
+                    extra_special_tokens: Sequence[str] = (), chat_template: str = CHAT_TEMPLATE
+                    ) -> PreTrainedTokenizerFast:
+    """Train byte-level BPE on `texts` and save it, with its chat template, as a transformers tokenizer.
+
+    `extra_special_tokens` (a domain's markers, tool-call tags) are never split; `chat_template` replaces
+    the ChatML default (it should keep `{% generation %}` around replies for assistant-only loss)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2, show_progress=False,
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + [t for t in extra_special_tokens if t not in SPECIAL_TOKENS],
+        min_frequency=2, show_progress=False,
         # All 256 bytes from the start, so text unlike the corpus still encodes.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        extra_special_tokens=[IM_START, IM_END], model_max_length=model_max_length)
-    wrapped.chat_template = CHAT_TEMPLATE
+        extra_special_tokens=[IM_START, IM_END, *(t for t in extra_special_tokens if t not in SPECIAL_TOKENS)],
+        model_max_length=model_max_length)
+    wrapped.chat_template = chat_template
     wrapped.save_pretrained(str(out_dir))
     return wrapped
 
 
-def model_config(preset: str, vocab_size: int | None = None) -> LlamaConfig:
-    """The preset's Llama config, at its own vocabulary size unless a tokenizer sets another."""
-    shape = PRESETS[preset]
+def model_config(preset: str | ModelPreset, vocab_size: int | None = None) -> LlamaConfig:
+    """The preset's (or an explicit shape's) Llama config, at its own vocabulary size unless a tokenizer
+    sets another."""
+    shape = PRESETS[preset] if isinstance(preset, str) else preset
     return LlamaConfig(
         vocab_size=vocab_size or shape.vocab_size, hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_hidden_layers,
@@ -116,27 +103,29 @@ def model_config(preset: str, vocab_size: int | None = None) -> LlamaConfig:
         max_position_embeddings=shape.max_position_embeddings, tie_word_embeddings=True)
 
 
-def build_base_model(preset: str, tokenizer_dir_or_texts: str | Path | Sequence[str], out_dir: str | Path,
-                     seed: int = 0) -> Path:
-    """Write a randomly initialised model of `preset` to `out_dir`, with a tokenizer.
+def build_base_model(preset: str | ModelPreset, tokenizer_dir_or_texts: str | Path | Iterable[str],
+                     out_dir: str | Path, seed: int = 0, **tokenizer_options: Any) -> Path:
+    """Write a randomly initialised model of `preset` (a name or an explicit shape) to `out_dir`, with
+    a tokenizer.
 
     `tokenizer_dir_or_texts` is either a directory holding a tokenizer to reuse, or texts to train
-    one on (at most the preset's vocabulary size).
+    one on (at most the preset's vocabulary size; `tokenizer_options` go to `train_tokenizer`).
     """
-    if preset not in PRESETS:
+    if isinstance(preset, str) and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    shape = PRESETS[preset] if isinstance(preset, str) else preset
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(tokenizer_dir_or_texts, str | Path):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir_or_texts))
         tokenizer.save_pretrained(str(out_dir))
     else:
-        shape = PRESETS[preset]
-        tokenizer = train_tokenizer(tokenizer_dir_or_texts, shape.vocab_size, out_dir,
-                                    shape.max_position_embeddings)
+        tokenizer_options = {"vocab_size": shape.vocab_size, **tokenizer_options}
+        tokenizer = train_tokenizer(tokenizer_dir_or_texts, out_dir=out_dir,
+                                    model_max_length=shape.max_position_embeddings, **tokenizer_options)
     # A multiple of 64 keeps the embedding and output matmuls on fast GPU tile sizes.
     vocab_size = -(-len(tokenizer) // 64) * 64
-    config = model_config(preset, vocab_size)
+    config = model_config(shape, vocab_size)
     config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(seed)

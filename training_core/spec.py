@@ -75,13 +75,13 @@ class Limits:
 class JobSpec:
     job_id: str
     method: str
-    """`sft` for now; the lifecycle methods add `pretrain`, `continued_pretrain`, `dpo`, `grpo`."""
+    """`pretrain`, `continued_pretrain`, `sft`, `dpo` or `grpo` (see `training_core.__main__.METHODS`)."""
     run_dir: str
     """Events, the CANCEL flag and result.json."""
     output_dir: str
     """Checkpoints (`checkpoint-N/`) and, at the end, the final model (`model/`)."""
     base_model: str
-    """A local Hugging Face model directory."""
+    """A local Hugging Face model directory; empty for `pretrain`, which builds its own."""
     train_files: list[str]
     """Dataset snapshot files (JSONL, CSV, Parquet or text), read by `training_core.data`."""
     hyperparameters: Hyperparameters
@@ -93,6 +93,8 @@ class JobSpec:
     limits: Limits = field(default_factory=Limits)
     flops_per_token: float = 0.0
     """6 x trainable-path parameters: what one trained token costs, for the compute cap."""
+    devices: int = 1
+    """Processes training together (`accelerate launch`): GPUs, or CPU processes where there are none."""
     options: dict[str, Any] = field(default_factory=dict)
     """Method-specific settings that only that method's module reads (DPO's beta, GRPO's rewards,
     an eval job's suite, a synth job's task); plain JSON values."""

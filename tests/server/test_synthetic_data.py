@@ -145,14 +145,16 @@ def test_traces_follow_the_tool_schemas_preferences_record_their_making_and_a_sa
         call_ = json.loads(line)["messages"][1]["tool_calls"][0]["function"]
         assert call_["name"] == "lookup_ticket" and json.loads(call_["arguments"])["ticket_id"].startswith("T")
     assert prefs["state"] == "succeeded", prefs["error"]
-    rows = [json.loads(line) for line in
-            Path(_dataset(service, prefs["metrics"]["dataset_id"]).path).read_text(encoding="utf-8").splitlines()]
+    preferences = _dataset(service, prefs["metrics"]["dataset_id"])
+    assert preferences.valid and preferences.format == "preference", preferences.report["problems"]
+    rows = [json.loads(line) for line in Path(preferences.path).read_text(encoding="utf-8").splitlines()]
     assert rows and all(set(r) == {"prompt", "chosen", "rejected", "metadata"} for r in rows)
     assert all(r["chosen"] != r["rejected"] and r["metadata"]["rejected_from"].startswith("corruption:") for r in rows)
     assert prompts["state"] == "succeeded", prompts["error"]
     assert prompts["metrics"]["dropped_score"] > 0
-    rows = [json.loads(line) for line in
-            Path(_dataset(service, prompts["metrics"]["dataset_id"]).path).read_text(encoding="utf-8").splitlines()]
+    prompt_set = _dataset(service, prompts["metrics"]["dataset_id"])
+    assert prompt_set.valid and prompt_set.format == "prompt_only", prompt_set.report["problems"]
+    rows = [json.loads(line) for line in Path(prompt_set.path).read_text(encoding="utf-8").splitlines()]
     assert rows and all(set(r) == {"prompt", "metadata"} and "router" in r["prompt"] for r in rows)
     assert all(r["metadata"]["scores"] == {"score": 1.0} for r in rows)
 

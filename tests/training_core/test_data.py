@@ -194,9 +194,10 @@ def test_a_file_without_records_is_a_problem(tmp_path: Path, content: str) -> No
 def test_a_csv_header_missing_a_column_is_reported_once_at_line_one(tmp_path: Path) -> None:
     path = write(tmp_path, "d.csv", "prompt,answer\n2 + 2 =,4\n3 + 3 =,6\n")
     report = validate_file(path)
-    assert [(p.line, p.field) for p in report.problems] == [(1, "completion"), (1, "answer")]
-    assert '"completion" is missing' in report.problems[0].message
-    assert 'unknown column "answer"' in report.problems[1].message
+    # A lone prompt column makes a prompt-only (GRPO) file; the message points at "completion".
+    assert [(p.line, p.field) for p in report.problems] == [(1, "answer")]
+    assert 'unknown column "answer"' in report.problems[0].message
+    assert 'names its answer "completion"' in report.problems[0].message
     assert report.records == 2
 
 
@@ -423,3 +424,32 @@ def test_importing_the_module_loads_neither_torch_nor_pyarrow() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).parents[2])
     assert result.stdout.strip() == "[]"
+
+
+def test_preference_records_standard_conversational_and_hosted_import(tmp_path: Path) -> None:
+    user, good, bad = ({"role": "user", "content": "Is it up?"}, {"role": "assistant", "content": "Yes."},
+                       {"role": "assistant", "content": "No idea."})
+    standard = write(tmp_path, "s.jsonl", jsonl({"prompt": "Is it up?", "chosen": "Yes.", "rejected": "No idea."}))
+    assert load_examples(standard) == ("preference", [{"prompt": "Is it up?", "chosen": "Yes.", "rejected": "No idea."}])
+    hosted = write(tmp_path, "h.jsonl", jsonl({"input": {"messages": [user], "tools": []},
+                                               "preferred_output": [good], "non_preferred_output": [bad]}))
+    assert load_examples(hosted) == ("preference", [{"prompt": [user], "chosen": [good], "rejected": [bad]}])
+
+
+def test_malformed_preferences_name_the_field(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.jsonl", jsonl(
+        {"prompt": "q", "chosen": "a"},
+        {"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": [{"role": "user", "content": "b"}]}))
+    report = validate_file(path)
+    # Line 2 is also conversational in a file whose prompts line 1 made text.
+    assert [(p.line, p.field) for p in report.problems] == [
+        (1, "rejected"), (2, "chosen"), (2, "rejected[0].role"), (2, "prompt")]
+
+
+def test_prompt_only_records_keep_their_reference(tmp_path: Path) -> None:
+    path = write(tmp_path, "g.jsonl", jsonl({"prompt": "Say yes", "reference": "yes"}, {"prompt": "Say no"}))
+    file_format, examples = load_examples(path)
+    assert file_format == "prompt_only"
+    assert examples == [{"prompt": "Say yes", "reference": "yes"}, {"prompt": "Say no"}]
+    turns = write(tmp_path, "t.jsonl", jsonl({"prompt": [{"role": "user", "content": "Say no"}]}))
+    assert load_examples(turns) == ("prompt_only", [{"prompt": [{"role": "user", "content": "Say no"}]}])

@@ -79,3 +79,23 @@ def test_the_matmul_peak_is_measured_once_a_process() -> None:
     assert peak > 1e8  # any CPU of this century does a hundred MFLOP/s
     assert hardware.measure_matmul_peak_flops("cpu") == peak
     assert hardware.peak_memory_bytes("cpu") > 0
+
+
+def test_the_tokenizer_takes_domain_special_tokens_and_a_chat_template(tmp_path: Path) -> None:
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    tokenizer = presets.train_tokenizer(presets.TINY_CORPUS, 512, tmp_path, extra_special_tokens=["<|ticket|>"],
+                                        chat_template=template)
+    ids = tokenizer("see <|ticket|> NW-40112")["input_ids"]
+    assert tokenizer.convert_tokens_to_ids("<|ticket|>") in ids  # one token, never split
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[user] hi\n"
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded.convert_tokens_to_ids("<|ticket|>") == tokenizer.convert_tokens_to_ids("<|ticket|>")
+
+
+def test_an_explicit_shape_counts_its_parameters_like_the_model_does() -> None:
+    from training_core.shapes import ModelPreset, parameter_count
+
+    shape = ModelPreset(96, 3, 256, 6, 2, 1000, 512, parameters=0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(presets.model_config(shape))
+    assert parameter_count(shape) == model.num_parameters()

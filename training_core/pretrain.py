@@ -1,0 +1,143 @@
+"""Pre-training from scratch: a tokenizer trained on the customer's corpus, a Llama model from a size
+preset (or an explicit shape), next-token prediction on packed blocks with warmup and cosine decay.
+
+    python -m training_core SPEC.json        # a JobSpec with "method": "pretrain"
+
+`spec.options` (validated by the service before the job exists):
+
+    preset          a name from `training_core.shapes.PRESETS` ("tiny" ~1M ... "1b" ~1B parameters)
+    model_config    or an explicit shape: hidden_size, num_hidden_layers, intermediate_size,
+                    num_attention_heads, num_key_value_heads, vocab_size, max_position_embeddings
+    vocab_size      the tokenizer's vocabulary (default: the preset's)
+    special_tokens  extra tokens never split (a domain's markers)
+    chat_template   replaces the ChatML default
+
+Read top to bottom: `run` holds out documents, trains the tokenizer and writes the initial model
+to `output_dir/init` (once: a resumed run reuses it, so its checkpoints match), packs the rest into
+`max_seq_length` blocks, measures held-out perplexity and bits per byte, trains, measures again,
+and saves the model to `output_dir/model` with the held-out documents beside it (`heldout.jsonl`),
+so a later `continued_pretrain` can show how much of this corpus it forgets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
+
+from training_core import hardware, language_modeling, presets, runs
+from training_core.callbacks import JobCallback
+from training_core.events import EventWriter
+from training_core.shapes import PRESETS, ModelPreset
+from training_core.spec import JobError, JobResult, JobSpec
+
+MAX_EVAL_DOCUMENTS = 512
+HELDOUT_FILE = "heldout.jsonl"
+"""The held-out documents, saved beside the model: the slice `continued_pretrain` measures forgetting on."""
+
+
+def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> JobResult:
+    started = time.monotonic() if started is None else started
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    device = hardware.pick_device()
+
+    _, train_records, eval_records = runs.load_records(spec, ("text",), MAX_EVAL_DOCUMENTS)
+    train_texts, eval_texts = [r["text"] for r in train_records], [r["text"] for r in eval_records]
+    init_dir = _initial_model(spec, train_texts, events)
+    tokenizer = AutoTokenizer.from_pretrained(init_dir)
+    model = AutoModelForCausalLM.from_pretrained(init_dir)
+    block_size = spec.hyperparameters.max_seq_length
+    blocks = language_modeling.pack(tokenizer, train_texts, block_size)
+    events.message(f"packed {len(train_texts)} documents into {len(blocks)} blocks of {block_size} tokens; "
+                   f"{len(eval_texts)} documents held out", blocks=len(blocks), held_out=len(eval_texts),
+                   vocab_size=len(tokenizer), parameters=model.num_parameters())
+
+    parameters = model.num_parameters()
+    callback = JobCallback(events, spec, spec.flops_per_token or 6.0 * parameters, started, device)
+    trainer = runs.quiet(Trainer(
+        model=model, args=TrainingArguments(**runs.common_arguments(spec, device)), train_dataset=blocks,
+        data_collator=default_data_collator, processing_class=tokenizer, callbacks=[callback]))
+
+    before = language_modeling.heldout_figures(trainer.model, tokenizer, eval_texts, block_size)
+    checkpoint = runs.newest_checkpoint(Path(spec.output_dir))
+    if checkpoint is not None:
+        events.message(f"resuming from step {runs.step_of(checkpoint)}", step=runs.step_of(checkpoint))
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    metrics: dict[str, Any] = {
+        "train_loss": output.training_loss, "vocab_size": len(tokenizer), "block_size": block_size,
+        "train_blocks": len(blocks), **language_modeling.prefixed("heldout_before", before),
+        **runs.run_metrics(callback, trainer.state, device, parameters, parameters),
+    }
+    result = runs.outcome(callback, trainer.state, metrics)
+    if result.status != "succeeded":
+        return result
+    metrics.update(language_modeling.prefixed("heldout_after", language_modeling.heldout_figures(
+        trainer.model, tokenizer, eval_texts, block_size)))
+    model_dir, _ = runs.save_model(spec, trainer, tokenizer)
+    write_heldout(model_dir, eval_texts)
+    result.model_dir = str(model_dir)
+    events.message(f"saved the model to {model_dir}", model_dir=result.model_dir,
+                   perplexity=metrics.get("heldout_after_perplexity"))
+    return result
+
+
+def _initial_model(spec: JobSpec, texts: list[str], events: EventWriter) -> Path:
+    """Tokenizer and randomly initialised model in `output_dir/init`, built once per job."""
+    init_dir = Path(spec.output_dir) / "init"
+    if (init_dir / "config.json").exists():
+        return init_dir
+    options = spec.options
+    shape = _shape(options)
+    # Every process of a several-device job builds the same (seeded) model; the first rename wins.
+    building = init_dir.with_name(f"init.building-{os.environ.get('RANK', '0')}")
+    shutil.rmtree(building, ignore_errors=True)
+    tokenizer_options: dict[str, Any] = {}
+    if options.get("vocab_size"):
+        tokenizer_options["vocab_size"] = int(options["vocab_size"])
+    if options.get("special_tokens"):
+        tokenizer_options["extra_special_tokens"] = list(options["special_tokens"])
+    if options.get("chat_template"):
+        tokenizer_options["chat_template"] = options["chat_template"]
+    presets.build_base_model(shape, texts, building, seed=spec.hyperparameters.seed, **tokenizer_options)
+    try:
+        building.rename(init_dir)  # whole or absent: a run killed while building starts it again
+    except OSError:  # another process's identical copy is in place
+        shutil.rmtree(building, ignore_errors=True)
+    events.message(f"trained a {len(AutoTokenizer.from_pretrained(init_dir))}-token byte-level BPE tokenizer and "
+                   f"built the initial model ({options.get('preset') or 'explicit config'})")
+    return init_dir
+
+
+def _shape(options: dict[str, Any]) -> ModelPreset:
+    if options.get("model_config"):
+        config = dict(options["model_config"])
+        return ModelPreset(**{name: int(config[name]) for name in (
+            "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "max_position_embeddings")}, parameters=0)
+    name = options.get("preset", "small")
+    if name not in PRESETS:
+        raise JobError("invalid_request", f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}",
+                       param="options.preset")
+    return PRESETS[name]
+
+
+def write_heldout(model_dir: Path, texts: list[str]) -> None:
+    if not hardware.is_main_process():
+        return
+    with (model_dir / HELDOUT_FILE).open("w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps({"text": text}) + "\n" for text in texts)

@@ -1,0 +1,200 @@
+"""What every training method's `run` shares: trainer arguments, resuming, and the job's result.
+
+    args = TrainingArguments(**runs.common_arguments(spec, device))     # or SFTConfig, DPOConfig, ...
+    checkpoint = runs.newest_checkpoint(Path(spec.output_dir))
+    ...trainer.train(resume_from_checkpoint=...)
+    result = runs.outcome(callback, trainer.state, metrics)             # cancelled / capped / succeeded
+
+Each method module stays readable top to bottom; only what would otherwise be written four times
+lives here.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PrinterCallback,
+    Trainer,
+    TrainerState,
+)
+
+from training_core import data, hardware
+from training_core.callbacks import JobCallback
+from training_core.spec import JobError, JobResult, JobSpec
+
+SAVE_TOTAL_LIMIT = 2
+"""Two, not one: a run killed while writing a checkpoint still leaves the previous one whole."""
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Written last by `Trainer._save_checkpoint`, after weights, optimizer and RNG state: its presence
+# marks a checkpoint that is complete.
+_TRAINER_STATE = "trainer_state.json"
+
+
+def common_arguments(spec: JobSpec, device: str) -> dict[str, Any]:
+    """TrainingArguments every method uses: the resolved hyperparameters, checkpoints, no hub, no tqdm.
+
+    Gradient checkpointing is off (TRL turns it on by default): the models this service trains on
+    one device fit without it, and it costs about a fifth of the throughput.
+    """
+    hyper = spec.hyperparameters
+    return {
+        "output_dir": spec.output_dir,
+        "max_steps": hyper.max_steps,
+        "learning_rate": hyper.learning_rate,
+        "lr_scheduler_type": hyper.lr_scheduler,
+        "warmup_steps": hyper.warmup_ratio,  # a float below 1 is a ratio of max_steps in transformers 5
+        "weight_decay": hyper.weight_decay,
+        "per_device_train_batch_size": hyper.per_device_batch_size,
+        "per_device_eval_batch_size": 2 * hyper.per_device_batch_size,  # no activations kept for backward
+        "gradient_accumulation_steps": hyper.gradient_accumulation_steps,
+        "seed": hyper.seed,
+        "bf16": hardware.use_bf16(device),
+        # Explicit, so several CPU processes train as one job (gloo) rather than each on its own.
+        "use_cpu": device == "cpu",
+        "activation_checkpointing": False,
+        "logging_steps": hyper.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": hyper.save_steps,
+        "save_total_limit": SAVE_TOTAL_LIMIT,
+        "eval_strategy": "no",  # held-out figures are measured before and after training, by each `run`
+        "include_num_input_tokens_seen": "non_padding",
+        "dataloader_pin_memory": device == "cuda",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "push_to_hub": False,
+    }
+
+
+def quiet(trainer: Trainer) -> Trainer:
+    """With tqdm off, Trainer prints every log dict to stdout; the events file already carries them."""
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def load_model(spec: JobSpec, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    # The frozen base of a LoRA run needs no fp32 master copy; trained weights keep one (see above).
+    dtype = hardware.training_dtype(device) if spec.adapter == "lora" else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
+        model = AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=dtype)
+    except (OSError, ValueError) as error:
+        where = "" if Path(spec.base_model).is_dir() else " (no such directory; as a hub id it failed too)"
+        raise JobError("invalid_model", f"cannot load the base model {spec.base_model}{where}: {error}",
+                       param="base_model") from error
+    return model, tokenizer
+
+
+def load_records(spec: JobSpec, accepted: tuple[str, ...], max_eval_records: int
+                 ) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """(format, training records, held-out records), all files in one of the method's `accepted` formats.
+
+    The held-out set is `eval_fraction` of the records, drawn with the job's seed, and at most
+    `max_eval_records`: evaluating it sits between the tool call and the first step, so its cost must
+    stay small whatever the dataset's size."""
+    formats: dict[str, str] = {}
+    records: list[dict[str, Any]] = []
+    for path in spec.train_files:
+        try:
+            file_format, examples = data.load_examples(Path(path))
+        except data.DatasetError as error:
+            raise JobError("invalid_dataset", str(error), param="train_files") from error
+        formats[path] = file_format
+        records += examples
+    if len(set(formats.values())) > 1:
+        listed = ", ".join(f"{Path(path).name} is {fmt}" for path, fmt in formats.items())
+        raise JobError("invalid_dataset", f"the datasets of one job must share a format: {listed}",
+                       param="train_files")
+    data_format = next(iter(formats.values()))
+    if data_format not in accepted:
+        raise JobError("invalid_dataset", f"{spec.method} trains on {' or '.join(accepted)} records; these are "
+                       f"{data_format}", param="train_files")
+
+    fraction = spec.hyperparameters.eval_fraction
+    held_out = min(max_eval_records, max(1, round(len(records) * fraction))) if fraction > 0 else 0
+    if held_out >= len(records):
+        held_out = 0  # too few records to hold any out: train on all, report no held-out loss
+    order = list(range(len(records)))
+    random.Random(spec.hyperparameters.seed).shuffle(order)
+    eval_records = [records[i] for i in order[:held_out]]
+    train_records = [records[i] for i in sorted(order[held_out:])]
+    return data_format, train_records, eval_records
+
+
+def lora_config(spec: JobSpec) -> LoraConfig | None:
+    """The PEFT adapter a `lora` job trains (all linear layers by default); None for full training."""
+    if spec.adapter != "lora":
+        return None
+    return LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                      target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
+
+
+def save_model(spec: JobSpec, trainer: Trainer, tokenizer: PreTrainedTokenizerBase
+                ) -> tuple[Path, Path | None]:
+    """The final model in `output_dir/model` (the adapter, with LoRA) and the merged copy if asked for."""
+    model_dir = Path(spec.output_dir) / "model"
+    trainer.save_model(str(model_dir))  # weights or adapter, config, tokenizer and chat template
+    if not (spec.adapter == "lora" and spec.merge_adapter):
+        return model_dir, None
+    if not hardware.is_main_process():  # one process of a several-device job writes the merged copy
+        return model_dir, Path(spec.output_dir) / "merged"
+    merged_dir = Path(spec.output_dir) / "merged"
+    peft_model = trainer.model
+    assert isinstance(peft_model, PeftModel)
+    merged = peft_model.merge_and_unload()
+    # A bf16 base (LoRA on a GPU) is merged in bf16; saved as such, it loads like the base did.
+    merged.save_pretrained(str(merged_dir))
+    tokenizer.save_pretrained(str(merged_dir))
+    return model_dir, merged_dir
+
+
+def newest_checkpoint(output_dir: Path) -> Path | None:
+    """The complete `checkpoint-N` with the highest N, or None: a half-written one is passed over."""
+    if not output_dir.is_dir():
+        return None
+    complete = [path for path in output_dir.iterdir()
+                if _CHECKPOINT.match(path.name) and (path / _TRAINER_STATE).exists()]
+    return max(complete, key=step_of, default=None)
+
+
+def step_of(checkpoint: Path) -> int:
+    match = _CHECKPOINT.match(checkpoint.name)
+    assert match is not None
+    return int(match.group(1))
+
+
+def run_metrics(callback: JobCallback, state: TrainerState, device: str, parameters: int,
+                trainable_parameters: int) -> dict[str, Any]:
+    """Throughput, memory and utilisation: what every job records, on its events and on its model."""
+    tokens_per_second = callback.tokens_per_second(state)
+    return {
+        "tokens_per_second": tokens_per_second,
+        "peak_memory_bytes": hardware.peak_memory_bytes(device),
+        "mfu": callback.mfu(tokens_per_second),
+        "time_to_first_step_seconds": callback.time_to_first_step,
+        "parameters": parameters,
+        "trainable_parameters": trainable_parameters,
+        "device": device,
+        "devices": hardware.world_size(),
+    }
+
+
+def outcome(callback: JobCallback, state: TrainerState, metrics: dict[str, Any]) -> JobResult:
+    """The result as far as training goes: cancelled, stopped at a cap (failed, checkpoint kept), or
+    succeeded (the caller then saves the model and fills in `model_dir`)."""
+    result = JobResult(status="succeeded", metrics=metrics, tokens_seen=callback.tokens_seen(state),
+                       flops_used=callback.flops_used(state), steps=state.global_step)
+    if callback.cancelled:
+        result.status = "cancelled"
+    elif callback.cap_reached is not None:
+        result.status, result.error = "failed", callback.cap_reached.to_error()
+    return result
