@@ -97,7 +97,8 @@ class ScoreOptions(Compact):
 class SynthFilters(Compact):
     model_config = ConfigDict(extra="forbid")
     near_duplicate: float | None = Field(0.8, gt=0, le=1, description="MinHash Jaccard; null turns it off.")
-    diversity_rouge_l: float | None = Field(0.7, gt=0, le=1, description="Drop above this ROUGE-L; null: off.")
+    diversity_rouge_l: float | None = Field(0.7, gt=0, le=1, description="Drop above this ROUGE-L; null: off. "
+                                            "Off unless set for templates, whose records differ only in slots.")
     min_chars: int = Field(1, ge=0)
     max_chars: int = Field(20_000, ge=1)
     score: ScoreOptions | None = None
@@ -177,7 +178,7 @@ def generate_synthetic_data(ctx: ServiceContext, agent: Agent, request: SynthReq
     options: dict[str, Any] = {
         "task": request.task, "num_records": request.num_records, "max_generated": OVERGENERATE * request.num_records,
         "seed": request.seed, "batch_size": ROUND, "generator": generator, "rejected_generator": rejected,
-        "task_options": request.options.model_dump(), "filters": {**request.filters.model_dump(), "score": score},
+        "task_options": request.options.model_dump(), "filters": {**_filters(request), "score": score},
         "seed_examples": request.seed_examples, "sources": [_source(d) for d in sources],
         "decontaminate": [_source(d) for d in decontaminate], "decontaminate_texts": eval_texts,
     }
@@ -230,6 +231,13 @@ def generate_synthetic_data(ctx: ServiceContext, agent: Agent, request: SynthReq
     ctx.wake_workers()
     return SynthLaunch(admitted=True, job_id=job.id, state=job.state, estimate_tokens=view["tokens"],
                        estimate_flops=estimate.flops)
+
+
+def _filters(request: SynthRequest) -> dict[str, Any]:
+    filters = request.filters.model_dump()
+    if isinstance(request.generator, TemplateGenerator) and "diversity_rouge_l" not in request.filters.model_fields_set:
+        filters["diversity_rouge_l"] = None  # records of one template always share most of their words
+    return filters
 
 
 def _eval_suite_items(session: Session, agent_id: str) -> list[str]:
