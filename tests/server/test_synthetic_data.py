@@ -298,14 +298,16 @@ def test_qa_from_documents_keeps_the_chunk_each_pair_came_from(service: ServiceC
                              generator={"type": "template", "templates": [
                                  {"question": "What does the Gridbook say right after this: {sentence}",
                                   "answer": "It says: {sentence}"}]},
-                             options={"chunk_chars": 400, "output_format": "prompt_completion",
-                                      "filters": {"diversity_rouge_l": None}})
+                             options={"chunk_chars": 400, "output_format": "prompt_completion"})
             return await wait_final(client, job["job_id"])
 
     job = anyio.run(main)
     assert job["state"] == "succeeded", job["error"]
+    # Diversity is off for templates unless asked for: these records share most of their words.
+    assert job["metrics"]["records"] == 8 and job["metrics"]["dropped_diversity"] == 0
     dataset = _dataset(service, job["metrics"]["dataset_id"])
     assert dataset.valid and dataset.format == "prompt_completion"
+    assert dataset.lineage["filters"]["diversity_rouge_l"] is None
     text = corpus.read_text(encoding="utf-8")
     for line in Path(dataset.path).read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
