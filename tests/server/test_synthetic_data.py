@@ -51,6 +51,7 @@ def _dataset(service: ServiceContext, dataset_id: str) -> Dataset:
         return dataset
 
 
+@pytest.mark.slow  # four jobs, one of them training: 30-40 s on two busy cores
 def test_template_synth_registers_a_deduplicated_decontaminated_dataset_that_repeats_and_trains(
         service: ServiceContext, tmp_path: Path) -> None:
     async def main() -> tuple[dict[str, Any], ...]:
