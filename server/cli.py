@@ -2,6 +2,7 @@
 
     weightsmith serve [--stdio]      weightsmith worker          weightsmith agents add NAME
     weightsmith datasets upload FILE weightsmith train ...       weightsmith jobs list|show|watch|cancel
+    weightsmith synth REQUEST.json
     weightsmith demo
 
 Client commands talk to WEIGHTSMITH_URL (default http://127.0.0.1:8765) with WEIGHTSMITH_API_KEY.
@@ -210,6 +211,18 @@ def train(base_model: Annotated[str | None, typer.Option(help="Model id or local
     _print(result)
     if watch and result.get("job"):
         jobs_watch(result["job"]["id"])
+
+
+@app.command()
+def synth(config: Annotated[Path, typer.Argument(help="A JSON or YAML generate_synthetic_data request.")],
+          dry_run: bool = False,
+          watch: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = False) -> None:
+    """Start a synth job from a request file; the job registers the dataset it makes."""
+    body = _load_request(config) | ({"dry_run": True} if dry_run else {})
+    result = _call("POST", "/v1/synthetic-data", json=body)
+    _print(result)
+    if watch and result.get("job_id"):
+        jobs_watch(result["job_id"])
 
 
 def _load_request(path: Path) -> dict[str, Any]:

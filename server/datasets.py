@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlmodel import Session, select
@@ -54,7 +55,8 @@ def register_path(engine: Engine, settings: Settings, agent_id: str, path: str, 
     _check_file_type(source.name, "path")
     with tempfile.NamedTemporaryFile(dir=_staging(settings), delete=False) as staged, source.open("rb") as src:
         shutil.copyfileobj(src, staged)
-    return _register(engine, settings, agent_id, Path(staged.name), source.name, name or source.name, str(source))
+    return _register(engine, settings.datasets_dir, settings.max_record_bytes, agent_id, Path(staged.name),
+                     source.name, name or source.name, str(source))
 
 
 def upload(engine: Engine, settings: Settings, agent_id: str, filename: str, content: str,
@@ -73,7 +75,23 @@ def upload(engine: Engine, settings: Settings, agent_id: str, filename: str, con
                              "register a file inside a data root instead", param="content")
     with tempfile.NamedTemporaryFile(dir=_staging(settings), delete=False) as staged:
         staged.write(payload)
-    return _register(engine, settings, agent_id, Path(staged.name), Path(filename).name, name or filename, "upload")
+    return _register(engine, settings.datasets_dir, settings.max_record_bytes, agent_id, Path(staged.name),
+                     Path(filename).name, name or filename, "upload")
+
+
+def register_generated(engine: Engine, datasets_dir: Path, max_record_bytes: int, agent_id: str, produced: Path,
+                       name: str, source: str, lineage: dict[str, Any]) -> Dataset:
+    """Register a file a job produced (a synth job's dataset) the way uploads are, with its lineage.
+
+    Takes the home's datasets folder rather than the settings: job handlers run in the executor,
+    which records the folder in the job when it is admitted.
+    """
+    staging = datasets_dir / ".staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=staging, delete=False) as staged, produced.open("rb") as src:
+        shutil.copyfileobj(src, staged)
+    return _register(engine, datasets_dir, max_record_bytes, agent_id, Path(staged.name), produced.name, name,
+                     source, lineage)
 
 
 def get(engine: Engine, agent_id: str, dataset_id: str) -> Dataset:
@@ -81,21 +99,21 @@ def get(engine: Engine, agent_id: str, dataset_id: str) -> Dataset:
         return owned(session, Dataset, dataset_id, agent_id, "dataset_id")
 
 
-def _register(engine: Engine, settings: Settings, agent_id: str, staged: Path, filename: str, name: str,
-              source: str) -> Dataset:
+def _register(engine: Engine, datasets_dir: Path, max_record_bytes: int, agent_id: str, staged: Path, filename: str,
+              name: str, source: str, lineage: dict[str, Any] | None = None) -> Dataset:
     digest = sha256_file(staged)
-    snapshot = settings.datasets_dir / digest / filename
+    snapshot = datasets_dir / digest / filename
     if snapshot.exists():
         staged.unlink()
     else:
         snapshot.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, snapshot)
         snapshot.chmod(0o444)
-    report = data.validate_file(snapshot, max_record_bytes=settings.max_record_bytes)
+    report = data.validate_file(snapshot, max_record_bytes=max_record_bytes)
     dataset = Dataset(
         agent_id=agent_id, name=name, content_hash=digest, path=str(snapshot), source=source,
         file_type=report.file_type, format=report.format, records=report.records,
-        bytes=snapshot.stat().st_size, valid=report.ok, report=dataclasses.asdict(report))
+        bytes=snapshot.stat().st_size, valid=report.ok, report=dataclasses.asdict(report), lineage=lineage)
     with write_transaction(engine) as session:  # under the write lock: no concurrent twin can slip in
         existing = session.exec(select(Dataset).where(
             Dataset.agent_id == agent_id, Dataset.content_hash == digest)).first()

@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, or_
 from sqlmodel import col, select
 
-from server import guardrails, jobs
+from server import datasets, guardrails, jobs
 from server.db import is_sqlite, write_transaction
 from server.models import FINAL_STATES, Job, JobState, Model
 from server.settings import Settings
@@ -280,7 +280,21 @@ def _finish_train(engine: Engine, job: Job, epoch: int, result: JobResult) -> No
     jobs.finish(engine, job.id, epoch, JobState.succeeded, metrics=result.metrics, model=_registered_model(job, result))
 
 
-ON_SUCCESS: dict[str, Callable[[Engine, Job, int, JobResult], None]] = {"train": _finish_train}
+def _finish_synth(engine: Engine, job: Job, epoch: int, result: JobResult) -> None:
+    """Register the dataset a synth job wrote, with its manifest as lineage, then end the job."""
+    resolved = job.resolved
+    output = Path(job.output_dir)
+    manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
+    lineage = {"job_id": job.id, **manifest}
+    dataset = datasets.register_generated(
+        engine, Path(resolved["datasets_dir"]), resolved["max_record_bytes"], job.agent_id, output / "dataset.jsonl",
+        resolved.get("dataset_name") or f"synth-{manifest['task']}-{job.id}", f"synth:{job.id}", lineage)
+    metrics = {**result.metrics, "dataset_id": dataset.id, "dataset_hash": dataset.content_hash,
+               "dataset_valid": dataset.valid}
+    jobs.finish(engine, job.id, epoch, JobState.succeeded, metrics=metrics)
+
+
+ON_SUCCESS: dict[str, Callable[[Engine, Job, int, JobResult], None]] = {"train": _finish_train, "synth": _finish_synth}
 """What a succeeded child's result becomes, per job kind: a train job registers a model. Each
 handler ends the job with `jobs.finish` under the run's epoch, so a fenced-off worker writes nothing."""
 

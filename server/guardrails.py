@@ -29,7 +29,10 @@ class Estimate:
     dataset_bytes: int
     max_seconds: float | None
     flops_per_parameter_token: float = 6.0
-    """6 for training (forward 2, backward 4); DPO adds a reference forward (8), GRPO generation (8)."""
+    """6 for training (forward 2, backward 4); DPO adds a reference forward (8), GRPO generation (8);
+    a synth job's generation is forward only (2)."""
+    unit: str = "max_steps"
+    """What a refusal's "N fits" counts: training steps, or a synth job's records."""
 
     @property
     def tokens(self) -> int:
@@ -69,10 +72,12 @@ def check_request(agent: Agent, estimate: Estimate) -> Verdict:
                        f"{agent.max_request_seconds:g} s: ask for at most that")
     if estimate.tokens > agent.max_request_tokens:
         fit = agent.max_request_tokens // estimate.tokens_per_step
-        return _over("max_request_tokens", f"{estimate.tokens:,} tokens", f"{agent.max_request_tokens:,}", fit)
+        return _over("max_request_tokens", f"{estimate.tokens:,} tokens", f"{agent.max_request_tokens:,}", fit,
+                     estimate.unit)
     if estimate.flops > agent.max_request_flops:
         fit = int(agent.max_request_flops // estimate.flops_per_step)
-        return _over("max_request_flops", f"{estimate.flops:.3g} FLOPs", f"{agent.max_request_flops:.3g}", fit)
+        return _over("max_request_flops", f"{estimate.flops:.3g} FLOPs", f"{agent.max_request_flops:.3g}", fit,
+                     estimate.unit)
     return Verdict(True)
 
 
@@ -84,15 +89,15 @@ def check_budget(agent: Agent, estimate: Estimate, spent: float, active_jobs: in
                        "wait for one to finish (wait_for_job) or cancel one")
     left = agent.budget_flops - spent
     if estimate.flops > left:
-        fit = max(0, int(left // estimate.flops_per_step))
+        fit = max(0, int(left // estimate.flops_per_step)) if estimate.flops_per_step else 0
         return _over("budget_flops", f"{estimate.flops:.3g} FLOPs",
                      f"{agent.budget_flops:.3g} per {agent.budget_window_seconds:g} s window, "
-                     f"{max(left, 0):.3g} left", fit)
+                     f"{max(left, 0):.3g} left", fit, estimate.unit)
     return Verdict(True)
 
 
-def _over(limit: str, estimate: str, value: str, fit: int) -> Verdict:
-    advice = f"max_steps <= {fit} fits" if fit >= 1 else "not even one step fits: shorten max_seq_length or the batch"
+def _over(limit: str, estimate: str, value: str, fit: int, unit: str = "max_steps") -> Verdict:
+    advice = f"{unit} <= {fit} fits" if fit >= 1 else "not even one step fits: shorten max_seq_length or the batch"
     return Verdict(False, limit, f"estimate {estimate} is over {limit} ({value}); {advice}", fit)
 
 

@@ -23,10 +23,12 @@ from server.context import ServiceRef
 from server.errors import WeightsmithError
 from server.models import Agent
 from tools import datasets as dataset_tools
+from tools import generate_synthetic_data as synth_tools
 from tools import jobs as job_tools
 from tools import models as model_tools
 from tools import quota as quota_tools
 from tools.datasets import DatasetList, UploadDatasetRequest, ValidationView
+from tools.generate_synthetic_data import SynthLaunch
 from tools.jobs import EventPage, JobList, MetricHistory
 from tools.launch_training import (
     Hyperparameters,
@@ -191,6 +193,25 @@ def build_mcp_server(service: ServiceRef, local_key: str | None = None) -> MCPSe
     async def get_quota(ctx: Context) -> Quota:
         """Your limits and what is left of your rolling compute budget."""
         return await call(ctx, quota_tools.get_quota)
+
+    # --- issue 6: generate_synthetic_data tools ---
+    @mcp.tool(annotations=WRITE)
+    async def generate_synthetic_data(
+        ctx: Context, task: Literal["instructions", "qa_from_documents", "preferences", "workflow_traces", "prompts"],
+        generator: dict[str, Any], num_records: int, sources: list[str] | None = None,
+        seed_examples: list[dict[str, Any]] | None = None, options: dict[str, Any] | None = None, seed: int = 0,
+        dry_run: bool = False,
+    ) -> SynthLaunch:
+        """Start a job that generates, filters and registers a dataset (wait_for_job; metrics.dataset_id).
+        generator: {"type":"template","templates":[..],"slots":{..}}, {"type":"model","model":"mdl_.."} or
+        {"type":"openai_compatible","endpoint":NAME}. options: see README."""
+        raw = {"task": task, "generator": generator, "num_records": num_records, "sources": sources or [],
+               "seed_examples": seed_examples or [], "options": options or {}, "seed": seed, "dry_run": dry_run}
+        try:
+            request = synth_tools.parse_request(raw)
+        except WeightsmithError as err:
+            raise ToolError(str(err)) from err
+        return await call(ctx, synth_tools.generate_synthetic_data, request)
 
     @mcp.resource("weightsmith://jobs/{job_id}", mime_type="application/json")
     async def job_resource(job_id: str, ctx: Context) -> str:

@@ -66,6 +66,8 @@ class Dataset(SQLModel, table=True):
     bytes: int = Field(default=0, sa_type=BigInteger)
     valid: bool = False
     report: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    lineage: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    """How a generated dataset was made (synth job, task, generator, seed, sources by hash); None for uploads."""
     created_at: float = Field(default_factory=time.time)
 
 

@@ -16,6 +16,7 @@ from tools import jobs as job_tools
 from tools import models as model_tools
 from tools import quota as quota_tools
 from tools.datasets import DatasetList, UploadDatasetRequest, ValidationView
+from tools.generate_synthetic_data import SynthLaunch, SynthRequest, generate_synthetic_data
 from tools.jobs import EventPage, JobList, MetricHistory
 from tools.launch_training import LaunchResult, LaunchTrainingRequest, launch_training
 from tools.models import ModelList
@@ -102,6 +103,11 @@ def get_models(service: Service, agent: CurrentAgent, limit: int = 20) -> ModelL
 @router.get("/quota", response_model=Quota, tags=["agents"])
 def get_quota(service: Service, agent: CurrentAgent) -> Quota:
     return quota_tools.get_quota(service, agent)
+
+
+@router.post("/synthetic-data", response_model=SynthLaunch, tags=["synthetic data"])
+def post_synthetic_data(body: SynthRequest, service: Service, agent: CurrentAgent) -> SynthLaunch:
+    return generate_synthetic_data(service, agent, body)
 
 
 async def error_handler(_request: Request, err: Exception) -> JSONResponse:

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SynthEndpoint(BaseModel):
+    """An OpenAI-compatible endpoint the operator lets synth jobs use (vLLM, llama.cpp, Ollama, a hosted API)."""
+
+    base_url: str = Field(description="Up to /v1, e.g. http://127.0.0.1:8000/v1.")
+    model: str = Field(description="The model name the endpoint serves.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the key; the key itself is "
+                                    "never stored in a request, record or log.")
+    max_concurrency: int = Field(4, ge=1, le=256)
+    requests_per_second: float | None = Field(None, gt=0)
 
 
 class Settings(BaseSettings):
@@ -40,6 +51,12 @@ class Settings(BaseSettings):
     local_agent: str = Field("local", description="Identity of the caller over stdio when no key is given.")
     local_agent_key: str | None = Field(None, description="API key that selects the stdio caller's identity.")
 
+    synth_endpoints: dict[str, SynthEndpoint] = Field(
+        default_factory=dict, description="OpenAI-compatible endpoints synth jobs may name, as JSON: "
+        '{"local-vllm": {"base_url": "http://127.0.0.1:8000/v1", "model": "qwen", "api_key_env": "VLLM_KEY"}}.')
+    synth_max_records: int = Field(50_000, description="Most records one synth request may ask for.")
+    synth_max_tokens: int = Field(5_000_000, description="Most tokens one synth request may generate.")
+
     # Default limits for a new agent; `weightsmith agents add NAME --max-flops ...` overrides them.
     default_max_request_flops: float = Field(5e15, description="Per-request compute cap (FLOPs).")
     default_max_request_seconds: float = Field(3600.0, description="Per-request wall-clock cap.")
@@ -49,6 +66,16 @@ class Settings(BaseSettings):
     default_budget_flops: float = Field(5e16, description="Rolling compute budget per agent (FLOPs).")
     default_budget_window_seconds: float = Field(86400.0, description="Window of the rolling budget.")
     default_max_concurrent_jobs: int = Field(4, description="Jobs an agent may have active at once.")
+
+    @field_validator("synth_endpoints")
+    @classmethod
+    def _keys_reach_the_child(cls, endpoints: dict[str, SynthEndpoint]) -> dict[str, SynthEndpoint]:
+        # Jobs run in children whose environment has every WEIGHTSMITH_* variable removed.
+        for name, endpoint in endpoints.items():
+            if endpoint.api_key_env and endpoint.api_key_env.startswith("WEIGHTSMITH_"):
+                raise ValueError(f"synth_endpoints.{name}.api_key_env: {endpoint.api_key_env} is removed from job "
+                                 "processes' environment; name a variable without the WEIGHTSMITH_ prefix")
+        return endpoints
 
     @property
     def db_url(self) -> str:

@@ -28,6 +28,7 @@ METHODS = {
     "sft": "training_core.sft",
     "dpo": "training_core.dpo",
     "grpo": "training_core.grpo",
+    "synth": "training_core.synthetic",
 }
 """Each method's module exposes `run(spec, events, started) -> JobResult`."""
 

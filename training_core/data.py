@@ -9,6 +9,9 @@ Record formats (one per file; see `data_files.py` for the file types):
 - `text`:              {"text": str}
 - `prompt_completion`: {"prompt": str, "completion": str}
 - `messages`:          {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}
+                       An assistant turn may call tools (`"tool_calls": [{"type": "function", "function":
+                       {"name": str, "arguments": str}}]`, its content then may be empty); a tool turn
+                       may name its call (`"name"`, `"tool_call_id"`): workflow traces.
 - `preference`:        {"prompt": str, "chosen": str, "rejected": str} (DPO), or conversational: the
                        prompt a list of turns, chosen and rejected lists of assistant turns. The
                        `{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}`
@@ -68,6 +71,8 @@ FORMAT_OPTIONAL_FIELDS = {"prompt_only": ("reference",)}
 HOSTED_PREFERENCE_FIELDS = ("input", "preferred_output", "non_preferred_output")
 ROLES = ("system", "user", "assistant", "tool")
 TURN_FIELDS = ("role", "content")
+TOOL_TURN_FIELDS = {"assistant": ("tool_calls",), "tool": ("name", "tool_call_id")}
+"""Fields a turn of that role may add to role and content (workflow traces)."""
 _NEEDS = ('"text", or "prompt" and "completion", or "messages", or "prompt", "chosen" and "rejected", '
           'or "prompt" alone')
 
@@ -132,7 +137,11 @@ def record_text(record: dict[str, Any]) -> str:
 
 
 def _turns_text(value: str | list[dict[str, Any]]) -> str:
-    return value if isinstance(value, str) else "\n".join(turn["content"] for turn in value)
+    """A conversation's text: its turns' contents, and the calls of turns that call tools."""
+    if isinstance(value, str):
+        return value
+    return "\n".join([turn["content"] for turn in value if turn["content"]]
+                     + [json.dumps(call["function"]) for turn in value for call in turn.get("tool_calls", ())])
 
 
 def import_hosted_preference(record: dict[str, Any]) -> dict[str, Any]:
@@ -245,7 +254,8 @@ def _example(record: dict[str, Any], record_format: str) -> dict[str, Any]:
 
 
 def _turns(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{name: turn[name] for name in TURN_FIELDS} for turn in turns]
+    return [{name: turn[name] for name in TURN_FIELDS + TOOL_TURN_FIELDS.get(turn["role"], ()) if name in turn}
+            for turn in turns]
 
 
 def _report(file_type: str, file_format: str | None, records: int, errors: _Capped, warnings: _Capped,
@@ -390,16 +400,40 @@ def _check_preference(record: dict[str, Any], line: int) -> list[Problem]:
 def _check_turn(turn: dict[str, Any], line: int, where: str) -> list[Problem]:
     problems = [Problem(line, f"{where}.{name}", f'"{name}" is missing from the turn; add it')
                 for name in TURN_FIELDS if name not in turn]
-    problems += [Problem(line, f"{where}.{name}", (
-        f'unknown field "{name}" in a turn; a turn takes only "role" and "content": drop it'))
-        for name in turn if name not in TURN_FIELDS]
     role = turn.get("role")
+    extra = TOOL_TURN_FIELDS.get(role, ()) if isinstance(role, str) else ()
+    problems += [Problem(line, f"{where}.{name}", (
+        f'unknown field "{name}" in a turn; a turn takes only "role" and "content" (an assistant turn also '
+        '"tool_calls", a tool turn "name" and "tool_call_id"): drop it'))
+        for name in turn if name not in TURN_FIELDS + extra]
     if "role" in turn and role not in ROLES:
         allowed = ", ".join(f'"{r}"' for r in ROLES)
         shown = f'"{role}"' if isinstance(role, str) else _a(role)
         problems.append(Problem(line, f"{where}.role", f"unknown role {shown}; use one of {allowed}"))
-    if "content" in turn:
+    calls = turn.get("tool_calls") if role == "assistant" else None
+    if calls is not None:
+        problems += _check_tool_calls(calls, line, f"{where}.tool_calls")
+    for name in ("name", "tool_call_id"):
+        if role == "tool" and name in turn and not (isinstance(turn[name], str) and turn[name]):
+            problems.append(Problem(line, f"{where}.{name}", f'"{name}" must be a non-empty string'))
+    # A turn that only calls tools may say nothing.
+    if "content" in turn and not (calls and isinstance(turn["content"], str)):
         problems += _check_text(turn["content"], line, f"{where}.content")
+    return problems
+
+
+def _check_tool_calls(calls: Any, line: int, where: str) -> list[Problem]:
+    shape = '[{"type": "function", "function": {"name": "...", "arguments": "{...}"}}]'
+    if not isinstance(calls, list) or not calls:
+        return [Problem(line, where, f'"tool_calls" must be a non-empty list, e.g. {shape}')]
+    problems = []
+    for index, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if (not isinstance(function, dict) or call.get("type", "function") != "function"
+                or not isinstance(function.get("name"), str) or not function.get("name")
+                or not isinstance(function.get("arguments"), str)):
+            problems.append(Problem(line, f"{where}[{index}]", (
+                f"a tool call is {shape}: a function with a name and its arguments as a JSON string")))
     return problems
 
 
