@@ -28,6 +28,8 @@ class Estimate:
     max_steps: int
     dataset_bytes: int
     max_seconds: float | None
+    flops_per_parameter_token: float = 6.0
+    """6 for training (forward 2NT, backward 4NT); 2 for work that only runs forward (eval)."""
 
     @property
     def tokens(self) -> int:
@@ -35,7 +37,7 @@ class Estimate:
 
     @property
     def flops_per_step(self) -> float:
-        return 6.0 * self.parameters * self.tokens_per_step
+        return self.flops_per_parameter_token * self.parameters * self.tokens_per_step
 
     @property
     def flops(self) -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 from training_core.events import EventWriter
 from training_core.spec import JobError, JobResult, JobSpec
 
-METHODS = {"sft": "training_core.sft"}
+METHODS = {"sft": "training_core.sft", "eval": "training_core.evaluate"}
 """Each method's module exposes `run(spec, events, started) -> JobResult`."""
 
 
