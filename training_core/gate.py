@@ -81,6 +81,11 @@ def compare(candidate: Sequence[float], baseline: Sequence[float], *, pass_fail:
     else:
         test = "cluster_bootstrap" if clustered else "paired_bootstrap"
         low, high, p_value = _bootstrap(cand, base, groups, aggregate, seed)
+        if pass_fail and low == high:
+            # No item differs, so resampling sees no spread at all, and a zero-width interval would pass
+            # any margin; the Agresti-Min interval keeps a width that shrinks only with more items.
+            test = "mcnemar_exact"
+            low, high, p_value = _mcnemar(cand, base)
     d_low, d_high = sorted((sign * low, sign * high))
     margin = allowed_regression
     significant = margin > 0 or p_value < ALPHA

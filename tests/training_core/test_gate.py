@@ -96,3 +96,10 @@ def test_null_comparisons_with_clustered_items_keep_false_positives_within_7_per
             result = gate.compare(cand, base, pass_fail=pass_fail, clusters=clusters, seed=trial)
             positives += result.verdict != "inconclusive"
         assert positives / 200 <= 0.07, f"pass_fail={pass_fail}: {positives} of 200 null comparisons flagged"
+
+
+def test_identical_pass_fail_scores_on_few_clustered_items_do_not_pass_a_tight_margin() -> None:
+    scores = [0.0] * 24
+    result = gate.compare(scores, scores, pass_fail=True, allowed_regression=0.05,
+                          clusters=[f"c{i % 6}" for i in range(24)])
+    assert result.verdict == "inconclusive" and result.ci_low < -0.05
