@@ -6,6 +6,9 @@ baseline too, in one child process (`training_core.evaluate`): one admission, on
 and both models scored with the same code and decoding settings. When it succeeds,
 `finish_eval_job` stores one report per model it ran; the candidate's carries the gate computed
 from both reports' per-item scores, paired by item.
+
+An eval job keeps no checkpoints: one whose process dies runs again from its first item (eval jobs
+are short next to training, and a half-scored set would pair badly with its baseline).
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from server import guardrails, jobs
-from server.datasets import resolve_in_roots
+from server.datasets import resolve_in_roots, sha256_file
 from server.db import owned, write_transaction
-from server.errors import InvalidRequest
+from server.errors import InvalidDataset, InvalidRequest
 from server.models import Agent, Dataset, EvalReport, EvalSuite, Job, JobState, Model, Reservation
 from server.settings import Settings
 from training_core import data, drift, gate, modelinfo, suite
@@ -31,6 +34,7 @@ from training_core.spec import Hyperparameters, JobResult, JobSpec, Limits
 
 EVAL_FORMATS = ("prompt_completion", "messages")
 HISTORY_REPORTS = 50
+DRIFT_READ_RECORDS = 20_000
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,9 @@ def queue_eval(engine: Engine, runs_dir: Path, agent: Agent, suite_row: EvalSuit
         baseline_report = latest_report(session, agent.id, suite_row.id, baseline.ref) if baseline else None
         dataset = session.get(Dataset, suite_row.dataset_id)
     assert dataset is not None
+    if sha256_file(Path(dataset.path)) != dataset.content_hash:  # a snapshot never changes; if it did, refuse
+        raise InvalidDataset(f"the snapshot of {dataset.id} no longer matches its hash; upload it again and "
+                             "declare the suite on the new dataset", param="suite_id")
     runs = [("candidate", candidate)] + ([("baseline", baseline)] if baseline and not baseline_report else [])
     price = estimate(engine, suite_row, [t for _, t in runs], max_seconds)
     job = Job(agent_id=agent.id, kind="eval", method="eval", state=JobState.queued, request=request or {},
@@ -377,5 +384,14 @@ def training_texts(engine: Engine, agent_id: str, dataset_hashes: list[str]) -> 
 
 
 def dataset_texts(datasets: list[Dataset]) -> list[str]:
-    return [data.record_text(record) for dataset in datasets
-            for _, record in data.read_records(Path(dataset.path)) if isinstance(record, dict)]
+    """The records' text, at most DRIFT_READ_RECORDS a dataset: drift samples 2,000 a side anyway,
+    and a report must not wait on reading a multi-gigabyte training set (the cost: a file sorted by
+    topic is judged by its first part)."""
+    texts: list[str] = []
+    for dataset in datasets:
+        for count, (_, record) in enumerate(data.read_records(Path(dataset.path))):
+            if count >= DRIFT_READ_RECORDS:
+                break
+            if isinstance(record, dict):
+                texts.append(data.record_text(record))
+    return texts

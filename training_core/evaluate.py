@@ -101,6 +101,7 @@ def _load_model(entry: dict[str, Any], device: str) -> tuple[PreTrainedModel, Pr
     except (OSError, ValueError) as error:
         raise JobError("invalid_model", f"cannot load {entry['ref']}: {error}", param="model") from error
     tokenizer.padding_side = "left"  # batched generation continues every prompt right where it ends
+    tokenizer.truncation_side = "left"  # a prompt over max_prompt_tokens keeps its end, next to the answer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
@@ -126,7 +127,6 @@ def _generate_all(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, it
     for start in range(0, len(items), decoding.batch_size):
         batch = items[start:start + decoding.batch_size]
         prompts = [_prompt_text(tokenizer, item["prompt"]) for item in batch]
-        tokenizer.truncation_side = "left"
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
                             max_length=decoding.max_prompt_tokens, add_special_tokens=False).to(device)
         generated = model.generate(**encoded, max_new_tokens=decoding.max_new_tokens, do_sample=False,

@@ -137,18 +137,19 @@ def test_agent_runs_an_eval_on_a_model_directory_and_reads_the_report(
 def test_train_job_with_an_eval_suite_is_gated_against_its_base_and_the_html_report_renders(
         service: ServiceContext, tmp_path: Path, tiny_model: Path, agent_keys: tuple[str, str],
         chromium: str) -> None:
-    """Train LoRA SFT on the facts with eval_suite set: the eval job that follows scores the new model
-    and its base on the same items, and the trained model is better by design."""
+    """Train LoRA SFT on the facts with eval_suite set (no merged copy, so the eval loads the adapter on
+    its base with PEFT): the eval job that follows scores the new model and its base on the same
+    items, and the trained model is better by design."""
     train = write_jsonl(tmp_path / "train.jsonl", chat_records(48))
     items = write_jsonl(tmp_path / "items.jsonl", eval_records(24))
 
-    async def main() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    async def main() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], str]:
         async with Client(build_mcp_server(ServiceRef(service), local_key=agent_keys[0])) as client:
             train_ds = (await call(client, "upload_dataset", path=str(train)))["dataset"]["id"]
             items_ds = (await call(client, "upload_dataset", path=str(items)))["dataset"]["id"]
             suite_id = (await call(client, "create_eval_suite", definition=SUITE_YAML.format(dataset=items_ds)))["id"]
             launched = await call(client, "launch_training", base_model=str(tiny_model), datasets=[train_ds],
-                                  adapter="full", eval_suite=suite_id,
+                                  adapter="lora", eval_suite=suite_id,
                                   hyperparameters=quick_hyperparameters(max_steps=60, learning_rate=3e-3))
             trained = await wait_final(client, launched["job"]["id"])
             assert trained["state"] == "succeeded", trained["error"]
@@ -159,9 +160,9 @@ def test_train_job_with_an_eval_suite_is_gated_against_its_base_and_the_html_rep
             report = await call(client, "read_eval_report", ref=trained["model_id"])
             drift = await call(client, "check_drift", against=trained["model_id"], dataset_id=items_ds,
                                suite_id=suite_id)
-            return trained, report, drift
+            return trained, report, drift, suite_id
 
-    trained, report, drift = anyio.run(main)
+    trained, report, drift, suite_id = anyio.run(main)
     assert report["baseline"] == str(tiny_model) and report["model"] == trained["model_id"]
     kpis = {k["name"]: k for k in report["kpis"]}
     assert kpis["ppl"]["gate"]["delta"] < 0 and kpis["ppl"]["gate"]["verdict"] == "pass", kpis["ppl"]
@@ -171,6 +172,10 @@ def test_train_job_with_an_eval_suite_is_gated_against_its_base_and_the_html_rep
     assert drift["data"]["js_distance"] < 0.1 and set(drift["kpi"]) == {"exact", "rouge", "ppl"}
 
     rest = rest_client(service, agent_keys[0])
+    priced = rest.post("/v1/evals", json={"model": trained["model_id"], "suite_id": suite_id, "dry_run": True})
+    # Its base already has a report on the suite, so only the model itself would run again.
+    assert priced.status_code == 200 and priced.json()["models_to_run"] == [trained["model_id"]]
+    assert priced.json()["admitted"] and priced.json()["job_id"] == ""
     by_model = rest.get(f"/v1/reports/{trained['model_id']}")
     assert by_model.status_code == 200 and by_model.json()["verdict"] == report["verdict"]
     html = rest.get(by_model.json()["html_url"])
