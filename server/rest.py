@@ -141,7 +141,7 @@ def get_report_html(report_id: str, service: Service, agent: CurrentAgent) -> HT
 @router.get("/reports/{ref}", response_model=ReportView, tags=["eval"])
 def get_report(ref: str, service: Service, agent: CurrentAgent, baseline: str | None = None,
                page: int = 0) -> ReportView:
-    """A report by report, job or model id (a directory model: its URL-encoded path)."""
+    """A report by report, job or model id (a model known by its directory: use its report or job id)."""
     return reports.read_eval_report(service, agent, ref, baseline, page)
 
 

@@ -42,13 +42,14 @@ def read_eval_report(ctx: ServiceContext, agent: Agent, ref: str, baseline: str 
         baseline_report = _baseline_report(session, agent.id, report, baseline)
     assert suite_row is not None
     definition = suite.SuiteDefinition.model_validate(suite_row.definition)
-    rows, verdict = report.summary["kpis"], report.verdict
+    rows, verdict, steps = report.summary["kpis"], report.verdict, report.summary["next_steps"]
     items = evaluation.read_results(report.results_path)
     base_items = evaluation.read_results(baseline_report.results_path) if baseline_report else []
     if baseline_report is not None and baseline_report.id != report.baseline_report_id:
         gates = evaluation.gate_rows(definition, items, base_items)
         rows = [{**row, "gate": gates.get(row["name"])} for row in rows]
         verdict = evaluation.overall_verdict(rows, True)
+        steps = evaluation.next_steps(rows, report.summary["drift"], verdict)
     base_by_index = {item["index"]: item for item in base_items}
     chosen = items[(page - 1) * PAGE_ITEMS: page * PAGE_ITEMS] if page > 0 else []
     notes = [row["gate"]["note"] for row in rows if row.get("gate") and row["gate"].get("note")]
@@ -58,7 +59,7 @@ def read_eval_report(ctx: ServiceContext, agent: Agent, ref: str, baseline: str 
         composite=report.summary.get("composite"), kpis=[_kpi_row(row) for row in rows],
         items=[_item(item, base_by_index.get(item["index"]))
                for item in chosen or worst_items(rows, items, min(worst, 10))], drift=_compact_drift(report.summary["drift"]),
-        next_steps=notes + report.summary["next_steps"], html_url=f"/v1/reports/{report.id}.html")
+        next_steps=notes + steps, html_url=f"/v1/reports/{report.id}.html")
 
 
 def read_eval_report_html(ctx: ServiceContext, agent: Agent, report_id: str) -> str:

@@ -65,11 +65,9 @@ def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> Job
             scores = _score(definition, items, outputs, perplexities)
             path = Path(spec.output_dir) / f"results-{entry['role']}.jsonl"
             _write_results(path, items, outputs, scores)
+            values = _aggregates(definition, scores)
             runs[entry["role"]] = {"ref": entry["ref"], "results_path": str(path), "items": len(items),
-                                   "kpis": _aggregates(definition, scores)}
-            if definition.composite:
-                runs[entry["role"]]["composite"] = suite.evaluate_formula(definition.composite,
-                                                                          runs[entry["role"]]["kpis"])
+                                   "kpis": values, "composite": suite.composite_value(definition, values)}
             events.message(f"{entry['role']} {entry['ref']}: {runs[entry['role']]['kpis']}", role=entry["role"])
             del model
     except _Stop as stop:

@@ -109,7 +109,7 @@ class Kpi(BaseModel):
     direction: Literal["higher", "lower"] = "higher"
     threshold: float | None = Field(None, description="The KPI must reach this (>= or <= by direction).")
     allowed_regression: float = Field(0.0, ge=0, description="How much worse than the baseline still passes.")
-    weight: float = Field(1.0, ge=0)
+    weight: float = Field(1.0, ge=0, description="Weight in the default composite (see `composite_value`).")
 
     @field_validator("name")
     @classmethod
@@ -215,6 +215,16 @@ def parse_formula(formula: str, names: set[str]) -> ast.Expression:
             raise ValueError(  # noqa: TRY004 -- pydantic turns a ValueError into a field error
                 f"composite may use numbers, KPI names, + - * /, parentheses, min and max; not {type(node).__name__}")
     return tree
+
+
+def composite_value(definition: SuiteDefinition, values: Mapping[str, float]) -> float | None:
+    """The suite's formula, or without one the weighted mean of the KPIs where higher is better
+    (a KPI where lower is better has no common scale with them, so it joins only through a formula)."""
+    if definition.composite:
+        return evaluate_formula(definition.composite, values)
+    weighted = [(kpi.weight, values[kpi.name]) for kpi in definition.kpis if kpi.direction == "higher" and kpi.weight]
+    total = sum(weight for weight, _ in weighted)
+    return sum(weight * value for weight, value in weighted) / total if total else None
 
 
 def evaluate_formula(formula: str, values: Mapping[str, float]) -> float | None:

@@ -160,6 +160,11 @@ def test_train_job_with_an_eval_suite_is_gated_against_its_base_and_the_html_rep
             report = await call(client, "read_eval_report", ref=trained["model_id"])
             drift = await call(client, "check_drift", against=trained["model_id"], dataset_id=items_ds,
                                suite_id=suite_id)
+            # The other way round, against another baseline: the base model, gated against the trained one.
+            reverse = await call(client, "read_eval_report", ref=report["baseline"], baseline=trained["model_id"])
+            ppl = next(k for k in reverse["kpis"] if k["name"] == "ppl")
+            assert reverse["baseline"] == trained["model_id"] and ppl["gate"]["verdict"] == "fail"
+            assert reverse["verdict"] == "fail" and reverse["next_steps"]
             return trained, report, drift, suite_id
 
     trained, report, drift, suite_id = anyio.run(main)

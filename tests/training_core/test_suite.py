@@ -88,6 +88,13 @@ def test_composite_formulas_beyond_arithmetic_are_refused_and_never_evaluated(fo
         suite.parse_formula(formula, {"a"})
 
 
+def test_without_a_formula_the_composite_is_the_weighted_mean_of_higher_is_better_kpis() -> None:
+    definition = _suite([{"name": "a", "grader": {"type": "exact"}, "weight": 3},
+                         {"name": "b", "grader": {"type": "contains"}},
+                         {"name": "ppl", "grader": {"type": "perplexity"}, "direction": "lower"}])
+    assert suite.composite_value(definition, {"a": 1.0, "b": 0.0, "ppl": 12.0}) == 0.75
+
+
 def test_composite_formula_arithmetic_and_undefined_values() -> None:
     assert suite.evaluate_formula("-(a - 2 * b) / 4 + min(a, b, 0.5)", {"a": 1.0, "b": 0.25}) == pytest.approx(-0.125 + 0.25)
     assert suite.evaluate_formula("a / b", {"a": 1.0, "b": 0.0}) is None
