@@ -275,6 +275,7 @@ def eval_suite(file: Path) -> None:
 
 @eval_app.command("suites")
 def eval_suites() -> None:
+    """Your eval suites, newest first."""
     _print(_call("GET", "/v1/eval-suites"))
 
 
