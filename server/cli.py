@@ -283,5 +283,55 @@ def demo() -> None:
     sys.exit(run_demo(console))
 
 
+# ---- issue 4: evaluation --------------------------------------------------------------------------
+
+eval_app = typer.Typer(help="Eval suites, eval jobs, reports and drift.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("suite")
+def eval_suite(file: Path) -> None:
+    """Declare the eval suite in FILE (YAML or JSON)."""
+    _print(_call("POST", "/v1/eval-suites", json={"definition": file.read_text(encoding="utf-8")}))
+
+
+@eval_app.command("suites")
+def eval_suites() -> None:
+    """Your eval suites, newest first."""
+    _print(_call("GET", "/v1/eval-suites"))
+
+
+@eval_app.command("run")
+def eval_run(model: str, suite_id: str,
+             baseline: Annotated[str | None, typer.Option(help="Model id or directory; 'none': no gate.")] = None,
+             dry_run: bool = False, watch: bool = True) -> None:
+    """Evaluate MODEL on SUITE_ID against its parent (or --baseline), then print the report."""
+    result = _call("POST", "/v1/evals", json={"model": model, "suite_id": suite_id, "baseline": baseline,
+                                              "dry_run": dry_run})
+    _print(result)
+    if watch and result.get("job_id"):
+        jobs_watch(result["job_id"])
+        eval_report(result["job_id"])
+
+
+@eval_app.command("report")
+def eval_report(ref: str, baseline: str | None = None, page: int = 0,
+                html: Annotated[Path | None, typer.Option(help="Also save the HTML report here.")] = None) -> None:
+    """The report of REF: a report, job or model id."""
+    report = _call("GET", f"/v1/reports/{ref}", params={"baseline": baseline, "page": page} if baseline
+                   else {"page": page})
+    _print(report)
+    if html is not None:
+        with _client() as client:
+            html.write_text(client.get(report["html_url"]).text, encoding="utf-8")
+
+
+@eval_app.command("drift")
+def eval_drift(against: str, dataset: str | None = None, suite: str | None = None) -> None:
+    """Data drift of --dataset from AGAINST (a model's training data, or a dataset); KPI drift on --suite."""
+    params = {k: v for k, v in (("against", against), ("dataset_id", dataset), ("suite_id", suite)) if v}
+    _print(_call("GET", "/v1/drift", params=params))
+
+
 if __name__ == "__main__":
     app()

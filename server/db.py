@@ -81,7 +81,8 @@ def migrate(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
-_LISTED_BY = {"job": "list_jobs", "dataset": "list_datasets", "model": "list_models"}
+_LISTED_BY = {"job": "list_jobs", "dataset": "list_datasets", "model": "list_models",
+              "evalsuite": "list_eval_suites", "evalreport": "read_eval_report with a model or job id"}
 
 
 def owned(session: Session, table: type[T], object_id: str, agent_id: str, param: str) -> T:

@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, or_
 from sqlmodel import col, select
 
-from server import datasets, guardrails, jobs
+from server import datasets, evaluation, guardrails, jobs
 from server.db import is_sqlite, write_transaction
 from server.models import FINAL_STATES, Job, JobState, Model
 from server.settings import Settings
@@ -277,7 +277,10 @@ class _Runner:
 
 
 def _finish_train(engine: Engine, job: Job, epoch: int, result: JobResult) -> None:
-    jobs.finish(engine, job.id, epoch, JobState.succeeded, metrics=result.metrics, model=_registered_model(job, result))
+    model = _registered_model(job, result)
+    finished = jobs.finish(engine, job.id, epoch, JobState.succeeded, metrics=result.metrics, model=model)
+    if finished and job.resolved.get("eval_suite"):
+        evaluation.queue_after_training(engine, job, model)
 
 
 def _finish_synth(engine: Engine, job: Job, epoch: int, result: JobResult) -> None:
@@ -294,7 +297,8 @@ def _finish_synth(engine: Engine, job: Job, epoch: int, result: JobResult) -> No
     jobs.finish(engine, job.id, epoch, JobState.succeeded, metrics=metrics)
 
 
-ON_SUCCESS: dict[str, Callable[[Engine, Job, int, JobResult], None]] = {"train": _finish_train, "synth": _finish_synth}
+ON_SUCCESS: dict[str, Callable[[Engine, Job, int, JobResult], None]] = {
+    "train": _finish_train, "synth": _finish_synth, "eval": evaluation.finish_eval_job}
 """What a succeeded child's result becomes, per job kind: a train job registers a model. Each
 handler ends the job with `jobs.finish` under the run's epoch, so a fenced-off worker writes nothing."""
 

@@ -30,7 +30,7 @@ class Estimate:
     max_seconds: float | None
     flops_per_parameter_token: float = 6.0
     """6 for training (forward 2, backward 4); DPO adds a reference forward (8), GRPO generation (8);
-    a synth job's generation is forward only (2)."""
+    work that only runs forward is 2 (a synth job's generation, an eval job)."""
     unit: str = "max_steps"
     """What a refusal's "N fits" counts: training steps, or a synth job's records."""
 

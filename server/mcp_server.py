@@ -22,12 +22,18 @@ from server import auth
 from server.context import ServiceRef
 from server.errors import WeightsmithError
 from server.models import Agent
+from tools import check_drift as drift_tool
 from tools import datasets as dataset_tools
+from tools import eval_suites as eval_suite_tools
 from tools import generate_synthetic_data as synth_tools
 from tools import jobs as job_tools
 from tools import models as model_tools
 from tools import quota as quota_tools
+from tools import read_eval_report as report_tool
+from tools import run_eval as run_eval_tool
+from tools.check_drift import DriftResult
 from tools.datasets import DatasetList, UploadDatasetRequest, ValidationView
+from tools.eval_suites import SuiteList, SuiteView
 from tools.generate_synthetic_data import SynthLaunch
 from tools.jobs import EventPage, JobList, MetricHistory
 from tools.launch_training import (
@@ -43,6 +49,8 @@ from tools.launch_training import (
 from tools.methods import MethodName
 from tools.models import ModelList
 from tools.quota import Quota
+from tools.read_eval_report import ReportView
+from tools.run_eval import RunEvalRequest, RunEvalResult
 from tools.views import JobView, compact_schema
 
 T = TypeVar("T")
@@ -101,6 +109,7 @@ def build_mcp_server(service: ServiceRef, local_key: str | None = None) -> MCPSe
         hyperparameters: Hyperparameters | None = None, lora: LoraOptions | None = None,
         merge_adapter: bool = False, devices: int = 1, limits: RequestLimits | None = None,
         model_name: str | None = None, idempotency_key: str | None = None, dry_run: bool = False,
+        eval_suite: str | None = None,
     ) -> LaunchResult:
         """Start a training job; returns its handle at once. method: pretrain (text; no base_model; options
         {preset: tiny|small|medium|125m|350m|1b, vocab_size, special_tokens, chat_template}),
@@ -108,14 +117,15 @@ def build_mcp_server(service: ServiceRef, local_key: str | None = None) -> MCPSe
         (prompt/chosen/rejected; {beta, loss_type}), grpo (prompt[, reference]; {rewards: [grader
         {type: exact|contains|regex|json_schema|length|similarity, ...} or {type: python, source,
         function}], num_generations, max_completion_length}). base_model: mdl_... or a model directory.
-        Hyperparameters may be "auto". idempotency_key makes retries safe; dry_run prices the request
-        (FLOPs ~ 6 x params x tokens) and starts nothing; a refusal says what fits."""
+        Hyperparameters may be "auto". eval_suite: evaluate the new model on it when done. idempotency_key
+        makes retries safe; dry_run prices the request (FLOPs ~ 6 x params x tokens) and starts nothing."""
         try:
             request = LaunchTrainingRequest(
                 base_model=base_model, datasets=datasets, method=method, adapter=adapter, options=options,
                 hyperparameters=hyperparameters or Hyperparameters(), lora=lora or LoraOptions(),
                 merge_adapter=merge_adapter, devices=devices, limits=limits or RequestLimits(),
-                model_name=model_name, idempotency_key=idempotency_key, dry_run=dry_run)
+                model_name=model_name, idempotency_key=idempotency_key, dry_run=dry_run,
+                eval_suite=eval_suite)
         except ValueError as err:
             raise ToolError(f"invalid_request: {err}") from err
         return await call(ctx, _launch, request)
@@ -217,6 +227,50 @@ def build_mcp_server(service: ServiceRef, local_key: str | None = None) -> MCPSe
     async def job_resource(job_id: str, ctx: Context) -> str:
         """A job as JSON (same as get_job)."""
         view = await call(ctx, job_tools.get_job, job_id)
+        return json.dumps(view.model_dump(mode="json"))
+
+    # --- issue 4: evaluation tools ---
+    # Optional strings default to "" (not None) in these signatures: a nullable schema costs twice the
+    # tokens, and the whole tool list has a context budget (run_eval's dry_run is REST-only for it).
+    @mcp.tool(annotations=IDEMPOTENT_WRITE)
+    async def create_eval_suite(ctx: Context, definition: str) -> SuiteView:
+        """Declare an eval suite in YAML or JSON (fields: README): dataset, KPIs with graders and
+        thresholds, composite."""
+        return await call(ctx, eval_suite_tools.create_eval_suite, definition)
+
+    @mcp.tool(annotations=READ)
+    async def list_eval_suites(ctx: Context) -> SuiteList:
+        """Your eval suites, newest first."""
+        return await call(ctx, eval_suite_tools.list_eval_suites)
+
+    @mcp.tool(annotations=WRITE)
+    async def run_eval(ctx: Context, model: str, suite_id: str, baseline: str = "") -> RunEvalResult:
+        """Evaluate model on a suite (an eval job), gated against baseline (default: parent; "none")."""
+        request = RunEvalRequest(model=model, suite_id=suite_id, baseline=baseline or None)
+        return await call(ctx, run_eval_tool.run_eval, request)
+
+    @mcp.tool(annotations=READ)
+    async def check_drift(ctx: Context, against: str, dataset_id: str = "", suite_id: str = "") -> DriftResult:
+        """Data drift of dataset_id from against (a model's training data, or a dataset); KPI drift of
+        against's reports on suite_id."""
+        return await call(ctx, drift_tool.check_drift, against, dataset_id or None, suite_id or None)
+
+    @mcp.tool(annotations=READ)
+    async def read_eval_report(ctx: Context, ref: str, baseline: str = "", page: int = 0) -> ReportView:
+        """Eval report (by report, job or model id): verdict, KPI gates vs baseline (delta, ci95, p), worst
+        items, drift, next steps."""
+        return await call(ctx, report_tool.read_eval_report, ref, baseline or None, page)
+
+    # The .html template first: the JSON one would also match "rep_x.html".
+    @mcp.resource("weightsmith://reports/{report_id}.html", mime_type="text/html")
+    async def report_html_resource(report_id: str, ctx: Context) -> str:
+        """An eval report as HTML with plots."""
+        return await call(ctx, report_tool.read_eval_report_html, report_id)
+
+    @mcp.resource("weightsmith://reports/{report_id}", mime_type="application/json")
+    async def report_resource(report_id: str, ctx: Context) -> str:
+        """An eval report as JSON (same as read_eval_report)."""
+        view = await call(ctx, report_tool.read_eval_report, report_id)
         return json.dumps(view.model_dump(mode="json"))
 
     return mcp

@@ -161,3 +161,42 @@ class Reservation(SQLModel, table=True):
     flops_used: float | None = None
     settled_at: float | None = None
     created_at: float = Field(default_factory=time.time, index=True)
+
+
+class EvalSuite(SQLModel, table=True):
+    """A declared eval suite (see `training_core.suite`): the same definition is stored once per agent."""
+
+    __table_args__ = (UniqueConstraint("agent_id", "content_hash"),)
+    id: str = Field(default_factory=lambda: new_id("suite"), primary_key=True)
+    agent_id: str = Field(foreign_key="agent.id", index=True)
+    name: str
+    definition: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    dataset_id: str = Field(foreign_key="dataset.id")
+    content_hash: str
+    """sha256 of the canonical definition and the dataset's content hash: reports are comparable
+    only within one hash."""
+    items: int = 0
+    created_at: float = Field(default_factory=time.time)
+
+
+class EvalReport(SQLModel, table=True):
+    """One model's scores on one suite, with the gate against its baseline and drift findings."""
+
+    id: str = Field(default_factory=lambda: new_id("rep"), primary_key=True)
+    agent_id: str = Field(foreign_key="agent.id", index=True)
+    job_id: str = Field(foreign_key="job.id", index=True)
+    suite_id: str = Field(foreign_key="evalsuite.id", index=True)
+    model_ref: str = Field(index=True)
+    """The model evaluated: a registered model id, or the local directory of an unregistered one."""
+    model_id: str | None = Field(default=None, foreign_key="model.id", index=True)
+    model_family: str = Field(index=True)
+    """The root of the model's lineage (the first base model): KPI drift compares a family's reports."""
+    baseline_ref: str | None = None
+    baseline_report_id: str | None = None
+    verdict: str = "inconclusive"
+    """`pass`, `fail` or `inconclusive`: thresholds and, with a baseline, the regression gate."""
+    summary: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    """KPI values, the gate per KPI, the composite, drift findings, decoding settings."""
+    results_path: str = ""
+    """Per-item prompts, references, outputs and scores (JSONL) under HOME/runs."""
+    created_at: float = Field(default_factory=time.time, index=True)

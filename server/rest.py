@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel
 
 from server import auth
 from server.context import ServiceContext, ServiceRef
 from server.errors import WeightsmithError
 from server.models import Agent
 from tools import datasets as dataset_tools
+from tools import eval_suites
 from tools import jobs as job_tools
 from tools import models as model_tools
 from tools import quota as quota_tools
+from tools import read_eval_report as reports
+from tools.check_drift import DriftResult, check_drift
 from tools.datasets import DatasetList, UploadDatasetRequest, ValidationView
+from tools.eval_suites import SuiteList, SuiteView
 from tools.generate_synthetic_data import SynthLaunch, SynthRequest, generate_synthetic_data
 from tools.jobs import EventPage, JobList, MetricHistory
 from tools.launch_training import LaunchResult, LaunchTrainingRequest, launch_training
 from tools.models import ModelList
 from tools.quota import Quota
+from tools.read_eval_report import ReportView
+from tools.run_eval import RunEvalRequest, RunEvalResult, run_eval
 from tools.views import JobView
 
 
@@ -98,6 +105,45 @@ def get_validation(dataset_id: str, service: Service, agent: CurrentAgent, limit
 @router.get("/models", response_model=ModelList, tags=["models"])
 def get_models(service: Service, agent: CurrentAgent, limit: int = 20) -> ModelList:
     return model_tools.list_models(service, agent, limit)
+
+
+# --- issue 4: evaluation routes ---
+class SuiteBody(BaseModel):
+    definition: str | dict[str, Any]
+
+
+@router.post("/eval-suites", response_model=SuiteView, tags=["eval"])
+def post_eval_suite(body: SuiteBody, service: Service, agent: CurrentAgent) -> SuiteView:
+    return eval_suites.create_eval_suite(service, agent, body.definition)
+
+
+@router.get("/eval-suites", response_model=SuiteList, tags=["eval"])
+def get_eval_suites(service: Service, agent: CurrentAgent, limit: int = 20) -> SuiteList:
+    return eval_suites.list_eval_suites(service, agent, limit)
+
+
+@router.post("/evals", response_model=RunEvalResult, tags=["eval"])
+def post_eval(body: RunEvalRequest, service: Service, agent: CurrentAgent) -> RunEvalResult:
+    return run_eval(service, agent, body)
+
+
+@router.get("/drift", response_model=DriftResult, tags=["eval"])
+def get_drift(against: str, service: Service, agent: CurrentAgent, dataset_id: str | None = None,
+              suite_id: str | None = None) -> DriftResult:
+    return check_drift(service, agent, against, dataset_id, suite_id)
+
+
+# Before /reports/{ref}, which would also match "rep_x.html".
+@router.get("/reports/{report_id}.html", response_class=HTMLResponse, tags=["eval"])
+def get_report_html(report_id: str, service: Service, agent: CurrentAgent) -> HTMLResponse:
+    return HTMLResponse(reports.read_eval_report_html(service, agent, report_id))
+
+
+@router.get("/reports/{ref}", response_model=ReportView, tags=["eval"])
+def get_report(ref: str, service: Service, agent: CurrentAgent, baseline: str | None = None,
+               page: int = 0) -> ReportView:
+    """A report by report, job or model id (a model known by its directory: use its report or job id)."""
+    return reports.read_eval_report(service, agent, ref, baseline, page)
 
 
 @router.get("/quota", response_model=Quota, tags=["agents"])

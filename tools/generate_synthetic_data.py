@@ -10,23 +10,24 @@ registers it with its lineage, and the job's metrics carry `dataset_id`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import jsonschema
 from pydantic import ConfigDict, Field, ValidationError
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from server import guardrails
 from server.context import ServiceContext
 from server.datasets import resolve_in_roots
 from server.db import owned, write_transaction
 from server.errors import InvalidDataset, InvalidRequest
-from server.models import Agent, Dataset, Job, JobState, Model, Reservation
+from server.models import Agent, Dataset, EvalSuite, Job, JobState, Model, Reservation
 from tools.launch_training import _queue_after_snapshot_check
 from tools.views import Compact
-from training_core import modelinfo
+from training_core import data, modelinfo
 from training_core.spec import Hyperparameters, JobSpec, Limits
 from training_core.synthetic.generators import slots_in
 from training_core.synthetic.tasks import calls_per_record
@@ -241,14 +242,19 @@ def _filters(request: SynthRequest) -> dict[str, Any]:
 
 
 def _eval_suite_items(session: Session, agent_id: str) -> list[str]:
-    """The texts of the items of every eval suite the agent owns: generated records that share a
-    13-word sequence with one are dropped.
-
-    Eval suites (issue 4) are not on this branch. At merge, replace the `return []` below with one
-    line reading the agent's suites, e.g.
-    `return [item_text for s in session.exec(select(EvalSuite).where(EvalSuite.agent_id == agent_id)) for item_text in s.item_texts()]`.
-    """
-    return []
+    """The texts of the records behind every eval suite the agent owns (prompt and reference):
+    generated records that share a 13-word sequence with one are dropped."""
+    suites = session.exec(select(EvalSuite).where(EvalSuite.agent_id == agent_id)).all()
+    texts: list[str] = []
+    for dataset_id in sorted({suite.dataset_id for suite in suites}):
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is None:
+            continue
+        for _, record in data.read_records(Path(dataset.path)):
+            if isinstance(record, dict):
+                with contextlib.suppress(KeyError, TypeError):  # a suite's records were validated; be safe
+                    texts.append(data.record_text(record))
+    return texts
 
 
 def _check(request: SynthRequest, ctx: ServiceContext) -> None:

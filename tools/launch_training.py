@@ -17,7 +17,7 @@ from server.context import ServiceContext
 from server.datasets import resolve_in_roots, sha256_file
 from server.db import owned, write_transaction
 from server.errors import Conflict, InvalidDataset, InvalidRequest
-from server.models import Agent, Dataset, Job, JobState, Model, Reservation
+from server.models import Agent, Dataset, EvalSuite, Job, JobState, Model, Reservation
 from tools import methods
 from tools.views import Compact, JobView, job_view
 from training_core import modelinfo
@@ -74,6 +74,7 @@ class LaunchTrainingRequest(Compact):
     model_name: str | None = Field(None, max_length=120, description="Name of the registered model.")
     idempotency_key: str | None = Field(None, max_length=200, description="A retry with the same key returns the same job.")
     dry_run: bool = Field(False, description="Return the estimate and verdict; start nothing.")
+    eval_suite: str | None = Field(None, description="Suite id: evaluate the new model against its parent when done.")
 
 
 class EstimateView(Compact):
@@ -111,6 +112,8 @@ def launch_training(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRe
             reference = owned(session, Dataset, options["reference_dataset"], agent.id, "options.reference_dataset")
             options["reference_files"] = [reference.path]
         base_dir, parent = _base_model(session, ctx, agent, request)
+        if request.eval_suite:
+            owned(session, EvalSuite, request.eval_suite, agent.id, "eval_suite")
     if base_dir is None:  # pretrain: the model is built in the job, from a preset or an explicit shape
         config = {"max_position_embeddings": methods.context_length(options)}
         parameters = methods.pretrain_parameters(options)
@@ -152,7 +155,7 @@ def launch_training(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRe
             "scratch:model_config" if options.get("model_config") else f"scratch:{options.get('preset')}"),
         "parent_model_id": parent.id if parent else None,
         "dataset_ids": [d.id for d in datasets], "dataset_hashes": [d.content_hash for d in datasets],
-        "model_name": request.model_name}
+        "model_name": request.model_name, "eval_suite": request.eval_suite}
 
     with write_transaction(ctx.engine) as session:
         if request.idempotency_key:  # checked again under the write lock: two retries may race here

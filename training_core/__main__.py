@@ -29,6 +29,7 @@ METHODS = {
     "dpo": "training_core.dpo",
     "grpo": "training_core.grpo",
     "synth": "training_core.synthetic",
+    "eval": "training_core.evaluate",
 }
 """Each method's module exposes `run(spec, events, started) -> JobResult`."""
 
