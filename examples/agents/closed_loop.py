@@ -109,8 +109,8 @@ async def main(rounds: int, home: Path) -> None:
                                 options={"system_prompt": chats[0]["messages"][0]["content"]}, generator={
                                     "type": "template",
                                     "templates": [{"prompt": "What does the Gridbook say here: {sentence}",
-                                                   "completion": "{chunk}"}]}))["job"]
-            generated = (await wait(client, synth["id"]))["metrics"]
+                                                   "completion": "{chunk}"}]}))
+            generated = (await wait(client, synth["job_id"]))["metrics"]
             print(f"round {round_number}: generated {generated['records']} QA records ({generated['dataset_id']})")
             train = (await call(client, "launch_training", method="sft", base_model=promoted, adapter="full",
                                 datasets=[train_chats["dataset"]["id"], generated["dataset_id"]],
