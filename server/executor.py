@@ -86,9 +86,9 @@ class LocalExecutor:
                     if job is None:
                         break
                     runner = _Runner(self, job)
-                    with self._lock:
+                    with self._lock:  # registered and started at once: `stop` never sees an unstarted runner
                         self._runners[job.id] = runner
-                    runner.start()
+                        runner.start()
             except Exception:  # the loop must outlive a passing database error
                 log.exception("dispatch failed; retrying")
             self._wake.wait(timeout=min(1.0, self.settings.heartbeat_seconds))
