@@ -25,6 +25,7 @@ from tools import datasets as dataset_tools
 from tools import jobs as job_tools
 from tools import models as model_tools
 from tools import quota as quota_tools
+from tools import tune_hyperparameters as tune_tools
 from tools.datasets import DatasetList, UploadDatasetRequest, ValidationView
 from tools.jobs import EventPage, JobList, MetricHistory
 from tools.launch_training import (
@@ -39,6 +40,7 @@ from tools.launch_training import (
 )
 from tools.models import ModelList
 from tools.quota import Quota
+from tools.tune_hyperparameters import TuneRequest, TuneStarted
 from tools.views import JobView
 
 T = TypeVar("T")
@@ -168,6 +170,27 @@ def build_mcp_server(service: ServiceRef, local_key: str | None = None) -> MCPSe
     async def get_quota(ctx: Context) -> Quota:
         """Your limits and what is left of your rolling compute budget."""
         return await call(ctx, quota_tools.get_quota)
+
+    # --- issue 5: tune_hyperparameters tools ---
+
+    @mcp.tool(annotations=WRITE)
+    async def tune_hyperparameters(
+        ctx: Context, template: dict[str, Any], search_space: dict[str, dict[str, Any]], n_trials: int = 10,
+        n_parallel: int = 1, budget_flops: float | None = None, strategy: dict[str, Any] | None = None,
+        final_retrain: bool = False, idempotency_key: str | None = None,
+    ) -> TuneStarted:
+        """An Optuna study (a tune job, returned at once) whose trials are train jobs from template
+        (launch_training arguments). search_space: {"learning_rate": {"type": "float", "low": 1e-4, "high":
+        1e-2, "log": true}, "lora.r": {"type": "categorical", "choices": [8, 16]}}. strategy: sampler
+        (tpe|random|cmaes|gp), pruner (hyperband|median|successive_halving|none). get_job shows trials, best."""
+        try:
+            request = TuneRequest.model_validate({
+                "template": template, "search_space": search_space, "n_trials": n_trials, "n_parallel": n_parallel,
+                "budget_flops": budget_flops, "strategy": strategy or {}, "final_retrain": final_retrain,
+                "idempotency_key": idempotency_key})
+        except ValueError as err:
+            raise ToolError(f"invalid_request: {err}") from err
+        return await call(ctx, tune_tools.tune_hyperparameters, request)
 
     @mcp.resource("weightsmith://jobs/{job_id}", mime_type="application/json")
     async def job_resource(job_id: str, ctx: Context) -> str:

@@ -20,6 +20,7 @@ from tools.jobs import EventPage, JobList, MetricHistory
 from tools.launch_training import LaunchResult, LaunchTrainingRequest, launch_training
 from tools.models import ModelList
 from tools.quota import Quota
+from tools.tune_hyperparameters import TuneRequest, TuneStarted, tune_hyperparameters
 from tools.views import JobView
 
 
@@ -44,6 +45,11 @@ router = APIRouter(prefix="/v1")
 @router.post("/trainings", response_model=LaunchResult, tags=["training"])
 def post_training(body: LaunchTrainingRequest, service: Service, agent: CurrentAgent) -> LaunchResult:
     return launch_training(service, agent, body)
+
+
+@router.post("/studies", response_model=TuneStarted, tags=["training"])
+def post_study(body: TuneRequest, service: Service, agent: CurrentAgent) -> TuneStarted:
+    return tune_hyperparameters(service, agent, body)
 
 
 @router.get("/jobs", response_model=JobList, tags=["jobs"])

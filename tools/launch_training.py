@@ -92,22 +92,12 @@ class LaunchResult(Compact):
 
 def launch_training(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRequest) -> LaunchResult:
     """Validate, price and admit a train request; the job runs on a worker and this returns at once."""
-    settings = ctx.settings
     request_hash = _request_hash(request)
     if request.idempotency_key and not request.dry_run:
         existing = _existing_for_key(ctx, agent, request.idempotency_key, request_hash)
         if existing is not None:
             return _launched(existing)
-    with Session(ctx.engine) as session:
-        datasets = _owned_datasets(session, agent, request.datasets)
-        base_dir, parent = _base_model(session, ctx, agent, request.base_model)
-    config = modelinfo.read_model_config(base_dir)
-    parameters = modelinfo.count_parameters(base_dir)
-    hyper = _resolve(request, datasets, parameters, config)
-    tokens_per_step = hyper.per_device_batch_size * hyper.gradient_accumulation_steps * min(
-        hyper.max_seq_length, _longest_record_tokens(datasets))
-    estimate = guardrails.Estimate(parameters=parameters, tokens_per_step=tokens_per_step, max_steps=hyper.max_steps,
-                                   dataset_bytes=sum(d.bytes for d in datasets), max_seconds=request.limits.max_seconds)
+    job, estimate, datasets = prepare_train_job(ctx, agent, request, request_hash)
 
     if request.dry_run:
         with Session(ctx.engine) as session:
@@ -116,26 +106,6 @@ def launch_training(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRe
         return LaunchResult(admitted=verdict.admitted, dry_run=True, estimate=_estimate_view(estimate),
                             refusal=verdict.message, max_steps_that_fit=verdict.max_steps_that_fit,
                             budget_flops_left=max(left, 0.0))
-
-    job = Job(agent_id=agent.id, kind="train", method=request.method, state=JobState.validating,
-              request=request.model_dump(mode="json"), idempotency_key=request.idempotency_key,
-              request_hash=request_hash, estimate_flops=estimate.flops)
-    job.run_dir = str((settings.runs_dir / job.id).resolve())
-    job.output_dir = str(Path(job.run_dir) / "output")
-    spec = JobSpec(
-        job_id=job.id, method=request.method, run_dir=job.run_dir, output_dir=job.output_dir,
-        base_model=str(base_dir), train_files=[d.path for d in datasets], hyperparameters=hyper,
-        adapter=request.adapter, lora=LoraSpec(**request.lora.model_dump()), merge_adapter=request.merge_adapter,
-        limits=Limits(max_seconds=min(request.limits.max_seconds or agent.max_request_seconds, agent.max_request_seconds),
-                      max_flops=min(request.limits.max_flops or agent.max_request_flops, agent.max_request_flops),
-                      max_tokens=agent.max_request_tokens),
-        flops_per_token=6.0 * parameters)
-    job.resolved = {
-        "spec": json.loads(spec.to_json()), "hyperparameters": json.loads(json.dumps(hyper.__dict__)),
-        "estimate": _estimate_view(estimate).model_dump(),
-        "base_model": request.base_model, "parent_model_id": parent.id if parent else None,
-        "dataset_ids": [d.id for d in datasets], "dataset_hashes": [d.content_hash for d in datasets],
-        "model_name": request.model_name}
 
     with write_transaction(ctx.engine) as session:
         if request.idempotency_key:  # checked again under the write lock: two retries may race here
@@ -149,12 +119,51 @@ def launch_training(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRe
         session.add(job)
         session.flush()
         session.add(Reservation(agent_id=agent.id, job_id=job.id, flops_reserved=estimate.flops))
-    _queue_after_snapshot_check(ctx, job, datasets)
+    queue_after_snapshot_check(ctx, job, datasets)
     ctx.wake_workers()
     return _launched(job)
 
 
-def _queue_after_snapshot_check(ctx: ServiceContext, job: Job, datasets: list[Dataset]) -> None:
+def prepare_train_job(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRequest, request_hash: str = "",
+                      options: dict[str, Any] | None = None) -> tuple[Job, guardrails.Estimate, list[Dataset]]:
+    """Validate and price a train request into an unsaved `validating` job with its spec (`options`
+    go into the spec unchanged); a study's trials are built here too."""
+    settings = ctx.settings
+    with Session(ctx.engine) as session:
+        datasets = _owned_datasets(session, agent, request.datasets)
+        base_dir, parent = _base_model(session, ctx, agent, request.base_model)
+    config = modelinfo.read_model_config(base_dir)
+    parameters = modelinfo.count_parameters(base_dir)
+    hyper = _resolve(request, datasets, parameters, config)
+    tokens_per_step = hyper.per_device_batch_size * hyper.gradient_accumulation_steps * min(
+        hyper.max_seq_length, _longest_record_tokens(datasets))
+    estimate = guardrails.Estimate(parameters=parameters, tokens_per_step=tokens_per_step, max_steps=hyper.max_steps,
+                                   dataset_bytes=sum(d.bytes for d in datasets), max_seconds=request.limits.max_seconds)
+
+    job = Job(agent_id=agent.id, kind="train", method=request.method, state=JobState.validating,
+              request=request.model_dump(mode="json"), idempotency_key=request.idempotency_key,
+              request_hash=request_hash, estimate_flops=estimate.flops)
+    job.run_dir = str((settings.runs_dir / job.id).resolve())
+    job.output_dir = str(Path(job.run_dir) / "output")
+    spec = JobSpec(
+        job_id=job.id, method=request.method, run_dir=job.run_dir, output_dir=job.output_dir,
+        base_model=str(base_dir), train_files=[d.path for d in datasets], hyperparameters=hyper,
+        adapter=request.adapter, lora=LoraSpec(**request.lora.model_dump()), merge_adapter=request.merge_adapter,
+        limits=Limits(max_seconds=min(request.limits.max_seconds or agent.max_request_seconds, agent.max_request_seconds),
+                      max_flops=min(request.limits.max_flops or agent.max_request_flops, agent.max_request_flops),
+                      max_tokens=agent.max_request_tokens),
+        flops_per_token=6.0 * parameters, options=options or {})
+    job.resolved = {
+        "spec": json.loads(spec.to_json()), "hyperparameters": json.loads(json.dumps(hyper.__dict__)),
+        "estimate": _estimate_view(estimate).model_dump(),
+        "base_model": request.base_model, "parent_model_id": parent.id if parent else None,
+        "dataset_ids": [d.id for d in datasets], "dataset_hashes": [d.content_hash for d in datasets],
+        "model_name": request.model_name}
+
+    return job, estimate, datasets
+
+
+def queue_after_snapshot_check(ctx: ServiceContext, job: Job, datasets: list[Dataset]) -> None:
     """validating -> queued once every snapshot still holds the bytes it was registered with.
 
     Snapshots are read-only copies, so a mismatch means tampering or disk damage: the job fails

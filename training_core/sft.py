@@ -165,6 +165,8 @@ def _build_trainer(spec: JobSpec, model: PreTrainedModel, tokenizer: PreTrainedT
                    data_format: str, train_records: list[dict[str, Any]], eval_records: list[dict[str, Any]],
                    callback: JobCallback, device: str) -> SFTTrainer:
     hyper = spec.hyperparameters
+    # A study's trial asks for the held-out loss every `eval_steps` too, so its pruner can stop it early.
+    eval_steps = spec.options.get("eval_steps") if eval_records else None
     config = SFTConfig(
         output_dir=spec.output_dir,
         max_steps=hyper.max_steps,
@@ -185,7 +187,8 @@ def _build_trainer(spec: JobSpec, model: PreTrainedModel, tokenizer: PreTrainedT
         save_strategy="steps",
         save_steps=hyper.save_steps,
         save_total_limit=SAVE_TOTAL_LIMIT,
-        eval_strategy="no",  # held-out loss is measured before and after training, by `run`
+        eval_strategy="steps" if eval_steps else "no",  # and before and after training, by `run`
+        eval_steps=eval_steps,
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=device == "cuda",
         report_to="none",

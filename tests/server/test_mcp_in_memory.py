@@ -16,7 +16,8 @@ from server.mcp_server import build_mcp_server
 from tests.conftest import chat_records, quick_hyperparameters, write_jsonl
 
 TOOLS = {"launch_training", "get_job", "wait_for_job", "list_jobs", "cancel_job", "get_job_events",
-         "get_metric_history", "upload_dataset", "validate_dataset", "list_datasets", "list_models", "get_quota"}
+         "get_metric_history", "upload_dataset", "validate_dataset", "list_datasets", "list_models", "get_quota",
+         "tune_hyperparameters"}
 
 
 async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
