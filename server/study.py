@@ -67,11 +67,11 @@ def open_study(job: Job, attempt: int = 1) -> optuna.Study:
     strategy = job.resolved["strategy"]
     return optuna.create_study(
         storage=studies_storage(job.resolved["studies_url"]), study_name=job.id, load_if_exists=True,
-        direction=strategy["direction"], sampler=_sampler(strategy, job.resolved["n_trials"], attempt),
-        pruner=_pruner(strategy["pruner"], job.resolved["eval_steps"], job.resolved["max_steps"]))
+        direction=strategy["direction"], sampler=make_sampler(strategy, job.resolved["n_trials"], attempt),
+        pruner=make_pruner(strategy["pruner"], job.resolved["eval_steps"], job.resolved["max_steps"]))
 
 
-def _sampler(strategy: dict[str, Any], n_trials: int, attempt: int) -> optuna.samplers.BaseSampler:
+def make_sampler(strategy: dict[str, Any], n_trials: int, attempt: int) -> optuna.samplers.BaseSampler:
     # A seeded sampler restarted mid-study would draw its first parameters again: each run of the
     # driver seeds it differently (samplers that model the history read it from the storage).
     seed = None if strategy["seed"] is None else strategy["seed"] + attempt - 1
@@ -87,7 +87,7 @@ def _sampler(strategy: dict[str, Any], n_trials: int, attempt: int) -> optuna.sa
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, n_trials // 4)))
 
 
-def _pruner(name: str, eval_steps: int, max_steps: int) -> optuna.pruners.BasePruner:
+def make_pruner(name: str, eval_steps: int, max_steps: int) -> optuna.pruners.BasePruner:
     # Resources are optimizer steps, reported at every evaluation (every `eval_steps`).
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=eval_steps, max_resource=max(max_steps, eval_steps),
