@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import anyio
 import optuna
 import pytest
+import yaml
 from mcp import Client
 from sqlmodel import Session, select
 
@@ -20,6 +25,7 @@ from server.settings import Settings
 from server.study import open_study
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
 from tests.server.test_mcp_in_memory import call, wait_final
+from tests.server.test_transports import http_service  # noqa: F401 -- the fixture
 from tools.datasets import UploadDatasetRequest, upload_dataset
 from tools.launch_training import LaunchTrainingRequest, prepare_train_job
 from tools.quota import get_quota
@@ -68,7 +74,8 @@ def test_study_finishes_its_trials_names_the_best_and_charges_the_budget_once(
         async with Client(build_mcp_server(ServiceRef(service))) as client:
             ds = (await call(client, "upload_dataset", path=str(data)))["dataset"]["id"]
             started = await call(client, "tune_hyperparameters", template=_template(service, ds), search_space=LR,
-                                 n_trials=3, budget_flops=1e12, strategy={"pruner": "none", "seed": 1})
+                                 n_trials=3, budget_flops=1e12, strategy={"pruner": "none", "seed": 1},
+                                 final_retrain=True)
             assert started["state"] == "queued" and started["budget_flops"] == 1e12
             study = await wait_final(client, started["study_id"])
             models = await call(client, "list_models", limit=50)
@@ -84,15 +91,20 @@ def test_study_finishes_its_trials_names_the_best_and_charges_the_budget_once(
     assert result["best_value"] == min(t["value"] for t in trials)
     best = next(t for t in trials if t["number"] == result["best_trial"])
     assert result["best_params"] == best["params"] and result["best_job_id"] == best["job_id"]
-    assert study["model_id"] == result["best_model_id"] in {m["id"] for m in models["models"]}
-    trial_jobs = _trial_jobs(service, study["id"])
+    assert result["best_model_id"] in {m["id"] for m in models["models"]}
+    # The last step retrained the best parameters on all the data: that model is the study's.
+    retrain = next(j for j in _trial_jobs(service, study["id"]) if j.trial_number is None)
+    assert retrain.state == JobState.succeeded and retrain.resolved["hyperparameters"]["eval_fraction"] == 0
+    assert retrain.resolved["hyperparameters"]["learning_rate"] == pytest.approx(best["params"]["learning_rate"])
+    assert study["model_id"] == result["final_model_id"] == retrain.model_id
+    trial_jobs = [j for j in _trial_jobs(service, study["id"]) if j.trial_number is not None]
     assert sorted(j.trial_number for j in trial_jobs) == [0, 1, 2]
     assert all(j.kind == "train" and j.state == JobState.succeeded and j.attempts == 1 for j in trial_jobs)
     for job in trial_jobs:  # each ran with its own sampled learning rate
         trial = next(t for t in trials if t["job_id"] == job.id)
         assert job.resolved["hyperparameters"]["learning_rate"] == pytest.approx(trial["params"]["learning_rate"])
     # The agent is charged the study's use once: its trials' reservations are carved out of it.
-    used = sum(j.flops_used for j in trial_jobs)
+    used = sum(j.flops_used for j in trial_jobs) + retrain.flops_used
     assert study["flops_used"] == pytest.approx(used) and _reservation(service, study["id"]).flops_used == used
     assert quota["budget_flops_spent"] == pytest.approx(used)
     stored = optuna.load_study(study_name=study["id"], storage=service.settings.studies_url)
@@ -221,3 +233,29 @@ def test_restart_mid_study_loses_no_trial_and_runs_none_twice(settings: Settings
     states = {t.number: t.state for t in optuna.load_study(study_name=study_id, storage=settings.studies_url).trials}
     assert states[orphan] == optuna.trial.TrialState.FAIL
     assert sum(s == optuna.trial.TrialState.COMPLETE for s in states.values()) == 3
+
+
+@pytest.mark.slow
+def test_cli_tune_starts_a_study_from_yaml_and_shows_its_trials(
+        http_service, settings: Settings, tmp_path: Path) -> None:  # noqa: F811 -- the imported fixture
+    base, key, _ = http_service
+    env = {**os.environ, "WEIGHTSMITH_URL": base, "WEIGHTSMITH_API_KEY": key, "COLUMNS": "200"}
+    cli = [sys.executable, "-m", "server.cli"]
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(24))
+    uploaded = subprocess.run([*cli, "datasets", "upload", str(data)], env=env, capture_output=True, text=True,
+                              check=True)
+    dataset_id = json.loads(uploaded.stdout)["dataset"]["id"]
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({
+        "template": {"base_model": str(settings.data_roots[1] / "tiny"), "datasets": [dataset_id],
+                     "hyperparameters": quick_hyperparameters(save_steps=100)},
+        "search_space": LR, "n_trials": 2, "budget_flops": 1e12, "strategy": {"pruner": "none"}}),
+        encoding="utf-8")
+    tuned = subprocess.run([*cli, "tune", str(study)], env=env, capture_output=True, text=True, check=False,
+                           timeout=400)
+    assert tuned.returncode == 0, tuned.stdout + tuned.stderr
+    assert "succeeded" in tuned.stdout and "best" in tuned.stdout and "stopped: n_trials" in tuned.stdout
+    assert tuned.stdout.count("complete") >= 2
+    refused = subprocess.run([*cli, "tune", str(study), "--no-watch"], env={**env, "WEIGHTSMITH_API_KEY": "nope"},
+                             capture_output=True, text=True, check=False)
+    assert refused.returncode == 1 and "unauthorized" in refused.stdout
