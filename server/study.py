@@ -143,7 +143,7 @@ class StudyDriver:
         except Exception:
             log.exception("study driver for %s failed", self.job.id)
             jobs.expire_lease(self.engine, self.job.id, self.epoch, "study driver error; the study resumes",
-                              self.job.flops_used, self.job.run_seconds)
+                              self._used(), self.job.run_seconds)
         finally:
             self.executor._study_done(self.job.id)
 
@@ -153,8 +153,8 @@ class StudyDriver:
         last_beat = time.monotonic()
         while True:
             if self._abandon_reason:
-                jobs.expire_lease(self.engine, self.job.id, self.epoch, self._abandon_reason,
-                                  self.job.flops_used, self.job.run_seconds)
+                jobs.expire_lease(self.engine, self.job.id, self.epoch, self._abandon_reason, self._used(),
+                                  self.job.run_seconds)
                 return
             if time.monotonic() - last_beat >= self.settings.heartbeat_seconds:
                 if not jobs.renew_lease(self.engine, self.job.id, self.executor.owner, self.epoch,
@@ -409,6 +409,9 @@ class StudyDriver:
 
     def _template(self) -> LaunchTrainingRequest:
         return LaunchTrainingRequest.model_validate(self.config["template"])
+
+    def _used(self) -> float:
+        return sum(r.flops_used for r in self._jobs())
 
     def _agent(self) -> Agent:
         with Session(self.engine) as session:
