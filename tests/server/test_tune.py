@@ -176,6 +176,24 @@ def test_small_budget_stops_the_study_early_with_a_clear_result(service: Service
     assert _start(service, agent, **request) == study_id  # a retry with the same key: the same study
 
 
+def test_cancelling_a_study_cancels_its_running_trial_and_settles_once(service: ServiceContext,
+                                                                      tmp_path: Path) -> None:
+    agent, _ = auth.create_agent(service.engine, service.settings, "impatient")
+    template = _template(service, _dataset(service, agent, tmp_path), max_steps=100000)
+    study_id = _start(service, agent, template=template, search_space=LR, n_trials=3, budget_flops=1e15,
+                      strategy={"pruner": "none"})
+    wait_until(lambda: any(j.state == JobState.running and j.progress.get("step") for j in _trial_jobs(service, study_id)),
+               timeout=120, interval=0.1)
+    jobs.request_cancel(service.engine, agent.id, study_id)
+    study = _final(service, agent, study_id, timeout=120)
+    assert study.state == JobState.cancelled and study.metrics["stopped_reason"] == "cancelled"
+    [trial] = _trial_jobs(service, study_id)
+    assert trial.state == JobState.cancelled and not trial.metrics.get("pruned")
+    assert _reservation(service, study_id).flops_used == study.flops_used == trial.flops_used > 0
+    assert study.metrics["trials"][0]["state"] == "fail"
+    assert get_quota(service, agent).budget_flops_spent == pytest.approx(study.flops_used)
+
+
 @pytest.mark.slow
 def test_hyperband_prunes_trials_whose_learning_rate_is_hopeless(service: ServiceContext, tmp_path: Path) -> None:
     agent = auth.ensure_local_agent(service.engine, service.settings)
