@@ -158,6 +158,8 @@ def _param_problem(name: str, param: ParamSpace, template: LaunchTrainingRequest
     if field not in fields:
         return (f"unknown parameter; use a hyperparameters field ({', '.join(Hyperparameters.model_fields)}) "
                 f"or lora.<{'|'.join(LoraOptions.model_fields)}>")
+    if field == "eval_fraction":
+        return "the objective is the loss on the held-out split, so every trial must hold out the same records"
     if param.type == "categorical":
         if not param.choices or param.low is not None or param.high is not None:
             return "a categorical parameter takes a non-empty `choices` list and no low/high"

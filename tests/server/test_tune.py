@@ -123,7 +123,8 @@ def test_malformed_search_space_is_refused_naming_each_parameter_and_starts_noth
                    "lora.rank": {"type": "int", "low": 4, "high": 16},
                    "warmup_ratio": {"type": "float", "low": 0.0, "high": 2.0},
                    "weight_decay": {"type": "float", "low": 0.0, "high": 0.1, "log": True},
-                   "lr_scheduler": {"type": "categorical", "choices": []}}
+                   "lr_scheduler": {"type": "categorical", "choices": []},
+                   "eval_fraction": {"type": "float", "low": 0.0, "high": 0.2}}
             result = await client.call_tool("tune_hyperparameters", {"template": template, "search_space": bad})
             text = result.content[0].text
             assert result.is_error
@@ -131,7 +132,8 @@ def test_malformed_search_space_is_refused_naming_each_parameter_and_starts_noth
                             "search_space.lora.rank: unknown parameter",
                             "search_space.warmup_ratio: 2.0 is not a valid warmup_ratio",
                             "search_space.weight_decay: log scale needs low > 0",
-                            "search_space.lr_scheduler: a categorical parameter takes a non-empty `choices`"):
+                            "search_space.lr_scheduler: a categorical parameter takes a non-empty `choices`",
+                            "search_space.eval_fraction: the objective is the loss on the held-out split"):
                 assert problem in text, text
             wrong_type = await client.call_tool("tune_hyperparameters", {
                 "template": template, "search_space": {"learning_rate": {"type": "uniform", "low": 1, "high": 2}}})
