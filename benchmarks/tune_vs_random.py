@@ -1,6 +1,6 @@
 """Tuning with TPE and Hyperband against random search without pruning, at the same number of trials.
 
-    .venv/bin/python benchmarks/tune_vs_random.py [--trials 12] [--seeds 2] [--steps 48] [--eval-steps 8]
+    .venv/bin/python benchmarks/tune_vs_random.py [--trials 12] [--seeds 2] [--first-seed 0] [--steps 48]
 
 The task: pre-train the `tiny` preset (~1M parameters, a tokenizer trained on the sample corpus)
 on the sample corpus in 64-token blocks, 48 steps of 8 blocks, and minimise the held-out loss over
@@ -144,6 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--eval-steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
@@ -160,7 +161,7 @@ def main() -> None:
               f"{len(task.held_out)} held-out blocks of {BLOCK} tokens; {args.steps} steps of {BATCH} blocks "
               f"({task.flops_per_step * args.steps:.3g} FLOPs a full trial); {args.trials} trials per search")
         ratios = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             random = search(task, optuna.samplers.RandomSampler(seed=seed), optuna.pruners.NopPruner(), args.trials)
             # Another seed: TPE's random start-up trials would otherwise repeat the baseline's first ones.
             strategy = {"sampler": "tpe", "seed": 1000 + seed}
