@@ -21,7 +21,7 @@ CPU cores. The study driver that turns the same Optuna calls into jobs is tested
 
 Measured 2026-11-23 with the defaults, seeds 0-4 (two runs), two busy CPU cores: ratios 0.08,
 0.56, 0.17, and twice never reached (random search found the better loss); Hyperband pruned 7-10
-of the 12 trials and TPE+Hyperband used 0.42-0.59 of random search's compute in all. The 0.4 target
+of the 12 trials and TPE+Hyperband used 0.42-0.60 of random search's compute in all. The 0.4 target
 is met in 2 of 5 seeds, not reliably: at 12 trials, the trials it prunes leave TPE few complete
 ones. With `--eval-steps 16` (fewer, later rungs) seeds 0-2 gave 0.08, 0.94, 0.17.
 """
