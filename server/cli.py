@@ -3,6 +3,7 @@
     weightsmith serve [--stdio]      weightsmith worker          weightsmith agents add NAME
     weightsmith datasets upload FILE weightsmith train ...       weightsmith jobs list|show|watch|cancel
     weightsmith synth REQUEST.json
+    weightsmith tune STUDY.yaml
     weightsmith demo
 
 Client commands talk to WEIGHTSMITH_URL (default http://127.0.0.1:8765) with WEIGHTSMITH_API_KEY.
@@ -232,6 +233,48 @@ def _load_request(path: Path) -> dict[str, Any]:
 
         return yaml.safe_load(text)
     return json.loads(text)
+
+
+@app.command()
+def tune(file: Annotated[Path, typer.Argument(help="A YAML or JSON tune_hyperparameters request.")],
+         watch: Annotated[bool, typer.Option(help="Show a live table of trials until the study ends.")] = True) -> None:
+    """Start a hyperparameter study (template, search_space, n_trials, strategy, budget_flops)."""
+    started = _call("POST", "/v1/studies", json=_load_request(file))
+    console.print(f"study {started['study_id']}: budget {started['budget_flops']:.3g} FLOPs, "
+                  f"{started['trial_estimate_flops']:.3g} a trial at most", highlight=False)
+    if not watch:
+        return
+    from rich.live import Live
+
+    with Live(_trials_table({}), console=console, refresh_per_second=2) as live:
+        while True:
+            study = _call("POST", f"/v1/jobs/{started['study_id']}/wait", params={"timeout_seconds": 2})
+            live.update(_trials_table(study))
+            if study["state"] in FINAL:
+                break
+    if study["error"]:
+        console.print(f"error: {study['error']['message']}", style="red", highlight=False)
+    if study["state"] != "succeeded":
+        raise typer.Exit(1)
+
+
+def _trials_table(study: dict[str, Any]) -> Table:
+    result = study.get("metrics") or {}
+    trials = result.get("trials", [])
+    names = sorted({name for trial in trials for name in trial["params"]})
+    best = result.get("best_value")
+    title = (f"study {study.get('id', '')} {study.get('state', 'starting')}"
+             + (f", best {best:.4g} (trial {result['best_trial']})" if best is not None else "")
+             + (f", stopped: {result['stopped_reason']}" if result.get("stopped_reason") else ""))
+    table = Table("trial", "state", *names, result.get("objective", "value"), "step", "FLOPs", title=title)
+    for trial in trials:
+        params = [f"{trial['params'][n]:.3g}" if isinstance(trial["params"].get(n), float)
+                  else str(trial["params"].get(n, "-")) for n in names]
+        value = f"{trial['value']:.4g}" if trial["value"] is not None else "-"
+        style = "bold green" if trial["number"] == result.get("best_trial") else None
+        table.add_row(str(trial["number"]), trial["state"], *params, value, str(trial["step"] or "-"),
+                      f"{trial['flops_used']:.3g}", style=style)
+    return table
 
 
 @jobs_app.command("list")

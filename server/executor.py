@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, and_, or_
 from sqlmodel import col, select
@@ -35,6 +35,9 @@ from server.db import is_sqlite, write_transaction
 from server.models import FINAL_STATES, Job, JobState, Model
 from server.settings import Settings
 from training_core.spec import CANCEL_FILE, EVENTS_FILE, JobResult, write_json_atomic
+
+if TYPE_CHECKING:
+    from server.study import StudyDriver
 
 log = logging.getLogger("weightsmith.executor")
 
@@ -50,6 +53,8 @@ class LocalExecutor:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._runners: dict[str, _Runner] = {}
+        self._studies: dict[str, StudyDriver] = {}
+        """Tune jobs' drivers: threads in this process, outside the slots (their trials take those)."""
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -67,9 +72,12 @@ class LocalExecutor:
         self._wake.set()
         with self._lock:
             runners = list(self._runners.values())
+            studies = list(self._studies.values())
+        for study in studies:
+            study.abandon("service stopping; the study resumes when a worker next runs")
         for runner in runners:
             runner.abandon("service stopping; the job resumes from its checkpoint when a worker next runs")
-        for runner in runners:
+        for runner in [*studies, *runners]:
             runner.join(timeout)
         if self._thread:
             self._thread.join(timeout)
@@ -89,6 +97,14 @@ class LocalExecutor:
                     with self._lock:  # registered and started at once: `stop` never sees an unstarted runner
                         self._runners[job.id] = runner
                         runner.start()
+                while not self._stopping.is_set():
+                    study = claim(self.engine, self.settings, self.owner, studies=True)
+                    if study is None:
+                        break
+                    driver = _study_driver(self, study)
+                    with self._lock:
+                        self._studies[study.id] = driver
+                        driver.start()
             except Exception:  # the loop must outlive a passing database error
                 log.exception("dispatch failed; retrying")
             self._wake.wait(timeout=min(1.0, self.settings.heartbeat_seconds))
@@ -98,21 +114,27 @@ class LocalExecutor:
         with self._lock:
             return self.slots - len(self._runners)
 
+    def _study_done(self, job_id: str) -> None:
+        with self._lock:
+            self._studies.pop(job_id, None)
+
     def _done(self, job_id: str) -> None:
         with self._lock:
             self._runners.pop(job_id, None)
         self._wake.set()
 
 
-def claim(engine: Engine, settings: Settings, owner: str) -> Job | None:
-    """Take the oldest queued job, or one whose lease expired, bumping its epoch."""
+def claim(engine: Engine, settings: Settings, owner: str, studies: bool = False) -> Job | None:
+    """Take the oldest queued job, or one whose lease expired, bumping its epoch. `studies` picks
+    tune jobs (driven in this process) instead of the jobs that run as child processes."""
     while True:
         now = time.time()
         with write_transaction(engine) as session:
             query = select(Job).where(or_(
                 col(Job.state) == JobState.queued,
                 and_(col(Job.state).in_((JobState.running, JobState.cancelling)), col(Job.lease_expires_at) < now),
-            )).order_by(col(Job.created_at)).limit(1)
+            ), (col(Job.kind) == "tune") if studies else (col(Job.kind) != "tune")
+            ).order_by(col(Job.created_at)).limit(1)
             if not is_sqlite(engine):
                 query = query.with_for_update(skip_locked=True)
             job = session.exec(query).first()
@@ -135,7 +157,7 @@ def claim(engine: Engine, settings: Settings, owner: str) -> Job | None:
 
 def _end_if_unrunnable(session: Any, job: Job, settings: Settings) -> bool:
     """A job whose worker vanished mid-cancel, or that keeps crashing, ends here instead of running."""
-    if job.state == JobState.cancelling:
+    if job.state == JobState.cancelling and job.kind != "tune":  # a study's driver cancels its trials first
         job.state, job.finished_at = JobState.cancelled, time.time()
     elif job.attempts > settings.max_attempts:
         job.state, job.finished_at = JobState.failed, time.time()
@@ -274,6 +296,14 @@ class _Runner:
         write_json_atomic(path, raw)
         (self.run_dir / CANCEL_FILE).unlink(missing_ok=True)
         return path
+
+
+def _study_driver(executor: LocalExecutor, job: Job) -> StudyDriver:
+    # Imported here: the driver prices trials with launch_training's code, which imports the
+    # service context, which imports this module.
+    from server.study import StudyDriver
+
+    return StudyDriver(executor, job)
 
 
 def _finish_train(engine: Engine, job: Job, epoch: int, result: JobResult) -> None:

@@ -102,12 +102,15 @@ def _over(limit: str, estimate: str, value: str, fit: int, unit: str = "max_step
 
 
 def budget_spent(session: Session, agent: Agent, now: float) -> float:
-    """Compute charged in the rolling window: what settled jobs used, what open ones reserved."""
+    """Compute charged in the rolling window: what settled jobs used, what open ones reserved.
+
+    A study's trials are left out: their compute is carved out of the study's own reservation."""
     charged = func.coalesce(Reservation.flops_used, Reservation.flops_reserved)
     window_start = now - agent.budget_window_seconds
     total = session.exec(
         select(func.coalesce(func.sum(charged), 0.0)).where(
-            Reservation.agent_id == agent.id, Reservation.created_at >= window_start)
+            Reservation.agent_id == agent.id, Reservation.created_at >= window_start,
+            col(Reservation.within_job_id).is_(None))
     ).one()
     return float(total)
 

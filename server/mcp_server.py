@@ -31,6 +31,7 @@ from tools import models as model_tools
 from tools import quota as quota_tools
 from tools import read_eval_report as report_tool
 from tools import run_eval as run_eval_tool
+from tools import tune_hyperparameters as tune_tools
 from tools.check_drift import DriftResult
 from tools.datasets import DatasetList, UploadDatasetRequest, ValidationView
 from tools.eval_suites import SuiteList, SuiteView
@@ -51,6 +52,7 @@ from tools.models import ModelList
 from tools.quota import Quota
 from tools.read_eval_report import ReportView
 from tools.run_eval import RunEvalRequest, RunEvalResult
+from tools.tune_hyperparameters import TuneRequest, TuneStarted
 from tools.views import JobView, compact_schema
 
 T = TypeVar("T")
@@ -222,6 +224,27 @@ def build_mcp_server(service: ServiceRef, local_key: str | None = None) -> MCPSe
         except WeightsmithError as err:
             raise ToolError(str(err)) from err
         return await call(ctx, synth_tools.generate_synthetic_data, request)
+
+    # --- issue 5: tune_hyperparameters tools ---
+
+    @mcp.tool(annotations=WRITE)
+    async def tune_hyperparameters(
+        ctx: Context, template: dict[str, Any], search_space: dict[str, dict[str, Any]], n_trials: int = 10,
+        n_parallel: int = 1, budget_flops: float | None = None, strategy: dict[str, Any] | None = None,
+        final_retrain: bool = False, idempotency_key: str | None = None,
+    ) -> TuneStarted:
+        """An Optuna study (a tune job, returned at once) whose trials are train jobs from template
+        (launch_training arguments). search_space: {"learning_rate": {"type": "float", "low": 1e-4, "high":
+        1e-2, "log": true}, "lora.r": {"type": "categorical", "choices": [8, 16]}}. strategy: sampler
+        (tpe|random|cmaes|gp), pruner (hyperband|median|successive_halving|none). get_job shows trials, best."""
+        try:
+            request = TuneRequest.model_validate({
+                "template": template, "search_space": search_space, "n_trials": n_trials, "n_parallel": n_parallel,
+                "budget_flops": budget_flops, "strategy": strategy or {}, "final_retrain": final_retrain,
+                "idempotency_key": idempotency_key})
+        except ValueError as err:
+            raise ToolError(f"invalid_request: {err}") from err
+        return await call(ctx, tune_tools.tune_hyperparameters, request)
 
     @mcp.resource("weightsmith://jobs/{job_id}", mime_type="application/json")
     async def job_resource(job_id: str, ctx: Context) -> str:

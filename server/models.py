@@ -108,6 +108,10 @@ class Job(SQLModel, table=True):
     created_at: float = Field(default_factory=time.time, index=True)
     started_at: float | None = None
     finished_at: float | None = None
+    study_job_id: str | None = Field(default=None, index=True)
+    """For a trial (or the final retrain) of a study: the `tune` job it belongs to."""
+    trial_number: int | None = None
+    """The Optuna trial this job runs, written with the job: after a restart each trial maps to one job."""
 
 
 class JobEvent(SQLModel, table=True):
@@ -161,6 +165,9 @@ class Reservation(SQLModel, table=True):
     flops_used: float | None = None
     settled_at: float | None = None
     created_at: float = Field(default_factory=time.time, index=True)
+    within_job_id: str | None = None
+    """Set on a study's trial: its compute is carved out of the study's reservation (that job's id),
+    which alone is charged to the agent's budget."""
 
 
 class EvalSuite(SQLModel, table=True):

@@ -28,6 +28,7 @@ from tools.models import ModelList
 from tools.quota import Quota
 from tools.read_eval_report import ReportView
 from tools.run_eval import RunEvalRequest, RunEvalResult, run_eval
+from tools.tune_hyperparameters import TuneRequest, TuneStarted, tune_hyperparameters
 from tools.views import JobView
 
 
@@ -52,6 +53,11 @@ router = APIRouter(prefix="/v1")
 @router.post("/trainings", response_model=LaunchResult, tags=["training"])
 def post_training(body: LaunchTrainingRequest, service: Service, agent: CurrentAgent) -> LaunchResult:
     return launch_training(service, agent, body)
+
+
+@router.post("/studies", response_model=TuneStarted, tags=["training"])
+def post_study(body: TuneRequest, service: Service, agent: CurrentAgent) -> TuneStarted:
+    return tune_hyperparameters(service, agent, body)
 
 
 @router.get("/jobs", response_model=JobList, tags=["jobs"])

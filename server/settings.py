@@ -32,6 +32,9 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Directories datasets and base models may be registered from by path; "
         "anything outside them is refused. JSON list, e.g. '[\"/data\"]'.")
+    studies_database_url: str | None = Field(
+        None, description="Optuna storage of the tune studies (optuna-dashboard opens it); default SQLite at "
+        "HOME/studies.db. Not the service's own database: both keep their schema version in alembic_version.")
     host: str = Field("127.0.0.1", description="Address `serve` binds.")
     port: int = Field(8765, description="Port `serve` binds.")
     allowed_hosts: list[str] = Field(
@@ -80,6 +83,10 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / 'weightsmith.db').resolve()}"
+
+    @property
+    def studies_url(self) -> str:
+        return self.studies_database_url or f"sqlite:///{(self.home / 'studies.db').resolve()}"
 
     @property
     def datasets_dir(self) -> Path:

@@ -25,7 +25,7 @@ from server.datasets import resolve_in_roots
 from server.db import owned, write_transaction
 from server.errors import InvalidDataset, InvalidRequest
 from server.models import Agent, Dataset, EvalSuite, Job, JobState, Model, Reservation
-from tools.launch_training import _queue_after_snapshot_check
+from tools.launch_training import queue_after_snapshot_check
 from tools.views import Compact
 from training_core import data, modelinfo
 from training_core.spec import Hyperparameters, JobSpec, Limits
@@ -228,7 +228,7 @@ def generate_synthetic_data(ctx: ServiceContext, agent: Agent, request: SynthReq
         session.add(job)
         session.flush()
         session.add(Reservation(agent_id=agent.id, job_id=job.id, flops_reserved=estimate.flops))
-    _queue_after_snapshot_check(ctx, job, sources + decontaminate)
+    queue_after_snapshot_check(ctx, job, sources + decontaminate)
     ctx.wake_workers()
     return SynthLaunch(admitted=True, job_id=job.id, state=job.state, estimate_tokens=view["tokens"],
                        estimate_flops=estimate.flops)

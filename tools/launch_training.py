@@ -97,34 +97,12 @@ class LaunchResult(Compact):
 
 def launch_training(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRequest) -> LaunchResult:
     """Validate, price and admit a train request; the job runs on a worker and this returns at once."""
-    settings = ctx.settings
     request_hash = _request_hash(request)
     if request.idempotency_key and not request.dry_run:
         existing = _existing_for_key(ctx, agent, request.idempotency_key, request_hash)
         if existing is not None:
             return _launched(existing)
-    method = methods.METHODS[request.method]
-    options = methods.validated_options(request.method, request.options)
-    with Session(ctx.engine) as session:
-        datasets = _owned_datasets(session, agent, request.datasets)
-        _check_formats(request.method, datasets)
-        if options.get("reference_dataset"):
-            reference = owned(session, Dataset, options["reference_dataset"], agent.id, "options.reference_dataset")
-            options["reference_files"] = [reference.path]
-        base_dir, parent = _base_model(session, ctx, agent, request)
-        if request.eval_suite:
-            owned(session, EvalSuite, request.eval_suite, agent.id, "eval_suite")
-    if base_dir is None:  # pretrain: the model is built in the job, from a preset or an explicit shape
-        config = {"max_position_embeddings": methods.context_length(options)}
-        parameters = methods.pretrain_parameters(options)
-    else:
-        config = modelinfo.read_model_config(base_dir)
-        parameters = modelinfo.count_parameters(base_dir)
-    hyper = _resolve(request, datasets, parameters, config)
-    estimate = guardrails.Estimate(
-        parameters=parameters, tokens_per_step=request.devices * _tokens_per_step(request.method, hyper, options, datasets),
-        max_steps=hyper.max_steps, dataset_bytes=sum(d.bytes for d in datasets),
-        max_seconds=request.limits.max_seconds, flops_per_parameter_token=method.flops_per_parameter_token)
+    job, estimate, datasets = prepare_train_job(ctx, agent, request, request_hash)
 
     if request.dry_run:
         with Session(ctx.engine) as session:
@@ -133,29 +111,6 @@ def launch_training(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRe
         return LaunchResult(admitted=verdict.admitted, dry_run=True, estimate=_estimate_view(estimate),
                             refusal=verdict.message, max_steps_that_fit=verdict.max_steps_that_fit,
                             budget_flops_left=max(left, 0.0))
-
-    job = Job(agent_id=agent.id, kind="train", method=request.method, state=JobState.validating,
-              request=request.model_dump(mode="json"), idempotency_key=request.idempotency_key,
-              request_hash=request_hash, estimate_flops=estimate.flops)
-    job.run_dir = str((settings.runs_dir / job.id).resolve())
-    job.output_dir = str(Path(job.run_dir) / "output")
-    spec = JobSpec(
-        job_id=job.id, method=request.method, run_dir=job.run_dir, output_dir=job.output_dir,
-        base_model=str(base_dir or ""), train_files=[d.path for d in datasets], hyperparameters=hyper,
-        adapter=request.adapter, lora=LoraSpec(**request.lora.model_dump()), merge_adapter=request.merge_adapter,
-        limits=Limits(max_seconds=min(request.limits.max_seconds or agent.max_request_seconds, agent.max_request_seconds),
-                      max_flops=min(request.limits.max_flops or agent.max_request_flops, agent.max_request_flops),
-                      max_tokens=agent.max_request_tokens),
-        flops_per_token=method.flops_per_parameter_token * parameters, options=options, devices=request.devices)
-    job.resolved = {
-        "spec": json.loads(spec.to_json()), "hyperparameters": json.loads(json.dumps(hyper.__dict__)),
-        "estimate": _estimate_view(estimate).model_dump(),
-        # A pretrained model starts from nothing but its shape: say so in its lineage.
-        "base_model": request.base_model or (
-            "scratch:model_config" if options.get("model_config") else f"scratch:{options.get('preset')}"),
-        "parent_model_id": parent.id if parent else None,
-        "dataset_ids": [d.id for d in datasets], "dataset_hashes": [d.content_hash for d in datasets],
-        "model_name": request.model_name, "eval_suite": request.eval_suite}
 
     with write_transaction(ctx.engine) as session:
         if request.idempotency_key:  # checked again under the write lock: two retries may race here
@@ -169,12 +124,69 @@ def launch_training(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRe
         session.add(job)
         session.flush()
         session.add(Reservation(agent_id=agent.id, job_id=job.id, flops_reserved=estimate.flops))
-    _queue_after_snapshot_check(ctx, job, datasets)
+    queue_after_snapshot_check(ctx, job, datasets)
     ctx.wake_workers()
     return _launched(job)
 
 
-def _queue_after_snapshot_check(ctx: ServiceContext, job: Job, datasets: list[Dataset]) -> None:
+def prepare_train_job(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRequest, request_hash: str = "",
+                      options: dict[str, Any] | None = None) -> tuple[Job, guardrails.Estimate, list[Dataset]]:
+    """Validate and price a train request into an unsaved `validating` job with its spec; `options`
+    (the service's own, such as a study trial's `eval_steps`) join the method's validated options.
+    A study's trials are built here too."""
+    settings = ctx.settings
+    method = methods.METHODS[request.method]
+    method_options = methods.validated_options(request.method, request.options)
+    with Session(ctx.engine) as session:
+        datasets = _owned_datasets(session, agent, request.datasets)
+        _check_formats(request.method, datasets)
+        if method_options.get("reference_dataset"):
+            reference = owned(session, Dataset, method_options["reference_dataset"], agent.id,
+                              "options.reference_dataset")
+            method_options["reference_files"] = [reference.path]
+        base_dir, parent = _base_model(session, ctx, agent, request)
+        if request.eval_suite:
+            owned(session, EvalSuite, request.eval_suite, agent.id, "eval_suite")
+    if base_dir is None:  # pretrain: the model is built in the job, from a preset or an explicit shape
+        config = {"max_position_embeddings": methods.context_length(method_options)}
+        parameters = methods.pretrain_parameters(method_options)
+    else:
+        config = modelinfo.read_model_config(base_dir)
+        parameters = modelinfo.count_parameters(base_dir)
+    hyper = _resolve(request, datasets, parameters, config)
+    estimate = guardrails.Estimate(
+        parameters=parameters,
+        tokens_per_step=request.devices * _tokens_per_step(request.method, hyper, method_options, datasets),
+        max_steps=hyper.max_steps, dataset_bytes=sum(d.bytes for d in datasets),
+        max_seconds=request.limits.max_seconds, flops_per_parameter_token=method.flops_per_parameter_token)
+
+    job = Job(agent_id=agent.id, kind="train", method=request.method, state=JobState.validating,
+              request=request.model_dump(mode="json"), idempotency_key=request.idempotency_key,
+              request_hash=request_hash, estimate_flops=estimate.flops)
+    job.run_dir = str((settings.runs_dir / job.id).resolve())
+    job.output_dir = str(Path(job.run_dir) / "output")
+    spec = JobSpec(
+        job_id=job.id, method=request.method, run_dir=job.run_dir, output_dir=job.output_dir,
+        base_model=str(base_dir or ""), train_files=[d.path for d in datasets], hyperparameters=hyper,
+        adapter=request.adapter, lora=LoraSpec(**request.lora.model_dump()), merge_adapter=request.merge_adapter,
+        limits=Limits(max_seconds=min(request.limits.max_seconds or agent.max_request_seconds, agent.max_request_seconds),
+                      max_flops=min(request.limits.max_flops or agent.max_request_flops, agent.max_request_flops),
+                      max_tokens=agent.max_request_tokens),
+        flops_per_token=method.flops_per_parameter_token * parameters, options=method_options | (options or {}),
+        devices=request.devices)
+    job.resolved = {
+        "spec": json.loads(spec.to_json()), "hyperparameters": json.loads(json.dumps(hyper.__dict__)),
+        "estimate": _estimate_view(estimate).model_dump(),
+        # A pretrained model starts from nothing but its shape: say so in its lineage.
+        "base_model": request.base_model or (
+            "scratch:model_config" if method_options.get("model_config") else f"scratch:{method_options.get('preset')}"),
+        "parent_model_id": parent.id if parent else None,
+        "dataset_ids": [d.id for d in datasets], "dataset_hashes": [d.content_hash for d in datasets],
+        "model_name": request.model_name, "eval_suite": request.eval_suite}
+    return job, estimate, datasets
+
+
+def queue_after_snapshot_check(ctx: ServiceContext, job: Job, datasets: list[Dataset]) -> None:
     """validating -> queued once every snapshot still holds the bytes it was registered with.
 
     Snapshots are read-only copies, so a mismatch means tampering or disk damage: the job fails

@@ -97,7 +97,8 @@ def job_view(job: Job) -> JobView:
         started_at=iso(job.started_at), finished_at=iso(job.finished_at),
         progress=Progress(**{k: v for k, v in job.progress.items() if k in keys}),
         error=JobError(**job.error) if job.error else None, model_id=job.model_id,
-        metrics={k: v for k, v in job.metrics.items() if isinstance(v, (int, float, str)) or v is None},
+        metrics=job.metrics if job.kind == "tune" else {  # a study's result is its trials table and best
+            k: v for k, v in job.metrics.items() if isinstance(v, (int, float, str)) or v is None},
         hyperparameters=job.resolved.get("hyperparameters", {}), estimate_flops=job.estimate_flops,
         flops_used=job.flops_used, attempts=job.attempts)
 

@@ -94,8 +94,11 @@ def _build_trainer(spec: JobSpec, model: PreTrainedModel, tokenizer: PreTrainedT
                    data_format: str, train_records: list[dict[str, Any]], eval_records: list[dict[str, Any]],
                    callback: JobCallback, device: str) -> SFTTrainer:
     hyper = spec.hyperparameters
+    # A study's trial asks for the held-out loss every `eval_steps` too, so its pruner can stop it early.
+    eval_steps = spec.options.get("eval_steps") if eval_records else None
+    periodic = {"eval_strategy": "steps", "eval_steps": eval_steps} if eval_steps else {}
     config = SFTConfig(
-        **runs.common_arguments(spec, device),
+        **(runs.common_arguments(spec, device) | periodic),
         max_length=hyper.max_seq_length,
         packing=hyper.packing,
         assistant_only_loss=data_format == "messages" and has_generation_markers(tokenizer.chat_template),

@@ -18,7 +18,8 @@ from tests.conftest import chat_records, quick_hyperparameters, write_jsonl
 TOOLS = {"launch_training", "get_job", "wait_for_job", "list_jobs", "cancel_job", "get_job_events",
          "get_metric_history", "upload_dataset", "validate_dataset", "list_datasets", "list_models", "get_quota",
          "generate_synthetic_data",
-         "create_eval_suite", "list_eval_suites", "run_eval", "check_drift", "read_eval_report"}
+         "create_eval_suite", "list_eval_suites", "run_eval", "check_drift", "read_eval_report",
+         "tune_hyperparameters"}
 
 
 async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:

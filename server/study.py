@@ -1,0 +1,431 @@
+"""The study driver: runs one `tune` job's Optuna study inside the service, its trials as train jobs.
+
+The executor claims a tune job with the same lease as any job (owner, expiry, epoch as the fencing
+token) and hands it to a `StudyDriver` thread instead of a child process: a study trains nothing
+itself. The driver loops until the study ends:
+
+- follow: relay each trial's held-out losses (`eval_loss` metrics events at its evaluation steps)
+  to `trial.report(value, step)`, prune a trial when `trial.should_prune()` says so (its job is
+  cancelled, keeps its record with `metrics.pruned`, and its unused reservation returns to the
+  study), and `tell` Optuna how each finished trial ended;
+- start: `study.ask()` a new trial while fewer than `n_parallel` run, trials remain, and what is
+  left of the study's budget pays for its costliest trial; the trial job is inserted with its
+  Optuna trial number and its reservation carved out of the study's in one transaction;
+- end: with nothing left to ask and nothing running, optionally retrain the best parameters on
+  all the data, then write the result (best parameters and value, best model, trials table,
+  importances, `stopped_reason`) and settle the study's reservation against what its jobs used.
+
+Restarts: the Optuna study lives in an RDB storage (`Settings.studies_url`) named after the job,
+so a reclaimed study reloads it. A trial that Optuna shows running but that has no job was asked
+by a driver that stopped before inserting the job: it never ran, so it is told FAIL and a new one
+is asked in its place. Every other running trial has exactly one job, which the driver follows
+again from its first event (Optuna ignores a step reported twice). So no trial is lost or run twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import TrialState
+from sqlalchemy import Engine
+from sqlmodel import Session, col, select
+
+from server import guardrails, jobs
+from server.context import ServiceContext
+from server.db import write_transaction
+from server.errors import WeightsmithError
+from server.models import ACTIVE_STATES, FINAL_STATES, Agent, Job, JobState, Reservation
+from tools.launch_training import LaunchTrainingRequest, prepare_train_job, queue_after_snapshot_check
+from tools.tune_hyperparameters import ParamSpace, objective_value, trial_request
+
+if TYPE_CHECKING:
+    from server.executor import LocalExecutor
+
+log = logging.getLogger("weightsmith.study")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+POLL_SECONDS = 0.5
+MIN_TRIALS_FOR_IMPORTANCE = 4
+
+
+@functools.cache
+def studies_storage(url: str) -> optuna.storages.RDBStorage:
+    """One Optuna storage (and engine) per URL in this process, shared by every driver."""
+    # Several drivers and optuna-dashboard may write one SQLite file: wait for its lock, as our own
+    # engine does, instead of failing at once with "database is locked".
+    kwargs: dict[str, Any] = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+
+
+def open_study(job: Job, attempt: int = 1) -> optuna.Study:
+    strategy = job.resolved["strategy"]
+    return optuna.create_study(
+        storage=studies_storage(job.resolved["studies_url"]), study_name=job.id, load_if_exists=True,
+        direction=strategy["direction"], sampler=make_sampler(strategy, job.resolved["n_trials"], attempt),
+        pruner=make_pruner(strategy["pruner"], job.resolved["eval_steps"], job.resolved["max_steps"]))
+
+
+def make_sampler(strategy: dict[str, Any], n_trials: int, attempt: int) -> optuna.samplers.BaseSampler:
+    # A seeded sampler restarted mid-study would draw its first parameters again: each run of the
+    # driver seeds it differently (samplers that model the history read it from the storage).
+    seed = None if strategy["seed"] is None else strategy["seed"] + attempt - 1
+    name = strategy["sampler"]
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    # Studies here run tens of trials, not hundreds: TPE's default of 10 random start-up trials
+    # would be most of one.
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, n_trials // 4)))
+
+
+def make_pruner(name: str, eval_steps: int, max_steps: int) -> optuna.pruners.BasePruner:
+    # Resources are optimizer steps, reported at every evaluation (every `eval_steps`).
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=eval_steps, max_resource=max(max_steps, eval_steps),
+                                              reduction_factor=3)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=eval_steps, reduction_factor=3)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=eval_steps)
+    return optuna.pruners.NopPruner()
+
+
+def distributions(space: dict[str, Any]) -> dict[str, optuna.distributions.BaseDistribution]:
+    result: dict[str, optuna.distributions.BaseDistribution] = {}
+    for name, raw in space.items():
+        param = ParamSpace.model_validate(raw)
+        if param.type == "categorical":
+            result[name] = optuna.distributions.CategoricalDistribution(param.choices or [])
+        elif param.type == "int":
+            result[name] = optuna.distributions.IntDistribution(int(param.low or 0), int(param.high or 0),
+                                                               log=param.log)
+        else:
+            result[name] = optuna.distributions.FloatDistribution(param.low or 0.0, param.high or 0.0, log=param.log)
+    return result
+
+
+class StudyDriver:
+    """Drives one claimed tune job until it ends, its lease is lost, or the service stops."""
+
+    def __init__(self, executor: LocalExecutor, job: Job):
+        self.executor, self.job = executor, job
+        self.engine: Engine = executor.engine
+        self.settings = executor.settings
+        self.epoch = job.lease_epoch
+        self.config = job.resolved
+        self._abandon_reason: str | None = None
+        self._reported: dict[str, int] = {}
+        """Trial job id -> seq of the last metrics event relayed to Optuna."""
+        self._written: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run_safely, name=f"study-{job.id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def abandon(self, reason: str) -> None:
+        self._abandon_reason = reason
+
+    def _run_safely(self) -> None:
+        try:
+            self._run()
+        except Exception:
+            log.exception("study driver for %s failed", self.job.id)
+            jobs.expire_lease(self.engine, self.job.id, self.epoch, "study driver error; the study resumes",
+                              self._used(), self.job.run_seconds)
+        finally:
+            self.executor._study_done(self.job.id)
+
+    def _run(self) -> None:
+        study = open_study(self.job, self.job.attempts)
+        space = distributions(self.config["search_space"])
+        last_beat = time.monotonic()
+        while True:
+            if self._abandon_reason:
+                jobs.expire_lease(self.engine, self.job.id, self.epoch, self._abandon_reason, self._used(),
+                                  self.job.run_seconds)
+                return
+            if time.monotonic() - last_beat >= self.settings.heartbeat_seconds:
+                if not jobs.renew_lease(self.engine, self.job.id, self.executor.owner, self.epoch,
+                                        self.settings.lease_seconds):
+                    return  # another driver holds the study now: write nothing more
+                last_beat = time.monotonic()
+            rows = self._jobs()
+            self._follow(study, rows)
+            rows = self._jobs()
+            if jobs.cancel_requested(self.engine, self.job.id):
+                self._cancel(rows)
+                if not any(r.state in ACTIVE_STATES for r in rows):
+                    self._finish(study, rows, "cancelled")
+                    return
+            elif not self._advance(study, space, rows):
+                return
+            if not self._write_progress(study, self._jobs()):
+                return
+            time.sleep(POLL_SECONDS)
+
+    # Following trials.
+
+    def _jobs(self) -> list[Job]:
+        """The study's jobs: its trials (with a trial number) and the final retrain (without)."""
+        with Session(self.engine) as session:
+            return list(session.exec(select(Job).where(Job.study_job_id == self.job.id)
+                                     .order_by(col(Job.created_at))))
+
+    def _follow(self, study: optuna.Study, rows: list[Job]) -> None:
+        by_number = {r.trial_number: r for r in rows if r.trial_number is not None}
+        for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            row = by_number.get(frozen.number)
+            if row is None:  # asked by a driver that stopped before its job was inserted: it never ran
+                study.tell(frozen.number, state=TrialState.FAIL)
+                self._event(f"trial {frozen.number} was asked but never started (driver restart); asking anew")
+                continue
+            trial = optuna.trial.Trial(study, frozen._trial_id)
+            step = self._report(trial, row, set(frozen.intermediate_values))
+            if step is not None and row.state == JobState.running and trial.should_prune():
+                self._prune(row, step)
+            if row.state in FINAL_STATES:
+                self._tell(study, frozen.number, row)
+
+    def _report(self, trial: optuna.trial.Trial, row: Job, reported: set[int]) -> int | None:
+        """Relay the trial's new held-out losses; the step of the newest, or None if none came.
+        Steps Optuna has already (a driver before a restart; the loss after training repeats the last
+        evaluation's step) are passed over."""
+        newest = None
+        while True:
+            events = jobs.events(self.engine, row.agent_id, row.id, self._reported.get(row.id, 0), 500, "metrics")
+            for event in events:
+                value, step = event.data.get("eval_loss"), int(event.data.get("step") or 0)
+                # Step 0 is the untrained model, the same for every trial.
+                if value is not None and step > 0 and step not in reported and math.isfinite(value):
+                    trial.report(float(value), step)
+                    reported.add(step)
+                    newest = step
+            if events:
+                self._reported[row.id] = events[-1].seq
+            if len(events) < 500:
+                return newest
+
+    def _prune(self, row: Job, step: int) -> None:
+        with write_transaction(self.engine) as session:
+            job = session.get(Job, row.id)
+            if job is None or job.state != JobState.running:
+                return
+            job.metrics = {**job.metrics, "pruned": True, "pruned_at_step": step}
+            job.state, job.cancel_requested = JobState.cancelling, True
+            jobs._append_event(session, job, "info", "message",
+                               f"pruned by study {self.job.id} at step {step}: its held-out loss trails the "
+                               "other trials'", {"pruned": True, "step": step})
+            session.add(job)
+        self._event(f"trial {row.trial_number} pruned at step {step}")
+        self.executor.wake()
+
+    def _tell(self, study: optuna.Study, number: int, row: Job) -> None:
+        value = objective_value(row.metrics) if row.state == JobState.succeeded else None
+        if value is not None:
+            study.tell(number, value)
+            self._event(f"trial {number} complete: {self.config['strategy']['objective']} {value:.4g}")
+        elif row.state == JobState.cancelled and row.metrics.get("pruned"):
+            study.tell(number, state=TrialState.PRUNED)
+        else:
+            study.tell(number, state=TrialState.FAIL)
+            why = (row.error or {}).get("message") or "it reported no held-out loss"
+            self._event(f"trial {number} failed: {why}", level="warning")
+
+    # Starting trials, and ending the study.
+
+    def _advance(self, study: optuna.Study, space: dict[str, Any], rows: list[Job]) -> bool:
+        """Start what may start; end the study when nothing is left. False once it has ended."""
+        trials = [r for r in rows if r.trial_number is not None]
+        final = next((r for r in rows if r.trial_number is None), None)
+        running = sum(r.state in ACTIVE_STATES for r in trials)
+        left = self._budget_left(rows)
+        while (len(trials) < self.config["n_trials"] and running < self.config["n_parallel"]
+               and left >= self.config["trial_estimate_flops"]):
+            row = self._start_trial(study, space, left)
+            if row is None:
+                return False
+            trials.append(row)
+            running += 1
+            left -= row.estimate_flops
+        if running:
+            return True
+        stopped = "n_trials" if len(trials) >= self.config["n_trials"] else "budget_spent"
+        best = _best(study)
+        if self.config["final_retrain"] and best is not None:
+            if final is None:
+                final = self._start_final(best.params, left)
+            if final is not None and final.state in ACTIVE_STATES:
+                return True
+        self._finish(study, self._jobs(), stopped)
+        return False
+
+    def _budget_left(self, rows: list[Job]) -> float:
+        # An open trial holds its estimate (or more, if it somehow used more); a finished one what it used.
+        held = sum(r.flops_used if r.state in FINAL_STATES else max(r.estimate_flops, r.flops_used) for r in rows)
+        return self.config["budget_flops"] - held
+
+    def _start_trial(self, study: optuna.Study, space: dict[str, Any], left: float) -> Job | None:
+        trial = study.ask(space)
+        request = trial_request(self._template(), trial.params).model_copy(
+            update={"model_name": f"{self.job.id}-trial-{trial.number}"})
+        row = self._insert(request, left, trial.number, {"eval_steps": self.config["eval_steps"]})
+        if row is None:
+            study.tell(trial, state=TrialState.FAIL)
+            return None
+        self._event(f"trial {trial.number} started as {row.id}", trial=trial.number, job_id=row.id,
+                    params=trial.params)
+        return row
+
+    def _start_final(self, params: dict[str, Any], left: float) -> Job | None:
+        request = trial_request(self._template(), params)
+        hyper = request.hyperparameters.model_copy(update={"eval_fraction": 0.0})
+        request = request.model_copy(update={"hyperparameters": hyper, "model_name": f"{self.job.id}-best"})
+        row = self._insert(request, left, None, {})
+        if row is not None:
+            self._event(f"final retrain on all the data started as {row.id}", job_id=row.id)
+        return row
+
+    def _insert(self, request: LaunchTrainingRequest, left: float, number: int | None, options: dict[str, Any]) -> Job | None:
+        """Insert a trial (or the final retrain) with its reservation carved out of the study's;
+        None if it cannot be (the study then ends with the reason)."""
+        ctx = ServiceContext(settings=self.settings, engine=self.engine, executor=self.executor)
+        agent = self._agent()
+        try:
+            job, estimate, datasets = prepare_train_job(ctx, agent, request, options=options)
+            guardrails.raise_if_refused(guardrails.check_request(agent, estimate), estimate)
+        except WeightsmithError as err:
+            self._fail(f"could not start {'trial ' + str(number) if number is not None else 'the final retrain'}: "
+                       f"{err.message}", err.param)
+            return None
+        if number is None and estimate.flops > left:  # a trial always fits: the study is priced at its costliest
+            self._event(f"the final retrain ({estimate.flops:.3g} FLOPs) does not fit what is left of the "
+                        f"study's budget ({left:.3g}); skipped", level="warning")
+            return None
+        job.study_job_id, job.trial_number = self.job.id, number
+        limits = job.resolved["spec"]["limits"]
+        limits["max_flops"] = min(limits["max_flops"], left)  # a trial can never spend past the study's budget
+        with write_transaction(self.engine) as session:
+            study_row = session.get(Job, self.job.id)
+            if study_row is None or study_row.lease_epoch != self.epoch:
+                return None
+            session.add(job)
+            session.flush()
+            session.add(Reservation(agent_id=agent.id, job_id=job.id, flops_reserved=estimate.flops,
+                                    within_job_id=self.job.id))
+        queue_after_snapshot_check(ctx, job, datasets)
+        self.executor.wake()
+        return job
+
+    def _cancel(self, rows: list[Job]) -> None:
+        for row in rows:
+            if row.state in (JobState.validating, JobState.queued, JobState.running):
+                jobs.request_cancel(self.engine, row.agent_id, row.id)
+        self.executor.wake()
+
+    def _finish(self, study: optuna.Study, rows: list[Job], stopped: str) -> None:
+        result = self._result(study, rows, final=True)
+        result["stopped_reason"] = stopped
+        used = sum(r.flops_used for r in rows)
+        best_model = result.get("final_model_id") or result.get("best_model_id")
+        jobs.relay(self.engine, self.job.id, self.epoch, [], 0, {"flops_used": used, "model_id": best_model})
+        error = None
+        if stopped == "cancelled":
+            state = JobState.cancelled
+            error = {"code": "cancelled", "param": None,
+                     "message": f"study cancelled after {len(result['trials'])} trials; metrics hold its best so far"}
+        elif "best_value" not in result:
+            state = JobState.failed
+            error = {"code": "no_trial_completed", "param": "search_space",
+                     "message": f"none of the {len(result['trials'])} trials completed (see metrics.trials and the "
+                                "trial jobs' errors); narrow the search space or raise the budget"}
+        else:
+            state = JobState.succeeded
+        jobs.finish(self.engine, self.job.id, self.epoch, state, error=error, metrics=result)
+
+    def _fail(self, message: str, param: str | None) -> None:
+        """End the study at once: a trial cannot be built (a dataset or model is gone, limits changed)."""
+        rows = self._jobs()
+        self._cancel(rows)
+        jobs.relay(self.engine, self.job.id, self.epoch, [], 0, {"flops_used": sum(r.flops_used for r in rows)})
+        jobs.finish(self.engine, self.job.id, self.epoch, JobState.failed,
+                    error={"code": "trial_not_started", "message": message, "param": f"template.{param}" if param else "template"})
+
+    # The result.
+
+    def _result(self, study: optuna.Study, rows: list[Job], final: bool = False) -> dict[str, Any]:
+        by_number = {r.trial_number: r for r in rows if r.trial_number is not None}
+        table = []
+        for frozen in study.get_trials(deepcopy=False):
+            row = by_number.get(frozen.number)
+            if row is None:
+                continue  # asked but never started (see _follow): not a trial of this study
+            state = row.state if frozen.state == TrialState.RUNNING else frozen.state.name.lower()
+            table.append({"number": frozen.number, "job_id": row.id, "state": state, "value": frozen.value,
+                          "params": frozen.params, "flops_used": row.flops_used,
+                          "step": row.metrics.get("pruned_at_step") or row.progress.get("step")})
+        result: dict[str, Any] = {
+            "objective": self.config["strategy"]["objective"], "direction": self.config["strategy"]["direction"],
+            "budget_flops": self.config["budget_flops"], "flops_used": sum(r.flops_used for r in rows),
+            "trials_complete": sum(t["state"] == "complete" for t in table),
+            "trials_pruned": sum(t["state"] == "pruned" for t in table),
+            "trials_failed": sum(t["state"] == "fail" for t in table), "trials": table,
+            "dashboard": f"optuna-dashboard {self.config['studies_url']}"}
+        best = _best(study)
+        if best is not None:
+            row = by_number[best.number]
+            result.update(best_value=best.value, best_params=best.params, best_trial=best.number,
+                          best_job_id=row.id, best_model_id=row.model_id)
+        final_row = next((r for r in rows if r.trial_number is None), None)
+        if final_row is not None:
+            result.update(final_job_id=final_row.id, final_model_id=final_row.model_id)
+        if final and result["trials_complete"] >= MIN_TRIALS_FOR_IMPORTANCE:
+            result["importances"] = optuna.importance.get_param_importances(study)
+        return result
+
+    def _write_progress(self, study: optuna.Study, rows: list[Job]) -> bool:
+        """Keep get_job's view of the study current; False when the lease is lost."""
+        result = self._result(study, rows)
+        if result == self._written:
+            return True
+        self._written = result
+        done = sum(r.state in FINAL_STATES for r in rows if r.trial_number is not None)
+        progress = {"step": done, "max_steps": self.config["n_trials"], "loss": result.get("best_value")}
+        return jobs.relay(self.engine, self.job.id, self.epoch, [], 0, {
+            "metrics": result, "progress": progress, "flops_used": result["flops_used"]}) is not None
+
+    # Small helpers.
+
+    def _template(self) -> LaunchTrainingRequest:
+        return LaunchTrainingRequest.model_validate(self.config["template"])
+
+    def _used(self) -> float:
+        return sum(r.flops_used for r in self._jobs())
+
+    def _agent(self) -> Agent:
+        with Session(self.engine) as session:
+            agent = session.get(Agent, self.job.agent_id)
+            assert agent is not None
+            return agent
+
+    def _event(self, message: str, level: str = "info", **data: Any) -> None:
+        jobs.relay(self.engine, self.job.id, self.epoch,
+                   [{"type": "message", "level": level, "message": message, "data": data}], 0)
+
+
+def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    return study.best_trial

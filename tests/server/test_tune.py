@@ -1,0 +1,282 @@
+"""tune_hyperparameters: real studies, real trial jobs (child processes), a real Optuna storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import optuna
+import pytest
+import yaml
+from mcp import Client
+from sqlmodel import Session, select
+
+from server import auth, jobs
+from server.context import ServiceContext, ServiceRef, open_service
+from server.errors import InvalidRequest, LimitExceeded
+from server.mcp_server import build_mcp_server
+from server.models import Agent, Job, JobState, Reservation
+from server.settings import Settings
+from server.study import open_study
+from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
+from tests.server.test_mcp_in_memory import call, wait_final
+from tests.server.test_transports import http_service  # noqa: F401 -- the fixture
+from tools.datasets import UploadDatasetRequest, upload_dataset
+from tools.launch_training import LaunchTrainingRequest, prepare_train_job
+from tools.quota import get_quota
+from tools.tune_hyperparameters import TuneRequest, tune_hyperparameters
+
+FINAL = (JobState.succeeded, JobState.failed, JobState.cancelled)
+
+
+def _dataset(ctx: ServiceContext, agent: Agent, tmp_path: Path) -> str:
+    path = write_jsonl(tmp_path / "chat.jsonl", chat_records(48))
+    return upload_dataset(ctx, agent, UploadDatasetRequest(path=str(path))).dataset.id
+
+
+def _template(ctx: ServiceContext, dataset: str, **hyper: Any) -> dict[str, Any]:
+    return {"base_model": str(ctx.settings.data_roots[1] / "tiny"), "datasets": [dataset], "adapter": "full",
+            "hyperparameters": quick_hyperparameters(**{"save_steps": 1000, **hyper})}
+
+
+def _start(ctx: ServiceContext, agent: Agent, **request: Any) -> str:
+    return tune_hyperparameters(ctx, agent, TuneRequest.model_validate(request)).study_id
+
+
+def _final(ctx: ServiceContext, agent: Agent, job_id: str, timeout: float = 300) -> Job:
+    return wait_until(lambda: (j := jobs.get(ctx.engine, agent.id, job_id)).state in FINAL and j, timeout=timeout)
+
+
+def _trial_jobs(ctx: ServiceContext, study_id: str) -> list[Job]:
+    with Session(ctx.engine) as session:
+        return list(session.exec(select(Job).where(Job.study_job_id == study_id)))
+
+
+def _reservation(ctx: ServiceContext, job_id: str) -> Reservation:
+    with Session(ctx.engine) as session:
+        return session.exec(select(Reservation).where(Reservation.job_id == job_id)).one()
+
+
+LR = {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+
+
+@pytest.mark.slow
+def test_study_finishes_its_trials_names_the_best_and_charges_the_budget_once(
+        service: ServiceContext, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(48))
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        async with Client(build_mcp_server(ServiceRef(service))) as client:
+            ds = (await call(client, "upload_dataset", path=str(data)))["dataset"]["id"]
+            started = await call(client, "tune_hyperparameters", template=_template(service, ds), search_space=LR,
+                                 n_trials=4, budget_flops=1e12, strategy={"pruner": "none", "seed": 1},
+                                 final_retrain=True)
+            assert started["state"] == "queued" and started["budget_flops"] == 1e12
+            study = await wait_final(client, started["study_id"])
+            models = await call(client, "list_models", limit=50)
+            quota = await call(client, "get_quota")
+            return study, models, quota
+
+    study, models, quota = anyio.run(main)
+    assert study["state"] == "succeeded", study["error"]
+    result = study["metrics"]
+    trials = result["trials"]
+    assert [t["number"] for t in trials] == [0, 1, 2, 3] and {t["state"] for t in trials} == {"complete"}
+    assert result["importances"] == {"learning_rate": 1.0}  # four complete trials: enough to rank
+    assert result["stopped_reason"] == "n_trials"
+    assert result["best_value"] == min(t["value"] for t in trials)
+    best = next(t for t in trials if t["number"] == result["best_trial"])
+    assert result["best_params"] == best["params"] and result["best_job_id"] == best["job_id"]
+    assert result["best_model_id"] in {m["id"] for m in models["models"]}
+    # The last step retrained the best parameters on all the data: that model is the study's.
+    retrain = next(j for j in _trial_jobs(service, study["id"]) if j.trial_number is None)
+    assert retrain.state == JobState.succeeded and retrain.resolved["hyperparameters"]["eval_fraction"] == 0
+    assert retrain.resolved["hyperparameters"]["learning_rate"] == pytest.approx(best["params"]["learning_rate"])
+    assert study["model_id"] == result["final_model_id"] == retrain.model_id
+    trial_jobs = [j for j in _trial_jobs(service, study["id"]) if j.trial_number is not None]
+    assert sorted(j.trial_number for j in trial_jobs) == [0, 1, 2, 3]
+    assert all(j.kind == "train" and j.state == JobState.succeeded and j.attempts == 1 for j in trial_jobs)
+    for job in trial_jobs:  # each ran with its own sampled learning rate
+        trial = next(t for t in trials if t["job_id"] == job.id)
+        assert job.resolved["hyperparameters"]["learning_rate"] == pytest.approx(trial["params"]["learning_rate"])
+    # The agent is charged the study's use once: its trials' reservations are carved out of it.
+    used = sum(j.flops_used for j in trial_jobs) + retrain.flops_used
+    assert study["flops_used"] == pytest.approx(used) and _reservation(service, study["id"]).flops_used == used
+    assert quota["budget_flops_spent"] == pytest.approx(used)
+    stored = optuna.load_study(study_name=study["id"], storage=service.settings.studies_url)
+    assert stored.best_trial.number == result["best_trial"]
+
+
+def test_malformed_search_space_is_refused_naming_each_parameter_and_starts_nothing(
+        service: ServiceContext, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(24))
+
+    async def main() -> None:
+        async with Client(build_mcp_server(ServiceRef(service))) as client:
+            ds = (await call(client, "upload_dataset", path=str(data)))["dataset"]["id"]
+            template = _template(service, ds)
+            bad = {"learning_rate": {"type": "float", "low": 0.1, "high": 0.01},
+                   "lora.rank": {"type": "int", "low": 4, "high": 16},
+                   "warmup_ratio": {"type": "float", "low": 0.0, "high": 2.0},
+                   "weight_decay": {"type": "float", "low": 0.0, "high": 0.1, "log": True},
+                   "lr_scheduler": {"type": "categorical", "choices": []},
+                   "eval_fraction": {"type": "float", "low": 0.0, "high": 0.2}}
+            result = await client.call_tool("tune_hyperparameters", {"template": template, "search_space": bad})
+            text = result.content[0].text
+            assert result.is_error
+            for problem in ("search_space.learning_rate: low (0.1) must be below high (0.01)",
+                            "search_space.lora.rank: unknown parameter",
+                            "search_space.warmup_ratio: 2.0 is not a valid warmup_ratio",
+                            "search_space.weight_decay: log scale needs low > 0",
+                            "search_space.lr_scheduler: a categorical parameter takes a non-empty `choices`",
+                            "search_space.eval_fraction: the objective is the loss on the held-out split"):
+                assert problem in text, text
+            wrong_type = await client.call_tool("tune_hyperparameters", {
+                "template": template, "search_space": {"learning_rate": {"type": "uniform", "low": 1, "high": 2}}})
+            assert wrong_type.is_error and "search_space.learning_rate.type" in wrong_type.content[0].text
+            bad_template = await client.call_tool("tune_hyperparameters", {
+                "template": {**template, "hyperparameters": {"eval_fraction": 0}}, "search_space": LR})
+            assert bad_template.is_error and "template.hyperparameters.eval_fraction" in bad_template.content[0].text
+            assert (await call(client, "list_jobs"))["jobs"] == []
+
+    anyio.run(main)
+    assert optuna.get_all_study_summaries(service.settings.studies_url) == []
+
+
+def test_study_over_the_agents_budget_or_job_limit_is_refused(service: ServiceContext, tmp_path: Path) -> None:
+    agent, _ = auth.create_agent(service.engine, service.settings, "frugal", budget_flops=1e10,
+                                 max_concurrent_jobs=3)
+    template = _template(service, _dataset(service, agent, tmp_path))
+    with pytest.raises(LimitExceeded, match="budget_flops <= ") as refused:
+        _start(service, agent, template=template, search_space=LR, n_trials=20)
+    assert refused.value.param == "budget_flops"
+    with pytest.raises(LimitExceeded, match="n_parallel <= 2 fits"):
+        _start(service, agent, template=template, search_space=LR, n_trials=1, n_parallel=3)
+    with pytest.raises(InvalidRequest, match="does not pay for one trial"):
+        _start(service, agent, template=template, search_space=LR, budget_flops=1e6)
+    assert jobs.list_for_agent(service.engine, agent.id) == []
+
+
+def test_small_budget_stops_the_study_early_with_a_clear_result(service: ServiceContext, tmp_path: Path) -> None:
+    agent, _ = auth.create_agent(service.engine, service.settings, "thrifty")
+    template = _template(service, _dataset(service, agent, tmp_path))
+    _, trial, _ = prepare_train_job(service, agent, LaunchTrainingRequest.model_validate(template))
+    budget = 1.5 * trial.flops  # one trial and a half: the second cannot be paid for
+    request = {"template": template, "search_space": LR, "n_trials": 6, "budget_flops": budget,
+               "strategy": {"pruner": "none"}, "idempotency_key": "small"}
+    study_id = _start(service, agent, **request)
+    study = _final(service, agent, study_id)
+    assert study.state == JobState.succeeded, study.error
+    assert study.metrics["stopped_reason"] == "budget_spent"
+    assert len(study.metrics["trials"]) == 1 and study.metrics["trials"][0]["state"] == "complete"
+    assert study.flops_used <= budget and _reservation(service, study_id).flops_used == study.flops_used
+    assert get_quota(service, agent).budget_flops_spent == pytest.approx(study.flops_used)
+    assert _start(service, agent, **request) == study_id  # a retry with the same key: the same study
+
+
+def test_cancelling_a_study_cancels_its_running_trial_and_settles_once(service: ServiceContext,
+                                                                      tmp_path: Path) -> None:
+    agent, _ = auth.create_agent(service.engine, service.settings, "impatient")
+    template = _template(service, _dataset(service, agent, tmp_path), max_steps=100000)
+    study_id = _start(service, agent, template=template, search_space=LR, n_trials=3, budget_flops=1e15,
+                      strategy={"pruner": "none"})
+    wait_until(lambda: any(j.state == JobState.running and j.progress.get("step") for j in _trial_jobs(service, study_id)),
+               timeout=120, interval=0.1)
+    jobs.request_cancel(service.engine, agent.id, study_id)
+    study = _final(service, agent, study_id, timeout=120)
+    assert study.state == JobState.cancelled and study.metrics["stopped_reason"] == "cancelled"
+    [trial] = _trial_jobs(service, study_id)
+    assert trial.state == JobState.cancelled and not trial.metrics.get("pruned")
+    assert _reservation(service, study_id).flops_used == study.flops_used == trial.flops_used > 0
+    assert study.metrics["trials"][0]["state"] == "fail"
+    assert get_quota(service, agent).budget_flops_spent == pytest.approx(study.flops_used)
+
+
+@pytest.mark.slow
+def test_hyperband_prunes_trials_whose_learning_rate_is_hopeless(service: ServiceContext, tmp_path: Path) -> None:
+    agent = auth.ensure_local_agent(service.engine, service.settings)
+    steps = 120
+    template = _template(service, _dataset(service, agent, tmp_path), max_steps=steps)
+    # eval_steps of half the run: a single Hyperband bracket, so each trial is compared with every
+    # earlier one at step 60, and one behind the best there is pruned.
+    study_id = _start(service, agent, template=template, n_trials=5, budget_flops=1e13,
+                      search_space={"learning_rate": {"type": "float", "low": 1e-7, "high": 1e-2, "log": True}},
+                      strategy={"sampler": "random", "seed": 3, "eval_steps": steps // 2})
+    study = _final(service, agent, study_id, timeout=400)
+    assert study.state == JobState.succeeded, study.error
+    pruned = [t for t in study.metrics["trials"] if t["state"] == "pruned"]
+    assert pruned, study.metrics["trials"]
+    by_id = {j.id: j for j in _trial_jobs(service, study_id)}
+    complete_flops = min(t["flops_used"] for t in study.metrics["trials"] if t["state"] == "complete")
+    for trial in pruned:
+        job = by_id[trial["job_id"]]
+        assert job.state == JobState.cancelled and job.metrics["pruned"] is True
+        assert job.progress["step"] < steps and job.flops_used < complete_flops
+        reservation = _reservation(service, job.id)  # settled at what it used: the rest went back to the study
+        assert reservation.flops_used == job.flops_used < reservation.flops_reserved
+    assert study.metrics["trials_pruned"] == len(pruned)
+
+
+@pytest.mark.slow
+def test_restart_mid_study_loses_no_trial_and_runs_none_twice(settings: Settings, tmp_path: Path) -> None:
+    with open_service(settings) as ctx:
+        agent = auth.ensure_local_agent(ctx.engine, settings)
+        template = _template(ctx, _dataset(ctx, agent, tmp_path), max_steps=60, save_steps=10)
+        study_id = _start(ctx, agent, template=template, search_space=LR, n_trials=3, budget_flops=1e13,
+                          strategy={"pruner": "none", "seed": 2})
+
+        def second_trial_running() -> bool:
+            return any(j.trial_number == 1 and j.state == JobState.running and j.progress.get("step")
+                       for j in _trial_jobs(ctx, study_id))
+
+        wait_until(second_trial_running, timeout=240, interval=0.1)
+    # The service is down. A driver that had asked Optuna for a trial and died before inserting its
+    # job leaves a running trial with no job; the next driver must not lose the study over it.
+    with open_service(settings, workers=False) as ctx:
+        orphan = open_study(jobs.get(ctx.engine, agent.id, study_id)).ask().number
+    with open_service(settings) as ctx:
+        study = _final(ctx, agent, study_id, timeout=400)
+        trial_jobs = _trial_jobs(ctx, study_id)
+    assert study.state == JobState.succeeded, study.error
+    assert study.attempts == 2
+    numbers = sorted(j.trial_number for j in trial_jobs)
+    assert len(numbers) == 3 and len(set(numbers)) == 3 and orphan not in numbers
+    assert all(j.state == JobState.succeeded for j in trial_jobs)
+    resumed = next(j for j in trial_jobs if j.trial_number == 1)
+    assert resumed.attempts == 2  # the same job went on from its checkpoint; no second job for trial 1
+    assert next(j for j in trial_jobs if j.trial_number == 0).attempts == 1
+    assert [t["number"] for t in study.metrics["trials"]] == numbers
+    states = {t.number: t.state for t in optuna.load_study(study_name=study_id, storage=settings.studies_url).trials}
+    assert states[orphan] == optuna.trial.TrialState.FAIL
+    assert sum(s == optuna.trial.TrialState.COMPLETE for s in states.values()) == 3
+
+
+@pytest.mark.slow
+def test_cli_tune_starts_a_study_from_yaml_and_shows_its_trials(
+        http_service, settings: Settings, tmp_path: Path) -> None:  # noqa: F811 -- the imported fixture
+    base, key, _ = http_service
+    env = {**os.environ, "WEIGHTSMITH_URL": base, "WEIGHTSMITH_API_KEY": key, "COLUMNS": "200"}
+    cli = [sys.executable, "-m", "server.cli"]
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(24))
+    uploaded = subprocess.run([*cli, "datasets", "upload", str(data)], env=env, capture_output=True, text=True,
+                              check=True)
+    dataset_id = json.loads(uploaded.stdout)["dataset"]["id"]
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({
+        "template": {"base_model": str(settings.data_roots[1] / "tiny"), "datasets": [dataset_id],
+                     "hyperparameters": quick_hyperparameters(save_steps=100)},
+        "search_space": LR, "n_trials": 2, "budget_flops": 1e12, "strategy": {"pruner": "none"}}),
+        encoding="utf-8")
+    tuned = subprocess.run([*cli, "tune", str(study)], env=env, capture_output=True, text=True, check=False,
+                           timeout=400)
+    assert tuned.returncode == 0, tuned.stdout + tuned.stderr
+    assert "succeeded" in tuned.stdout and "best" in tuned.stdout and "stopped: n_trials" in tuned.stdout
+    assert tuned.stdout.count("complete") >= 2
+    refused = subprocess.run([*cli, "tune", str(study), "--no-watch"], env={**env, "WEIGHTSMITH_API_KEY": "nope"},
+                             capture_output=True, text=True, check=False)
+    assert refused.returncode == 1 and "unauthorized" in refused.stdout

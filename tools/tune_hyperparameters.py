@@ -1,0 +1,262 @@
+"""tune_hyperparameters: an Optuna study over a train request, whose trials are ordinary train jobs.
+
+The study is a `tune` job. Its whole budget is reserved when it is admitted, in the same
+transaction that inserts it (the given `budget_flops`, or `n_trials` times the estimate of the
+costliest trial the search space allows); its trials' compute is carved out of that reservation,
+so the agent is charged once. A study driver in the executor (`server/study.py`) then asks Optuna
+for trials, runs each as a train job and prunes the ones falling behind.
+
+Parameter names in the search space are the `hyperparameters` fields of launch_training
+(`learning_rate`, `max_steps`, `warmup_ratio`, ...) or `lora.<field>` (`lora.r`, `lora.alpha`,
+`lora.dropout`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError
+from sqlmodel import Session, select
+
+from server import guardrails
+from server.context import ServiceContext
+from server.db import write_transaction
+from server.errors import Conflict, InvalidRequest, LimitExceeded, WeightsmithError
+from server.models import Agent, Job, JobState, Reservation
+from tools.launch_training import Hyperparameters, LaunchTrainingRequest, LoraOptions, prepare_train_job
+from tools.views import Compact
+
+COST_PARAMETERS = ("max_steps", "epochs", "per_device_batch_size", "gradient_accumulation_steps", "max_seq_length")
+"""Hyperparameters a trial's compute grows with: the study is priced at their upper bounds."""
+EVALUATIONS_PER_TRIAL = 6
+"""With eval_steps auto, a trial reports its held-out loss about this often: enough rungs for
+Hyperband to prune at, few enough that evaluating costs little next to training."""
+
+
+class ParamSpace(Compact):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = Field(False, description="Sample on a log scale (low > 0).")
+    choices: list[str | int | float | bool] | None = Field(None, description="For categorical.")
+
+
+class Strategy(Compact):
+    model_config = ConfigDict(extra="forbid")
+    sampler: Literal["tpe", "random", "cmaes", "gp"] = "tpe"
+    pruner: Literal["hyperband", "median", "successive_halving", "none"] = "hyperband"
+    objective: str = Field("eval_loss", description="eval_loss (held-out loss), or kpi:SUITE/KPI.")
+    direction: Literal["minimize", "maximize"] = "minimize"
+    eval_steps: int | Literal["auto"] = Field("auto", ge=1, description="Held-out loss interval, for pruning.")
+    seed: int | None = None
+
+
+class TuneRequest(Compact):
+    model_config = ConfigDict(extra="forbid")
+    template: dict[str, Any] = Field(description="A launch_training request; search_space values replace its own.")
+    search_space: dict[str, ParamSpace] = Field(min_length=1, max_length=16)
+    n_trials: int = Field(10, ge=1, le=200)
+    n_parallel: int = Field(1, ge=1, le=16)
+    budget_flops: float | None = Field(None, gt=0, description="Default: n_trials x the costliest trial.")
+    strategy: Strategy = Strategy()
+    final_retrain: bool = Field(False, description="Retrain the best parameters on all the data at the end.")
+    idempotency_key: str | None = Field(None, max_length=200)
+
+
+class TuneStarted(Compact):
+    study_id: str
+    state: str
+    budget_flops: float
+    trial_estimate_flops: float
+
+
+def tune_hyperparameters(ctx: ServiceContext, agent: Agent, request: TuneRequest) -> TuneStarted:
+    """Validate the search space and template, price the study, reserve its budget and queue it."""
+    request_hash = hashlib.sha256(json.dumps(
+        request.model_dump(mode="json", exclude={"idempotency_key"}), sort_keys=True).encode("utf-8")).hexdigest()
+    if request.idempotency_key:
+        with Session(ctx.engine) as session:
+            existing = _existing(session, agent, request.idempotency_key, request_hash)
+        if existing is not None:
+            return _started(existing)
+    template = _template(request.template)
+    _check_strategy(request.strategy, template)
+    check_search_space(request.search_space, template)
+
+    costliest = trial_request(template, _upper_bounds(request.search_space))
+    try:
+        _, estimate, _ = prepare_train_job(ctx, agent, costliest)
+    except WeightsmithError as err:
+        err.param = f"template.{err.param}" if err.param else "template"
+        raise
+    guardrails.raise_if_refused(guardrails.check_request(agent, estimate), estimate)
+    budget = request.budget_flops or request.n_trials * estimate.flops
+    if budget < estimate.flops:
+        raise InvalidRequest(f"budget_flops {budget:.3g} does not pay for one trial ({estimate.flops:.3g} FLOPs at "
+                             "the search space's upper bounds): raise it, or lower those bounds", param="budget_flops")
+    eval_steps = (request.strategy.eval_steps if request.strategy.eval_steps != "auto"
+                  else max(1, round(estimate.max_steps / EVALUATIONS_PER_TRIAL)))
+
+    job = Job(agent_id=agent.id, kind="tune", method=f"{request.strategy.sampler}+{request.strategy.pruner}",
+              state=JobState.queued, request=request.model_dump(mode="json"),
+              idempotency_key=request.idempotency_key, request_hash=request_hash, estimate_flops=budget)
+    job.resolved = {
+        "template": template_json(template),
+        "search_space": {name: space.model_dump(mode="json") for name, space in request.search_space.items()},
+        "strategy": request.strategy.model_dump(mode="json"), "n_trials": request.n_trials,
+        "n_parallel": request.n_parallel, "budget_flops": budget, "trial_estimate_flops": estimate.flops,
+        "max_steps": estimate.max_steps, "eval_steps": eval_steps, "final_retrain": request.final_retrain,
+        "studies_url": ctx.settings.studies_url}
+    with write_transaction(ctx.engine) as session:
+        if request.idempotency_key:  # checked again under the write lock: two retries may race here
+            existing = _existing(session, agent, request.idempotency_key, request_hash)
+            if existing is not None:
+                return _started(existing)
+        _admit(session, ctx, agent, budget, estimate.flops, request.n_parallel)
+        session.add(job)
+        session.flush()
+        session.add(Reservation(agent_id=agent.id, job_id=job.id, flops_reserved=budget))
+    ctx.wake_workers()
+    return _started(job)
+
+
+def trial_request(template: LaunchTrainingRequest, params: dict[str, Any]) -> LaunchTrainingRequest:
+    """The template with a trial's parameter values put in, validated as a launch_training request."""
+    raw = template_json(template)
+    for name, value in params.items():
+        section, field = name.split(".", 1) if "." in name else ("hyperparameters", name)
+        raw.setdefault(section, {})[field] = value
+    return LaunchTrainingRequest.model_validate(raw)
+
+
+def template_json(template: LaunchTrainingRequest) -> dict[str, Any]:
+    # Defaults left out: a field's "auto" default does not validate again when given explicitly
+    # (pydantic applies the number's bound to the string).
+    return template.model_dump(mode="json", exclude={"idempotency_key", "dry_run"}, exclude_defaults=True)
+
+
+def check_search_space(space: dict[str, ParamSpace], template: LaunchTrainingRequest) -> None:
+    """Every malformed parameter at once, each named, with what to change."""
+    problems = []
+    for name, param in space.items():
+        problem = _param_problem(name, param, template)
+        if problem:
+            problems.append(f"search_space.{name}: {problem}")
+    if problems:
+        first = problems[0].split(":", 1)[0]
+        raise InvalidRequest("; ".join(problems), param=first)
+
+
+def _param_problem(name: str, param: ParamSpace, template: LaunchTrainingRequest) -> str | None:
+    section, field = name.split(".", 1) if "." in name else ("hyperparameters", name)
+    fields = {"hyperparameters": Hyperparameters.model_fields, "lora": LoraOptions.model_fields}.get(section, {})
+    if field not in fields:
+        return (f"unknown parameter; use a hyperparameters field ({', '.join(Hyperparameters.model_fields)}) "
+                f"or lora.<{'|'.join(LoraOptions.model_fields)}>")
+    if field == "eval_fraction":
+        return "the objective is the loss on the held-out split, so every trial must hold out the same records"
+    if param.type == "categorical":
+        if not param.choices or param.low is not None or param.high is not None:
+            return "a categorical parameter takes a non-empty `choices` list and no low/high"
+        values = list(param.choices)
+    else:
+        if param.choices is not None or param.low is None or param.high is None:
+            return f"a {param.type} parameter takes `low` and `high` (no choices)"
+        if param.low >= param.high:
+            return f"low ({param.low:g}) must be below high ({param.high:g})"
+        if param.log and param.low <= 0:
+            return f"log scale needs low > 0 (got {param.low:g})"
+        if param.type == "int" and not (param.low.is_integer() and param.high.is_integer()):
+            return "an int parameter takes whole-number bounds"
+        values = [int(param.low), int(param.high)] if param.type == "int" else [param.low, param.high]
+    for value in values:
+        try:
+            trial_request(template, {name: value})
+        except ValidationError as err:
+            return f"{value!r} is not a valid {name}: {err.errors()[0]['msg']}"
+        except TypeError:  # "auto" where the field takes "auto" only as its default
+            return f"{value!r} is not a valid {name}: give numbers"
+    return None
+
+
+def _upper_bounds(space: dict[str, ParamSpace]) -> dict[str, Any]:
+    bounds: dict[str, Any] = {}
+    for name, param in space.items():
+        if name not in COST_PARAMETERS:
+            continue
+        if param.type == "categorical":
+            numbers = [c for c in param.choices or () if isinstance(c, (int, float)) and not isinstance(c, bool)]
+            if numbers:
+                bounds[name] = max(numbers)
+        else:
+            bounds[name] = int(param.high) if param.type == "int" else param.high  # type: ignore[arg-type]
+    return bounds
+
+
+def _template(raw: dict[str, Any]) -> LaunchTrainingRequest:
+    try:
+        template = LaunchTrainingRequest.model_validate({**raw, "dry_run": False, "idempotency_key": None})
+    except ValidationError as err:
+        problems = "; ".join(f"template.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        first = err.errors()[0]["loc"]
+        raise InvalidRequest(f"{problems} (template is a launch_training request)",
+                             param="template." + ".".join(map(str, first))) from err
+    return template
+
+
+def _check_strategy(strategy: Strategy, template: LaunchTrainingRequest) -> None:
+    if strategy.objective.startswith("kpi:"):
+        raise InvalidRequest("eval-suite KPI objectives are not available yet (evaluation is not on this service); "
+                             "use objective eval_loss", param="strategy.objective")
+    if strategy.objective != "eval_loss":
+        raise InvalidRequest(f"unknown objective {strategy.objective!r}; use eval_loss", param="strategy.objective")
+    if template.hyperparameters.eval_fraction == 0:
+        raise InvalidRequest("the eval_loss objective needs held-out records: set eval_fraction above 0 "
+                             "(final_retrain trains on all the data at the end)",
+                             param="template.hyperparameters.eval_fraction")
+
+
+def _admit(session: Session, ctx: ServiceContext, caller: Agent, budget: float, trial_flops: float,
+           n_parallel: int) -> None:
+    """The study and its trials at once must fit the agent's job limit; its budget, what is left."""
+    agent = guardrails.lock_agent(session, ctx.engine, caller.id)
+    active = guardrails.active_job_count(session, agent)
+    if active + 1 + n_parallel > agent.max_concurrent_jobs:
+        fit = agent.max_concurrent_jobs - active - 1
+        raise LimitExceeded(
+            f"a study with n_parallel={n_parallel} holds {1 + n_parallel} of your {agent.max_concurrent_jobs} jobs at "
+            f"once and you have {active} active: " + (f"n_parallel <= {fit} fits" if fit >= 1 else
+                                                      "wait for a job to finish (wait_for_job) or cancel one"),
+            param="n_parallel")
+    left = agent.budget_flops - guardrails.budget_spent(session, agent, time.time())
+    if budget > left:
+        trials = int(max(left, 0) // trial_flops)
+        raise LimitExceeded(
+            f"the study's budget of {budget:.3g} FLOPs is over what is left of your budget ({max(left, 0):.3g} of "
+            f"{agent.budget_flops:.3g}); " + (f"budget_flops <= {left:.3g} (about {trials} trials) fits" if trials
+                                              else "not even one trial fits: wait for the window to roll over"),
+            param="budget_flops", details={"limit": "budget_flops", "max_trials_that_fit": trials})
+
+
+def _existing(session: Session, agent: Agent, key: str, request_hash: str) -> Job | None:
+    existing = session.exec(select(Job).where(Job.agent_id == agent.id, Job.idempotency_key == key)).first()
+    if existing is not None and existing.request_hash != request_hash:
+        raise Conflict(f"idempotency_key was used for a different request (job {existing.id}); "
+                       "use a new key for a new request", param="idempotency_key")
+    return existing
+
+
+def _started(job: Job) -> TuneStarted:
+    return TuneStarted(study_id=job.id, state=job.state, budget_flops=job.resolved["budget_flops"],
+                      trial_estimate_flops=job.resolved["trial_estimate_flops"])
+
+
+def objective_value(metrics: dict[str, Any]) -> float | None:
+    """A succeeded trial's objective (the held-out loss after training), or None if it has none."""
+    value = metrics.get("eval_loss_after")
+    return float(value) if value is not None and math.isfinite(value) else None
