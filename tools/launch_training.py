@@ -7,7 +7,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field
 from sqlmodel import Session, select
@@ -29,18 +29,18 @@ Auto = Literal["auto"]
 
 class Hyperparameters(Compact):
     model_config = ConfigDict(extra="forbid")
-    learning_rate: float | Auto = Field("auto", gt=0, description="auto: 1e-3 below 100M params, else 2e-4 (LoRA, pretraining) or 2e-5.")
-    max_steps: int | Auto = Field("auto", ge=1, description="auto: `epochs` over the training split.")
+    learning_rate: Annotated[float, Field(gt=0)] | Auto = Field("auto", description="auto: 1e-3 below 100M params, else 2e-4 (LoRA, pretraining) or 2e-5.")
+    max_steps: Annotated[int, Field(ge=1)] | Auto = Field("auto", description="auto: `epochs` over the training split.")
     epochs: float = Field(3.0, gt=0, le=100, description="Used only when max_steps is auto.")
-    per_device_batch_size: int | Auto = Field("auto", ge=1, le=1024, description="auto: 8, or 4 above 512 tokens.")
+    per_device_batch_size: Annotated[int, Field(ge=1, le=1024)] | Auto = Field("auto", description="auto: 8, or 4 above 512 tokens.")
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
-    max_seq_length: int | Auto = Field("auto", ge=16, le=131072, description="auto: fits the longest record (p95), within the model's context.")
+    max_seq_length: Annotated[int, Field(ge=16, le=131072)] | Auto = Field("auto", description="auto: fits the longest record (p95), within the model's context.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0, le=1)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     seed: int = 0
     eval_fraction: float = Field(0.1, ge=0, lt=0.5, description="Held-out share for validation loss before and after.")
-    save_steps: int | Auto = Field("auto", ge=1, description="Checkpoint interval; auto: about 5 per run.")
+    save_steps: Annotated[int, Field(ge=1)] | Auto = Field("auto", description="Checkpoint interval; auto: about 5 per run.")
     packing: bool = False
 
 

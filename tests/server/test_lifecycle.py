@@ -248,3 +248,18 @@ def test_a_two_process_job_trains_as_one_data_parallel_job(service: ServiceConte
     # Two processes of 4 blocks of 64 tokens a step, counted together: the job trained on both shards,
     # exactly the tokens its estimate priced (6 x parameters x 2 x 4 x 64 x 6 steps).
     assert job["flops_used"] == pytest.approx(job["estimate_flops"])
+
+
+def test_explicit_auto_hyperparameters_are_resolved(service: ServiceContext, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(24))
+
+    async def main() -> dict[str, Any]:
+        async with Client(build_mcp_server(ServiceRef(service))) as client:
+            ds = (await call(client, "upload_dataset", path=str(data)))["dataset"]["id"]
+            return await call(client, "launch_training", base_model=str(service.settings.data_roots[1] / "tiny"),
+                              datasets=[ds], dry_run=True, hyperparameters={
+                                  "learning_rate": "auto", "max_steps": "auto", "per_device_batch_size": "auto",
+                                  "max_seq_length": "auto", "save_steps": "auto"})
+
+    priced = anyio.run(main)
+    assert priced["admitted"] and priced["estimate"]["max_steps"] >= 1
