@@ -99,6 +99,7 @@ class JobCallback(TrainerCallback):
         self._step_at_start = state.global_step
         self._train_started = self._last_step_end = time.monotonic()
         self._last_step_tokens = 0
+        hardware.reset_peak_memory(self.device)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:

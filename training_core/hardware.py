@@ -74,11 +74,31 @@ def measure_matmul_peak_flops(device: str, seconds: float = 0.3) -> float:
     return 2 * n**3 / best
 
 
+def reset_peak_memory(device: str) -> None:
+    """Start the peak over from what is in use now (called when training starts), so loading the
+    model, whose transient copies a full and a LoRA run share, does not count as training memory."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # Linux: "5" resets the process's peak resident set (VmHWM) to its current size
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass  # elsewhere the peak stays the process's whole-life peak
+
+
 def peak_memory_bytes(device: str) -> int:
-    """Peak memory of this process: allocated GPU memory on CUDA, the resident set (RSS) on the CPU."""
+    """Peak memory since `reset_peak_memory`: allocated GPU memory on CUDA, the resident set on the CPU."""
     if device == "cuda":
         return int(torch.cuda.max_memory_allocated())
-    # Linux reports ru_maxrss in KiB.
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    # Linux reports ru_maxrss in KiB; it never resets.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
