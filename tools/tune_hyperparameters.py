@@ -211,7 +211,7 @@ def _template(raw: dict[str, Any]) -> LaunchTrainingRequest:
 
 def _check_strategy(strategy: Strategy, template: LaunchTrainingRequest) -> None:
     if strategy.objective.startswith("kpi:"):
-        raise InvalidRequest("eval-suite KPI objectives are not available yet (evaluation is not on this service); "
+        raise InvalidRequest("eval-suite KPI objectives are not available yet (studies do not wait for trial evals); "
                              "use objective eval_loss", param="strategy.objective")
     if strategy.objective != "eval_loss":
         raise InvalidRequest(f"unknown objective {strategy.objective!r}; use eval_loss", param="strategy.objective")
