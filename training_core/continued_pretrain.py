@@ -14,15 +14,12 @@ dataset. With neither, forgetting is not measured, and the job says so in its ev
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-import datasets
-import transformers
 from transformers import Trainer, TrainingArguments, default_data_collator
 
-from training_core import data, hardware, language_modeling, runs
+from training_core import data, language_modeling, runs
 from training_core.callbacks import JobCallback
 from training_core.events import EventWriter
 from training_core.pretrain import HELDOUT_FILE, MAX_EVAL_DOCUMENTS, write_heldout
@@ -30,10 +27,7 @@ from training_core.spec import JobError, JobResult, JobSpec
 
 
 def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> JobResult:
-    started = time.monotonic() if started is None else started
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    device = hardware.pick_device()
+    started, device = runs.begin(started)
 
     model, tokenizer = runs.load_model(spec, device)
     if spec.adapter == "lora":

@@ -20,15 +20,13 @@ zero by definition and is not measured.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import datasets
-import transformers
 from trl import DPOConfig, DPOTrainer
 
-from training_core import hardware, runs
+from training_core import runs
 from training_core.callbacks import JobCallback
 from training_core.events import EventWriter
 from training_core.spec import JobResult, JobSpec
@@ -40,10 +38,7 @@ reference's forward. The service prices a DPO job with the same factor."""
 
 
 def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> JobResult:
-    started = time.monotonic() if started is None else started
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    device = hardware.pick_device()
+    started, device = runs.begin(started)
 
     model, tokenizer = runs.load_model(spec, device)
     _, train_pairs, eval_pairs = runs.load_records(spec, ("preference",), MAX_EVAL_PAIRS)

@@ -29,15 +29,13 @@ the job `failed` with an error that names the function and what went wrong.
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 from typing import Any
 
 import datasets
-import transformers
 from trl import GRPOConfig, GRPOTrainer
 
-from training_core import graders, hardware, runs
+from training_core import graders, runs
 from training_core.callbacks import JobCallback
 from training_core.events import EventWriter
 from training_core.sandboxed import SandboxedFunctions, SandboxError, SandboxLimits, reward_scores
@@ -51,10 +49,7 @@ FLOPS_FACTOR = 8.0
 
 
 def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> JobResult:
-    started = time.monotonic() if started is None else started
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    device = hardware.pick_device()
+    started, device = runs.begin(started)
 
     model, tokenizer = runs.load_model(spec, device)
     _, train_prompts, eval_prompts = runs.load_records(spec, ("prompt_only",), MAX_EVAL_PROMPTS)

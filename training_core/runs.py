@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
+import transformers
 from peft import LoraConfig, PeftModel
 from transformers import (
     AutoModelForCausalLM,
@@ -38,6 +41,15 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Written last by `Trainer._save_checkpoint`, after weights, optimizer and RNG state: its presence
 # marks a checkpoint that is complete.
 _TRAINER_STATE = "trainer_state.json"
+
+
+def begin(started: float | None) -> tuple[float, str]:
+    """(the process's start, the device): what every method does first. `started` is the
+    `time.monotonic()` reading when the process began (caps and time to first step count from it);
+    progress bars are off, since the events file reports progress."""
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    return (time.monotonic() if started is None else started), hardware.pick_device()
 
 
 def common_arguments(spec: JobSpec, device: str) -> dict[str, Any]:

@@ -21,17 +21,15 @@ Choices a reader would otherwise have to dig for:
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import datasets
-import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import has_generation_markers
 
-from training_core import hardware, runs
+from training_core import runs
 from training_core.callbacks import JobCallback
 from training_core.events import EventWriter
 from training_core.spec import JobError, JobResult, JobSpec
@@ -43,10 +41,7 @@ SFT_FORMATS = ("text", "prompt_completion", "messages")
 def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> JobResult:
     """Fine-tune `spec.base_model` on `spec.train_files`; `started` is the process's `time.monotonic()`
     start, from which the caps and the time to the first optimizer step count."""
-    started = time.monotonic() if started is None else started
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    device = hardware.pick_device()
+    started, device = runs.begin(started)
 
     model, tokenizer = runs.load_model(spec, device)
     data_format, train_records, eval_records = runs.load_records(spec, SFT_FORMATS, MAX_EVAL_RECORDS)
