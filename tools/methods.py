@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from server.errors import InvalidRequest
 from training_core import graders
-from training_core.shapes import PRESETS
+from training_core.shapes import parameter_count, shape_of
 
 
 class _Options(BaseModel):
@@ -139,15 +139,9 @@ def validated_options(method: str, raw: dict[str, Any] | None) -> dict[str, Any]
 
 def pretrain_parameters(options: dict[str, Any]) -> int:
     """Parameters of the model a pretrain job will build (at the preset's or the given vocabulary)."""
-    from training_core.shapes import ModelPreset, parameter_count
-
-    if options.get("model_config"):
-        return parameter_count(ModelPreset(**options["model_config"], parameters=0), options.get("vocab_size"))
-    return parameter_count(PRESETS[options["preset"]], options.get("vocab_size"))
+    return parameter_count(shape_of(options), options.get("vocab_size"))
 
 
 def context_length(options: dict[str, Any]) -> int:
     """The longest sequence a pretrain job's model takes."""
-    if options.get("model_config"):
-        return int(options["model_config"]["max_position_embeddings"])
-    return PRESETS[options["preset"]].max_position_embeddings
+    return shape_of(options).max_position_embeddings

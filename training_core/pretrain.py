@@ -24,12 +24,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
-import datasets
-import transformers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -41,7 +38,7 @@ from transformers import (
 from training_core import hardware, language_modeling, presets, runs
 from training_core.callbacks import JobCallback
 from training_core.events import EventWriter
-from training_core.shapes import PRESETS, ModelPreset
+from training_core.shapes import PRESETS, ModelPreset, shape_of
 from training_core.spec import JobError, JobResult, JobSpec
 
 MAX_EVAL_DOCUMENTS = 512
@@ -50,10 +47,7 @@ HELDOUT_FILE = "heldout.jsonl"
 
 
 def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> JobResult:
-    started = time.monotonic() if started is None else started
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    device = hardware.pick_device()
+    started, device = runs.begin(started)
 
     _, train_records, eval_records = runs.load_records(spec, ("text",), MAX_EVAL_DOCUMENTS)
     train_texts, eval_texts = [r["text"] for r in train_records], [r["text"] for r in eval_records]
@@ -124,16 +118,11 @@ def _initial_model(spec: JobSpec, texts: list[str], events: EventWriter) -> Path
 
 
 def _shape(options: dict[str, Any]) -> ModelPreset:
-    if options.get("model_config"):
-        config = dict(options["model_config"])
-        return ModelPreset(**{name: int(config[name]) for name in (
-            "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-            "num_key_value_heads", "vocab_size", "max_position_embeddings")}, parameters=0)
     name = options.get("preset", "small")
-    if name not in PRESETS:
+    if not options.get("model_config") and name not in PRESETS:
         raise JobError("invalid_request", f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}",
                        param="options.preset")
-    return PRESETS[name]
+    return shape_of(options)
 
 
 def write_heldout(model_dir: Path, texts: list[str]) -> None:

@@ -18,7 +18,8 @@ trained on a small corpus has fewer tokens, and the model then fewer parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class ModelPreset:
     max_position_embeddings: int
     parameters: int
 
+
+SHAPE_FIELDS = tuple(field.name for field in fields(ModelPreset) if field.name != "parameters")
+"""What an explicit shape (`model_config`) gives: every field of a preset but its parameter count."""
 
 PRESETS: dict[str, ModelPreset] = {
     "tiny": ModelPreset(128, 4, 352, 4, 4, 2048, 1024, parameters=1_066_112),
@@ -51,9 +55,9 @@ def parameter_count(shape: ModelPreset, vocab_size: int | None = None) -> int:
     return vocab * h + shape.num_hidden_layers * per_layer + h  # + the final norm
 
 
-def config_parameter_count(config: dict[str, int]) -> int:
-    """Parameters of an explicit Llama config (the keys of `ModelPreset` but `parameters`)."""
-    shape = ModelPreset(**{name: int(config[name]) for name in (
-        "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-        "vocab_size", "max_position_embeddings")}, parameters=0)
-    return parameter_count(shape)
+def shape_of(options: dict[str, Any]) -> ModelPreset:
+    """The shape a pretrain job builds: its options' explicit `model_config`, else its `preset`."""
+    config = options.get("model_config")
+    if config:
+        return ModelPreset(**{name: int(config[name]) for name in SHAPE_FIELDS}, parameters=0)
+    return PRESETS[options.get("preset", "small")]
