@@ -172,16 +172,20 @@ def _end_if_unrunnable(session: Any, job: Job, settings: Settings) -> bool:
     return True
 
 
-class _Runner:
-    """Runs one claimed job to the end of this run: spawn, relay, heartbeat, cancel, finish."""
+class LeasedWork:
+    """A thread that works on one claimed job under the epoch it was claimed with (a child process's
+    run, or a study). On an unexpected error it gives the job back by expiring the lease, so the
+    next claim resumes it; either way it tells the executor it is done. Subclasses write `_run`."""
+
+    thread_prefix = "job"
+    failure_reason = "worker error; the job will be resumed"
 
     def __init__(self, executor: LocalExecutor, job: Job):
         self.executor, self.job = executor, job
         self.engine, self.settings = executor.engine, executor.settings
         self.epoch = job.lease_epoch
-        self.run_dir = Path(job.run_dir)
         self._abandon_reason: str | None = None
-        self._thread = threading.Thread(target=self._run_safely, name=f"job-{job.id}", daemon=True)
+        self._thread = threading.Thread(target=self._run_safely, name=f"{self.thread_prefix}-{job.id}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -192,15 +196,33 @@ class _Runner:
     def abandon(self, reason: str) -> None:
         self._abandon_reason = reason
 
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _flops_used(self) -> float:
+        """What the job has used, recorded when the lease is given back after an error."""
+        return self.job.flops_used
+
+    def _release(self) -> None:
+        self.executor._done(self.job.id)
+
     def _run_safely(self) -> None:
         try:
             self._run()
         except Exception:
-            log.exception("runner for %s failed", self.job.id)
-            jobs.expire_lease(self.engine, self.job.id, self.epoch, "worker error; the job will be resumed",
-                              self.job.flops_used, self.job.run_seconds)
+            log.exception("%s for %s failed", type(self).__name__, self.job.id)
+            jobs.expire_lease(self.engine, self.job.id, self.epoch, self.failure_reason, self._flops_used(),
+                              self.job.run_seconds)
         finally:
-            self.executor._done(self.job.id)
+            self._release()
+
+
+class _Runner(LeasedWork):
+    """Runs one claimed job to the end of this run: spawn, relay, heartbeat, cancel, finish."""
+
+    def __init__(self, executor: LocalExecutor, job: Job):
+        super().__init__(executor, job)
+        self.run_dir = Path(job.run_dir)
 
     def _run(self) -> None:
         job = self.job

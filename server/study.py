@@ -27,19 +27,18 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
-from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from server import guardrails, jobs
 from server.context import ServiceContext
 from server.db import write_transaction
 from server.errors import WeightsmithError
+from server.executor import LeasedWork
 from server.models import ACTIVE_STATES, FINAL_STATES, Agent, Job, JobState, Reservation
 from tools.launch_training import LaunchTrainingRequest, prepare_train_job, queue_after_snapshot_check
 from tools.tune_hyperparameters import ParamSpace, objective_value, trial_request
@@ -113,39 +112,24 @@ def distributions(space: dict[str, Any]) -> dict[str, optuna.distributions.BaseD
     return result
 
 
-class StudyDriver:
+class StudyDriver(LeasedWork):
     """Drives one claimed tune job until it ends, its lease is lost, or the service stops."""
 
+    thread_prefix = "study"
+    failure_reason = "study driver error; the study resumes"
+
     def __init__(self, executor: LocalExecutor, job: Job):
-        self.executor, self.job = executor, job
-        self.engine: Engine = executor.engine
-        self.settings = executor.settings
-        self.epoch = job.lease_epoch
+        super().__init__(executor, job)
         self.config = job.resolved
-        self._abandon_reason: str | None = None
         self._reported: dict[str, int] = {}
         """Trial job id -> seq of the last metrics event relayed to Optuna."""
         self._written: dict[str, Any] = {}
-        self._thread = threading.Thread(target=self._run_safely, name=f"study-{job.id}", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
+    def _flops_used(self) -> float:
+        return self._used()
 
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
-
-    def abandon(self, reason: str) -> None:
-        self._abandon_reason = reason
-
-    def _run_safely(self) -> None:
-        try:
-            self._run()
-        except Exception:
-            log.exception("study driver for %s failed", self.job.id)
-            jobs.expire_lease(self.engine, self.job.id, self.epoch, "study driver error; the study resumes",
-                              self._used(), self.job.run_seconds)
-        finally:
-            self.executor._study_done(self.job.id)
+    def _release(self) -> None:
+        self.executor._study_done(self.job.id)
 
     def _run(self) -> None:
         study = open_study(self.job, self.job.attempts)
