@@ -249,7 +249,9 @@ def tune(file: Annotated[Path, typer.Argument(help="A YAML or JSON tune_hyperpar
     with Live(_trials_table({}), console=console, refresh_per_second=2) as live:
         while True:
             study = _call("POST", f"/v1/jobs/{started['study_id']}/wait", params={"timeout_seconds": 2})
-            live.update(_trials_table(study))
+            # The job view lists a large study's best and newest trials only: the table shows them all.
+            trials = _call("GET", f"/v1/studies/{started['study_id']}/trials")["trials"]
+            live.update(_trials_table({**study, "metrics": {**(study["metrics"] or {}), "trials": trials}}))
             if study["state"] in FINAL:
                 break
     if study["error"]:

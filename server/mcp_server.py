@@ -252,6 +252,12 @@ def build_mcp_server(service: ServiceRef, local_key: str | None = None) -> MCPSe
         view = await call(ctx, job_tools.get_job, job_id)
         return json.dumps(view.model_dump(mode="json"))
 
+    @mcp.resource("weightsmith://studies/{study_id}/trials", mime_type="application/json")
+    async def study_trials_resource(study_id: str, ctx: Context) -> str:
+        """A study's whole trials table (get_job shows its best and newest trials)."""
+        trials = await call(ctx, job_tools.study_trials, study_id)
+        return json.dumps({"study_id": study_id, "trials": trials})
+
     # --- issue 4: evaluation tools ---
     # Optional strings default to "" (not None) in these signatures: a nullable schema costs twice the
     # tokens, and the whole tool list has a context budget (run_eval's dry_run is REST-only for it).

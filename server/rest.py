@@ -60,6 +60,11 @@ def post_study(body: TuneRequest, service: Service, agent: CurrentAgent) -> Tune
     return tune_hyperparameters(service, agent, body)
 
 
+@router.get("/studies/{study_id}/trials", tags=["training"])
+def get_study_trials(study_id: str, service: Service, agent: CurrentAgent) -> dict[str, Any]:
+    return {"study_id": study_id, "trials": job_tools.study_trials(service, agent, study_id)}
+
+
 @router.get("/jobs", response_model=JobList, tags=["jobs"])
 def get_jobs(service: Service, agent: CurrentAgent, state: Annotated[list[str] | None, Query()] = None,
              kind: str | None = None, limit: int = 10, cursor: float | None = None) -> JobList:

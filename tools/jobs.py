@@ -11,6 +11,7 @@ from pydantic import Field
 
 from server import jobs
 from server.context import ServiceContext
+from server.errors import InvalidRequest
 from server.models import FINAL_STATES, Agent
 from tools.views import Compact, JobView, iso, job_view
 
@@ -20,6 +21,15 @@ ProgressReporter = Callable[[float, float | None, str], Awaitable[None]]
 
 def get_job(ctx: ServiceContext, agent: Agent, job_id: str) -> JobView:
     return job_view(jobs.get(ctx.engine, agent.id, job_id))
+
+
+def study_trials(ctx: ServiceContext, agent: Agent, study_id: str) -> list[dict[str, Any]]:
+    """A study's whole trials table (get_job shows the best and newest of a large one)."""
+    job = jobs.get(ctx.engine, agent.id, study_id)
+    if job.kind != "tune":
+        raise InvalidRequest(f"job {study_id} is a {job.kind} job, not a study (tune_hyperparameters)",
+                             param="study_id")
+    return list(job.metrics.get("trials") or [])
 
 
 async def wait_for_job(ctx: ServiceContext, agent: Agent, job_id: str, timeout_seconds: float = 45.0,

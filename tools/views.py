@@ -97,10 +97,35 @@ def job_view(job: Job) -> JobView:
         started_at=iso(job.started_at), finished_at=iso(job.finished_at),
         progress=Progress(**{k: v for k, v in job.progress.items() if k in keys}),
         error=JobError(**job.error) if job.error else None, model_id=job.model_id,
-        metrics=job.metrics if job.kind == "tune" else {  # a study's result is its trials table and best
+        metrics=study_digest(job) if job.kind == "tune" else {
             k: v for k, v in job.metrics.items() if isinstance(v, (int, float, str)) or v is None},
         hyperparameters=job.resolved.get("hyperparameters", {}), estimate_flops=job.estimate_flops,
         flops_used=job.flops_used, attempts=job.attempts)
+
+
+TRIALS_SHOWN = 10
+"""A study's view lists at most this many trials; the whole table is one request away."""
+
+
+def study_digest(job: Job) -> dict[str, Any]:
+    """A study's result with its trials table cut to the ones an agent acts on: the best complete
+    trials, the ones still running and the newest, so a 200-trial study still reads in ~1,000 tokens."""
+    trials = job.metrics.get("trials") or []
+    if len(trials) <= TRIALS_SHOWN:
+        return job.metrics
+    sign = -1.0 if job.metrics.get("direction") == "maximize" else 1.0
+    complete = sorted((t for t in trials if t["state"] == "complete" and t["value"] is not None),
+                      key=lambda t: sign * t["value"])
+    open_ = [t for t in trials if t["state"] not in ("complete", "pruned", "fail")]
+    newest = sorted(trials, key=lambda t: -t["number"])
+    shown: dict[int, dict[str, Any]] = {}
+    for trial in [*complete[:TRIALS_SHOWN // 2], *open_, *newest]:
+        if len(shown) >= TRIALS_SHOWN:
+            break
+        shown.setdefault(trial["number"], trial)
+    return {**job.metrics, "trials": sorted(shown.values(), key=lambda t: t["number"]),
+            "trials_total": len(trials), "trials_omitted": len(trials) - len(shown),
+            "all_trials": f"weightsmith://studies/{job.id}/trials (REST GET /v1/studies/{job.id}/trials)"}
 
 
 class DatasetView(Compact):
