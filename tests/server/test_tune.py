@@ -21,8 +21,8 @@ from server.context import ServiceContext, ServiceRef, open_service
 from server.errors import InvalidRequest, LimitExceeded
 from server.mcp_server import build_mcp_server
 from server.models import Agent, Job, JobState, Reservation
+from server.optuna_study import open_study
 from server.settings import Settings
-from server.study import open_study
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
 from tests.server.test_mcp_in_memory import call, wait_final
 from tests.server.test_transports import http_service  # noqa: F401 -- the fixture
