@@ -104,6 +104,7 @@ class StudyDriver(LeasedWork):
             if cancelling:
                 self._cancel(rows)
                 if not any(r.state in ACTIVE_STATES for r in rows):
+                    self._follow(study, rows, cancelling)  # a job that ended since the first read is told too
                     self._finish(study, rows, "cancelled")
                     return
             elif not self._advance(study, space, rows):
