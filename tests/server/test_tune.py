@@ -456,3 +456,25 @@ def test_restart_while_a_trial_is_evaluated_keeps_its_one_eval_job(settings: Set
     assert trial["state"] == "complete" and trial["eval_job_id"] == evaluated.id
     assert trial["value"] == evaluated.metrics["kpi_exact"]
     assert charged == study.flops_used == train.flops_used + evaluated.flops_used
+
+
+def test_a_trial_holds_its_slot_while_evaluated_and_cancelling_the_study_stops_its_eval(
+        service: ServiceContext, tmp_path: Path) -> None:
+    agent = auth.ensure_local_agent(service.engine, service.settings)
+    suite_id = _kpi_suite(service, agent, tmp_path)
+    template = _template(service, _dataset(service, agent, tmp_path), max_steps=2)
+    study_id = _start(service, agent, template=template, search_space=LR, n_trials=2, budget_flops=1e12,
+                      strategy={"objective": f"kpi:{suite_id}/exact"})
+    wait_until(lambda: any(j.kind == "eval" for j in _trial_jobs(service, study_id)), timeout=240, interval=0.1)
+    jobs.request_cancel(service.engine, agent.id, study_id)
+    study = _final(service, agent, study_id, timeout=120)
+    assert study.state == JobState.cancelled and study.metrics["stopped_reason"] == "cancelled"
+    rows = _trial_jobs(service, study_id)
+    # n_parallel 1: the second trial waits for the first one's eval, so the cancel found it unstarted.
+    assert sorted((j.kind, j.trial_number) for j in rows) == [("eval", 0), ("train", 0)]
+    assert all(j.state in (JobState.succeeded, JobState.cancelled) for j in rows)
+    [evaluated] = [j for j in rows if j.kind == "eval"]
+    [trial] = study.metrics["trials"]  # cancelled while its eval ran, or told the value it finished with
+    assert (trial["state"], evaluated.state) in (("fail", JobState.cancelled), ("complete", JobState.succeeded))
+    assert _reservation(service, study_id).flops_used == study.flops_used == sum(j.flops_used for j in rows)
+    assert get_quota(service, agent).budget_flops_spent == pytest.approx(study.flops_used)
