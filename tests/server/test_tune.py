@@ -433,6 +433,7 @@ def test_a_failed_trial_eval_fails_the_trial_with_its_reason_and_settles_what_it
     assert _reservation(service, study_id).flops_used == study.flops_used == train.flops_used + evaluated.flops_used
 
 
+@pytest.mark.slow  # two service starts: 18-39 s on two shared cores
 def test_restart_while_a_trial_is_evaluated_keeps_its_one_eval_job(settings: Settings, tmp_path: Path) -> None:
     with open_service(settings) as ctx:
         agent = auth.ensure_local_agent(ctx.engine, settings)
