@@ -6,7 +6,7 @@ The task: pre-train the `tiny` preset (~1M parameters, a tokenizer trained on th
 on the sample corpus in 64-token blocks, 48 steps of 8 blocks, and minimise the held-out loss over
 learning rate (log 1e-5..1e-1), warm-up ratio and weight decay. Both searches run the same number
 of trials on the same task; the tuned one uses the service's own sampler and pruner settings
-(`server.study.make_sampler` / `make_pruner`: TPE, Hyperband on optimizer steps, reports every
+(`server.optuna_study.make_sampler` / `make_pruner`: TPE, Hyperband on optimizer steps, reports every
 `eval_steps`), the baseline a seeded random sampler and no pruner.
 
 Compute is counted as the service counts it: 6 x parameters x trained tokens. For each seed it
@@ -45,7 +45,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedul
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.study import make_pruner, make_sampler
+from server.optuna_study import make_pruner, make_sampler
 from training_core import presets
 
 SAMPLE = ROOT / "examples" / "sample_corpus"

@@ -130,10 +130,11 @@ def latest_report(session: Session, agent_id: str, suite_id: str, model_ref: str
 
 # ---- eval jobs -----------------------------------------------------------------------------------
 
-def estimate(engine: Engine, suite_row: EvalSuite, targets: list[EvalTarget],
+def estimate(engine: Engine, suite_row: EvalSuite, model_parameters: list[int],
              max_seconds: float | None) -> guardrails.Estimate:
     """2 x parameters x tokens: prompt and generated tokens of every item, plus prompt and
-    reference again when a KPI needs perplexity; one step is one batch of one model."""
+    reference again when a KPI needs perplexity; one step is one batch of one model.
+    `model_parameters`: one entry per model run (a study prices its trials' evals before any exists)."""
     definition = suite.SuiteDefinition.model_validate(suite_row.definition)
     with Session(engine) as session:
         dataset = session.get(Dataset, suite_row.dataset_id)
@@ -143,8 +144,8 @@ def estimate(engine: Engine, suite_row: EvalSuite, targets: list[EvalTarget],
     per_item = math.ceil(record_tokens * (2 if perplexity else 1) + definition.decoding.max_new_tokens)
     batches = math.ceil(suite_row.items / definition.decoding.batch_size)
     return guardrails.Estimate(
-        parameters=max(t.parameters for t in targets), tokens_per_step=per_item * definition.decoding.batch_size,
-        max_steps=batches * len(targets), dataset_bytes=dataset.bytes, max_seconds=max_seconds,
+        parameters=max(model_parameters), tokens_per_step=per_item * definition.decoding.batch_size,
+        max_steps=batches * len(model_parameters), dataset_bytes=dataset.bytes, max_seconds=max_seconds,
         flops_per_parameter_token=2.0)
 
 
@@ -152,6 +153,22 @@ def queue_eval(engine: Engine, runs_dir: Path, agent: Agent, suite_row: EvalSuit
                baseline: EvalTarget | None, *, max_seconds: float | None = None,
                request: dict[str, Any] | None = None) -> Job:
     """Admit and queue an eval job, or raise LimitExceeded; the baseline runs too if it has no report."""
+    job, price = prepare_eval_job(engine, runs_dir, agent, suite_row, candidate, baseline, max_seconds=max_seconds,
+                                  request=request)
+    with write_transaction(engine) as session:
+        verdict = guardrails.admit(session, engine, agent.id, price)
+        guardrails.raise_if_refused(verdict, price)
+        session.add(job)
+        session.flush()
+        session.add(Reservation(agent_id=agent.id, job_id=job.id, flops_reserved=price.flops))
+    return job
+
+
+def prepare_eval_job(engine: Engine, runs_dir: Path, agent: Agent, suite_row: EvalSuite, candidate: EvalTarget,
+                     baseline: EvalTarget | None, *, max_seconds: float | None = None,
+                     request: dict[str, Any] | None = None) -> tuple[Job, guardrails.Estimate]:
+    """An unsaved, queued eval job with its spec, and its price; the caller admits and inserts it
+    (`queue_eval`, or a study carving it out of its own reservation)."""
     with Session(engine) as session:
         baseline_report = latest_report(session, agent.id, suite_row.id, baseline.ref) if baseline else None
         dataset = session.get(Dataset, suite_row.dataset_id)
@@ -160,7 +177,7 @@ def queue_eval(engine: Engine, runs_dir: Path, agent: Agent, suite_row: EvalSuit
         raise InvalidDataset(f"the snapshot of {dataset.id} no longer matches its hash; upload it again and "
                              "declare the suite on the new dataset", param="suite_id")
     runs = [("candidate", candidate)] + ([("baseline", baseline)] if baseline and not baseline_report else [])
-    price = estimate(engine, suite_row, [t for _, t in runs], max_seconds)
+    price = estimate(engine, suite_row, [t.parameters for _, t in runs], max_seconds)
     job = Job(agent_id=agent.id, kind="eval", method="eval", state=JobState.queued, request=request or {},
               estimate_flops=price.flops)
     job.run_dir = str((runs_dir / job.id).resolve())
@@ -184,13 +201,7 @@ def queue_eval(engine: Engine, runs_dir: Path, agent: Agent, suite_row: EvalSuit
         "suite_id": suite_row.id, "candidate": asdict(candidate),
         "baseline": asdict(baseline) if baseline else None,
         "baseline_report_id": baseline_report.id if baseline_report else None}
-    with write_transaction(engine) as session:
-        verdict = guardrails.admit(session, engine, agent.id, price)
-        guardrails.raise_if_refused(verdict, price)
-        session.add(job)
-        session.flush()
-        session.add(Reservation(agent_id=agent.id, job_id=job.id, flops_reserved=price.flops))
-    return job
+    return job, price
 
 
 def queue_after_training(engine: Engine, train_job: Job, model: Model) -> Job | None:

@@ -236,7 +236,9 @@ def build_mcp_server(service: ServiceRef, local_key: str | None = None) -> MCPSe
         """An Optuna study (a tune job, returned at once) whose trials are train jobs from template
         (launch_training arguments). search_space: {"learning_rate": {"type": "float", "low": 1e-4, "high":
         1e-2, "log": true}, "lora.r": {"type": "categorical", "choices": [8, 16]}}. strategy: sampler
-        (tpe|random|cmaes|gp), pruner (hyperband|median|successive_halving|none). get_job shows trials, best."""
+        (tpe|random|cmaes|gp), pruner (hyperband|median|successive_halving|none), objective (eval_loss, or
+        kpi:SUITE/KPI: each trial is evaluated on that suite, in the KPI's direction, unpruned). get_job shows
+        trials, best."""
         try:
             request = TuneRequest.model_validate({
                 "template": template, "search_space": search_space, "n_trials": n_trials, "n_parallel": n_parallel,

@@ -8,6 +8,10 @@ itself. The driver loops until the study ends:
   to `trial.report(value, step)`, prune a trial when `trial.should_prune()` says so (its job is
   cancelled, keeps its record with `metrics.pruned`, and its unused reservation returns to the
   study), and `tell` Optuna how each finished trial ended;
+- evaluate (KPI objective, `server/kpi_objective.py`): a trial whose training succeeded gets an
+  eval job (kind `eval`, the trial's number, its reservation carved out of the study's); the trial
+  holds its slot until that job ends, and Optuna is told the KPI's value from its report, or FAIL
+  with the reason when the eval failed;
 - start: `study.ask()` a new trial while fewer than `n_parallel` run, trials remain, and what is
   left of the study's budget pays for its costliest trial; the trial job is inserted with its
   Optuna trial number and its reservation carved out of the study's in one transaction;
@@ -19,12 +23,12 @@ Restarts: the Optuna study lives in an RDB storage (`Settings.studies_url`) name
 so a reclaimed study reloads it. A trial that Optuna shows running but that has no job was asked
 by a driver that stopped before inserting the job: it never ran, so it is told FAIL and a new one
 is asked in its place. Every other running trial has exactly one job, which the driver follows
-again from its first event (Optuna ignores a step reported twice). So no trial is lost or run twice.
+again from its first event (Optuna ignores a step reported twice), and at most one eval job, found
+again by its trial number. So no trial is lost, run twice or evaluated twice.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -34,14 +38,16 @@ import optuna
 from optuna.trial import TrialState
 from sqlmodel import Session, col, select
 
-from server import guardrails, jobs
+from server import guardrails, jobs, kpi_objective
 from server.context import ServiceContext
 from server.db import write_transaction
 from server.errors import WeightsmithError
 from server.executor import LeasedWork
+from server.kpi_objective import KpiObjective
 from server.models import ACTIVE_STATES, FINAL_STATES, Agent, Job, JobState, Reservation
+from server.optuna_study import distributions, open_study
 from tools.launch_training import LaunchTrainingRequest, prepare_train_job, queue_after_snapshot_check
-from tools.tune_hyperparameters import ParamSpace, objective_value, trial_request
+from tools.tune_hyperparameters import objective_value, trial_request
 
 if TYPE_CHECKING:
     from server.executor import LocalExecutor
@@ -53,65 +59,6 @@ POLL_SECONDS = 0.5
 MIN_TRIALS_FOR_IMPORTANCE = 4
 
 
-@functools.cache
-def studies_storage(url: str) -> optuna.storages.RDBStorage:
-    """One Optuna storage (and engine) per URL in this process, shared by every driver."""
-    # Several drivers and optuna-dashboard may write one SQLite file: wait for its lock, as our own
-    # engine does, instead of failing at once with "database is locked".
-    kwargs: dict[str, Any] = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-
-
-def open_study(job: Job, attempt: int = 1) -> optuna.Study:
-    strategy = job.resolved["strategy"]
-    return optuna.create_study(
-        storage=studies_storage(job.resolved["studies_url"]), study_name=job.id, load_if_exists=True,
-        direction=strategy["direction"], sampler=make_sampler(strategy, job.resolved["n_trials"], attempt),
-        pruner=make_pruner(strategy["pruner"], job.resolved["eval_steps"], job.resolved["max_steps"]))
-
-
-def make_sampler(strategy: dict[str, Any], n_trials: int, attempt: int) -> optuna.samplers.BaseSampler:
-    # A seeded sampler restarted mid-study would draw its first parameters again: each run of the
-    # driver seeds it differently (samplers that model the history read it from the storage).
-    seed = None if strategy["seed"] is None else strategy["seed"] + attempt - 1
-    name = strategy["sampler"]
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    # Studies here run tens of trials, not hundreds: TPE's default of 10 random start-up trials
-    # would be most of one.
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, n_trials // 4)))
-
-
-def make_pruner(name: str, eval_steps: int, max_steps: int) -> optuna.pruners.BasePruner:
-    # Resources are optimizer steps, reported at every evaluation (every `eval_steps`).
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=eval_steps, max_resource=max(max_steps, eval_steps),
-                                              reduction_factor=3)
-    if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=eval_steps, reduction_factor=3)
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=eval_steps)
-    return optuna.pruners.NopPruner()
-
-
-def distributions(space: dict[str, Any]) -> dict[str, optuna.distributions.BaseDistribution]:
-    result: dict[str, optuna.distributions.BaseDistribution] = {}
-    for name, raw in space.items():
-        param = ParamSpace.model_validate(raw)
-        if param.type == "categorical":
-            result[name] = optuna.distributions.CategoricalDistribution(param.choices or [])
-        elif param.type == "int":
-            result[name] = optuna.distributions.IntDistribution(int(param.low or 0), int(param.high or 0),
-                                                               log=param.log)
-        else:
-            result[name] = optuna.distributions.FloatDistribution(param.low or 0.0, param.high or 0.0, log=param.log)
-    return result
-
-
 class StudyDriver(LeasedWork):
     """Drives one claimed tune job until it ends, its lease is lost, or the service stops."""
 
@@ -121,6 +68,10 @@ class StudyDriver(LeasedWork):
     def __init__(self, executor: LocalExecutor, job: Job):
         super().__init__(executor, job)
         self.config = job.resolved
+        self.kpi = KpiObjective(**job.resolved["kpi"]) if job.resolved.get("kpi") else None
+        """Set for a KPI objective (studies admitted before KPI objectives have no `kpi` at all)."""
+        self.eval_flops: float = job.resolved.get("eval_estimate_flops", 0.0)
+        """What each trial's eval is priced at; 0 for the eval_loss objective."""
         self._reported: dict[str, int] = {}
         """Trial job id -> seq of the last metrics event relayed to Optuna."""
         self._written: dict[str, Any] = {}
@@ -146,11 +97,14 @@ class StudyDriver(LeasedWork):
                     return  # another driver holds the study now: write nothing more
                 last_beat = time.monotonic()
             rows = self._jobs()
-            self._follow(study, rows)
+            cancelling = jobs.cancel_requested(self.engine, self.job.id)
+            if not self._follow(study, rows, cancelling):
+                return
             rows = self._jobs()
-            if jobs.cancel_requested(self.engine, self.job.id):
+            if cancelling:
                 self._cancel(rows)
                 if not any(r.state in ACTIVE_STATES for r in rows):
+                    self._follow(study, rows, cancelling)  # a job that ended since the first read is told too
                     self._finish(study, rows, "cancelled")
                     return
             elif not self._advance(study, space, rows):
@@ -162,13 +116,16 @@ class StudyDriver(LeasedWork):
     # Following trials.
 
     def _jobs(self) -> list[Job]:
-        """The study's jobs: its trials (with a trial number) and the final retrain (without)."""
+        """The study's jobs: its trials (train jobs with a trial number), their eval jobs (KPI
+        objective: kind eval, the trial's number) and the final retrain (a train job without)."""
         with Session(self.engine) as session:
             return list(session.exec(select(Job).where(Job.study_job_id == self.job.id)
                                      .order_by(col(Job.created_at))))
 
-    def _follow(self, study: optuna.Study, rows: list[Job]) -> None:
-        by_number = {r.trial_number: r for r in rows if r.trial_number is not None}
+    def _follow(self, study: optuna.Study, rows: list[Job], cancelling: bool) -> bool:
+        """Relay, prune, evaluate and tell; False once the study has ended (an eval cannot be built)."""
+        by_number = _trials(rows)
+        evals = _evals(rows)
         for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
             row = by_number.get(frozen.number)
             if row is None:  # asked by a driver that stopped before its job was inserted: it never ran
@@ -179,8 +136,12 @@ class StudyDriver(LeasedWork):
             step = self._report(trial, row, set(frozen.intermediate_values))
             if step is not None and row.state == JobState.running and trial.should_prune():
                 self._prune(row, step)
-            if row.state in FINAL_STATES:
+            if self.kpi is not None and row.state == JobState.succeeded:
+                if not self._follow_eval(study, frozen.number, row, evals.get(frozen.number), cancelling):
+                    return False
+            elif row.state in FINAL_STATES:
                 self._tell(study, frozen.number, row)
+        return True
 
     def _report(self, trial: optuna.trial.Trial, row: Job, reported: set[int]) -> int | None:
         """Relay the trial's new held-out losses; the step of the newest, or None if none came.
@@ -218,31 +179,55 @@ class StudyDriver(LeasedWork):
     def _tell(self, study: optuna.Study, number: int, row: Job) -> None:
         value = objective_value(row.metrics) if row.state == JobState.succeeded else None
         if value is not None:
-            study.tell(number, value)
-            self._event(f"trial {number} complete: {self.config['strategy']['objective']} {value:.4g}")
+            self._tell_value(study, number, value)
         elif row.state == JobState.cancelled and row.metrics.get("pruned"):
             study.tell(number, state=TrialState.PRUNED)
         else:
-            study.tell(number, state=TrialState.FAIL)
-            why = (row.error or {}).get("message") or "it reported no held-out loss"
-            self._event(f"trial {number} failed: {why}", level="warning")
+            self._tell_failed(study, number, (row.error or {}).get("message") or "it reported no held-out loss")
+
+    def _follow_eval(self, study: optuna.Study, number: int, row: Job, eval_row: Job | None,
+                     cancelling: bool) -> bool:
+        """A trained trial of a KPI study: start its eval, or tell Optuna the value its report gives."""
+        assert self.kpi is not None
+        if eval_row is None and cancelling:
+            self._tell_failed(study, number, "the study was cancelled before its eval started")
+        elif eval_row is None:
+            return self._start_eval(study, number, row)
+        elif eval_row.state in FINAL_STATES:
+            value, why = kpi_objective.kpi_value(self.engine, eval_row, self.kpi.kpi)
+            if value is None:
+                self._tell_failed(study, number, why)
+            else:
+                self._tell_value(study, number, value)
+        return True
+
+    def _tell_value(self, study: optuna.Study, number: int, value: float) -> None:
+        study.tell(number, value)
+        self._event(f"trial {number} complete: {self.config['strategy']['objective']} {value:.4g}")
+
+    def _tell_failed(self, study: optuna.Study, number: int, why: str) -> None:
+        study.tell(number, state=TrialState.FAIL)
+        self._event(f"trial {number} failed: {why}", level="warning")
 
     # Starting trials, and ending the study.
 
     def _advance(self, study: optuna.Study, space: dict[str, Any], rows: list[Job]) -> bool:
         """Start what may start; end the study when nothing is left. False once it has ended."""
-        trials = [r for r in rows if r.trial_number is not None]
-        final = next((r for r in rows if r.trial_number is None), None)
-        running = sum(r.state in ACTIVE_STATES for r in trials)
+        trials = list(_trials(rows).values())
+        final = next((r for r in rows if r.kind == "train" and r.trial_number is None), None)
+        # A trial holds its slot until Optuna is told how it ended: for a KPI objective, until its eval
+        # ends too (its train job and its eval job never run at once).
+        untold = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        running = sum(r.state in ACTIVE_STATES or r.trial_number in untold for r in trials)
         left = self._budget_left(rows)
         while (len(trials) < self.config["n_trials"] and running < self.config["n_parallel"]
-               and left >= self.config["trial_estimate_flops"]):
+               and left >= self.config["trial_estimate_flops"] + self.eval_flops):
             row = self._start_trial(study, space, left)
             if row is None:
                 return False
             trials.append(row)
             running += 1
-            left -= row.estimate_flops
+            left -= row.estimate_flops + self.eval_flops
         if running:
             return True
         stopped = "n_trials" if len(trials) >= self.config["n_trials"] else "budget_spent"
@@ -264,7 +249,10 @@ class StudyDriver(LeasedWork):
         trial = study.ask(space)
         request = trial_request(self._template(), trial.params).model_copy(
             update={"model_name": f"{self.job.id}-trial-{trial.number}"})
-        row = self._insert(request, left, trial.number, {"eval_steps": self.config["eval_steps"]})
+        # Held-out losses along the way feed the pruner; a KPI study has none, so its trials skip them.
+        options = {} if self.kpi else {"eval_steps": self.config["eval_steps"]}
+        # Its eval's share stays out of what the trial may spend, so the eval can always be paid for.
+        row = self._insert(request, left - self.eval_flops, trial.number, options)
         if row is None:
             study.tell(trial, state=TrialState.FAIL)
             return None
@@ -291,7 +279,7 @@ class StudyDriver(LeasedWork):
             guardrails.raise_if_refused(guardrails.check_request(agent, estimate), estimate)
         except WeightsmithError as err:
             self._fail(f"could not start {'trial ' + str(number) if number is not None else 'the final retrain'}: "
-                       f"{err.message}", err.param)
+                       f"{err.message}", f"template.{err.param}" if err.param else "template")
             return None
         if number is None and estimate.flops > left:  # a trial always fits: the study is priced at its costliest
             self._event(f"the final retrain ({estimate.flops:.3g} FLOPs) does not fit what is left of the "
@@ -300,17 +288,44 @@ class StudyDriver(LeasedWork):
         job.study_job_id, job.trial_number = self.job.id, number
         limits = job.resolved["spec"]["limits"]
         limits["max_flops"] = min(limits["max_flops"], left)  # a trial can never spend past the study's budget
-        with write_transaction(self.engine) as session:
-            study_row = session.get(Job, self.job.id)
-            if study_row is None or study_row.lease_epoch != self.epoch:
-                return None
-            session.add(job)
-            session.flush()
-            session.add(Reservation(agent_id=agent.id, job_id=job.id, flops_reserved=estimate.flops,
-                                    within_job_id=self.job.id))
+        if not self._insert_carved(job, estimate.flops):
+            return None
         queue_after_snapshot_check(ctx, job, datasets)
         self.executor.wake()
         return job
+
+    def _start_eval(self, study: optuna.Study, number: int, row: Job) -> bool:
+        """Queue the eval of a trained trial (KPI objective); False once the study has ended."""
+        assert self.kpi is not None
+        left = self._budget_left(self._jobs())
+        if left < self.eval_flops:  # trials are capped to leave their eval's share; parallel ones may overrun
+            self._tell_failed(study, number, f"what is left of the study's budget ({left:.3g} FLOPs) does not pay "
+                                             f"for its eval ({self.eval_flops:.3g})")
+            return True
+        try:
+            job, price = kpi_objective.trial_eval_job(self.engine, self.settings.runs_dir, self._agent(), self.kpi,
+                                                      row, left)
+        except WeightsmithError as err:  # every trial's eval would fail alike (the suite's data, the limits)
+            self._fail(f"could not start the eval of trial {number}: {err.message}", "strategy.objective")
+            return False
+        if not self._insert_carved(job, price.flops):
+            return False
+        self._event(f"trial {number} trained; its eval started as {job.id}", trial=number, job_id=job.id)
+        self.executor.wake()
+        return True
+
+    def _insert_carved(self, job: Job, flops: float) -> bool:
+        """Insert a job of the study with its reservation carved out of the study's; False when this
+        driver no longer holds the study."""
+        with write_transaction(self.engine) as session:
+            study_row = session.get(Job, self.job.id)
+            if study_row is None or study_row.lease_epoch != self.epoch:
+                return False
+            session.add(job)
+            session.flush()
+            session.add(Reservation(agent_id=job.agent_id, job_id=job.id, flops_reserved=flops,
+                                    within_job_id=self.job.id))
+        return True
 
     def _cancel(self, rows: list[Job]) -> None:
         for row in rows:
@@ -338,27 +353,35 @@ class StudyDriver(LeasedWork):
             state = JobState.succeeded
         jobs.finish(self.engine, self.job.id, self.epoch, state, error=error, metrics=result)
 
-    def _fail(self, message: str, param: str | None) -> None:
-        """End the study at once: a trial cannot be built (a dataset or model is gone, limits changed)."""
+    def _fail(self, message: str, param: str) -> None:
+        """End the study at once: a trial or its eval cannot be built (a dataset or model is gone,
+        limits changed)."""
         rows = self._jobs()
         self._cancel(rows)
         jobs.relay(self.engine, self.job.id, self.epoch, [], 0, {"flops_used": sum(r.flops_used for r in rows)})
         jobs.finish(self.engine, self.job.id, self.epoch, JobState.failed,
-                    error={"code": "trial_not_started", "message": message, "param": f"template.{param}" if param else "template"})
+                    error={"code": "trial_not_started", "message": message, "param": param})
 
     # The result.
 
     def _result(self, study: optuna.Study, rows: list[Job], final: bool = False) -> dict[str, Any]:
-        by_number = {r.trial_number: r for r in rows if r.trial_number is not None}
+        by_number = _trials(rows)
+        evals = _evals(rows)
         table = []
         for frozen in study.get_trials(deepcopy=False):
             row = by_number.get(frozen.number)
             if row is None:
                 continue  # asked but never started (see _follow): not a trial of this study
-            state = row.state if frozen.state == TrialState.RUNNING else frozen.state.name.lower()
-            table.append({"number": frozen.number, "job_id": row.id, "state": state, "value": frozen.value,
-                          "params": frozen.params, "flops_used": row.flops_used,
-                          "step": row.metrics.get("pruned_at_step") or row.progress.get("step")})
+            eval_row = evals.get(frozen.number)
+            state = frozen.state.name.lower()
+            if frozen.state == TrialState.RUNNING:
+                state = "evaluating" if self.kpi and row.state == JobState.succeeded else row.state
+            trial = {"number": frozen.number, "job_id": row.id, "state": state, "value": frozen.value,
+                     "params": frozen.params, "flops_used": row.flops_used + (eval_row.flops_used if eval_row else 0.0),
+                     "step": row.metrics.get("pruned_at_step") or row.progress.get("step")}
+            if self.kpi:  # value is the KPI's, from this job's report
+                trial["eval_job_id"] = eval_row.id if eval_row else None
+            table.append(trial)
         result: dict[str, Any] = {
             "objective": self.config["strategy"]["objective"], "direction": self.config["strategy"]["direction"],
             "budget_flops": self.config["budget_flops"], "flops_used": sum(r.flops_used for r in rows),
@@ -371,7 +394,7 @@ class StudyDriver(LeasedWork):
             row = by_number[best.number]
             result.update(best_value=best.value, best_params=best.params, best_trial=best.number,
                           best_job_id=row.id, best_model_id=row.model_id)
-        final_row = next((r for r in rows if r.trial_number is None), None)
+        final_row = next((r for r in rows if r.kind == "train" and r.trial_number is None), None)
         if final_row is not None:
             result.update(final_job_id=final_row.id, final_model_id=final_row.model_id)
         if final and result["trials_complete"] >= MIN_TRIALS_FOR_IMPORTANCE:
@@ -384,7 +407,7 @@ class StudyDriver(LeasedWork):
         if result == self._written:
             return True
         self._written = result
-        done = sum(r.state in FINAL_STATES for r in rows if r.trial_number is not None)
+        done = sum(t["state"] in ("complete", "pruned", "fail") for t in result["trials"])
         progress = {"step": done, "max_steps": self.config["n_trials"], "loss": result.get("best_value")}
         return jobs.relay(self.engine, self.job.id, self.epoch, [], 0, {
             "metrics": result, "progress": progress, "flops_used": result["flops_used"]}) is not None
@@ -406,6 +429,16 @@ class StudyDriver(LeasedWork):
     def _event(self, message: str, level: str = "info", **data: Any) -> None:
         jobs.relay(self.engine, self.job.id, self.epoch,
                    [{"type": "message", "level": level, "message": message, "data": data}], 0)
+
+
+def _trials(rows: list[Job]) -> dict[int, Job]:
+    """Trial number -> the trial's train job."""
+    return {r.trial_number: r for r in rows if r.kind == "train" and r.trial_number is not None}
+
+
+def _evals(rows: list[Job]) -> dict[int, Job]:
+    """Trial number -> the trial's eval job (KPI objective)."""
+    return {r.trial_number: r for r in rows if r.kind == "eval" and r.trial_number is not None}
 
 
 def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:

@@ -45,7 +45,7 @@ def run_eval(ctx: ServiceContext, agent: Agent, request: RunEvalRequest) -> RunE
     runs = [candidate.ref] + ([baseline.ref] if baseline and not has_report else [])
     if request.dry_run:
         targets = [candidate] + ([baseline] if baseline and not has_report else [])
-        price = evaluation.estimate(ctx.engine, suite_row, targets, request.max_seconds)
+        price = evaluation.estimate(ctx.engine, suite_row, [t.parameters for t in targets], request.max_seconds)
         with Session(ctx.engine) as session:
             verdict = guardrails.admit(session, ctx.engine, agent.id, price)
         return RunEvalResult(admitted=verdict.admitted, refusal=verdict.message or "", estimate_flops=price.flops,

@@ -6,6 +6,12 @@ costliest trial the search space allows); its trials' compute is carved out of t
 so the agent is charged once. A study driver in the executor (`server/study.py`) then asks Optuna
 for trials, runs each as a train job and prunes the ones falling behind.
 
+The objective is the trial's held-out loss, or a KPI of one of the agent's eval suites
+(`kpi:SUITE/KPI`, see `server/kpi_objective.py`): each trial is then evaluated on the suite once it
+has trained, within the study's budget (each trial is priced with its eval), and the direction is
+the KPI's own. Trials report only their held-out loss while they train, which is not the KPI, so a
+KPI study does not prune.
+
 Parameter names in the search space are the `hyperparameters` fields of launch_training
 (`learning_rate`, `max_steps`, `warmup_ratio`, ...) or `lora.<field>` (`lora.r`, `lora.alpha`,
 `lora.dropout`).
@@ -22,10 +28,11 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationError
 from sqlmodel import Session, select
 
-from server import guardrails
+from server import guardrails, kpi_objective
 from server.context import ServiceContext
 from server.db import write_transaction
 from server.errors import Conflict, InvalidRequest, LimitExceeded, WeightsmithError
+from server.kpi_objective import KpiObjective
 from server.models import Agent, Job, JobState, Reservation
 from tools.launch_training import Hyperparameters, LaunchTrainingRequest, LoraOptions, prepare_train_job
 from tools.views import Compact
@@ -49,9 +56,11 @@ class ParamSpace(Compact):
 class Strategy(Compact):
     model_config = ConfigDict(extra="forbid")
     sampler: Literal["tpe", "random", "cmaes", "gp"] = "tpe"
-    pruner: Literal["hyperband", "median", "successive_halving", "none"] = "hyperband"
-    objective: str = Field("eval_loss", description="eval_loss (held-out loss), or kpi:SUITE/KPI.")
-    direction: Literal["minimize", "maximize"] = "minimize"
+    pruner: Literal["hyperband", "median", "successive_halving", "none"] | None = Field(
+        None, description="Default: hyperband; none for a KPI objective.")
+    objective: str = Field("eval_loss", description="eval_loss (held-out loss), or kpi:SUITE/KPI (an eval suite's "
+                           "id or name, a KPI of it).")
+    direction: Literal["minimize", "maximize"] | None = Field(None, description="Default: the objective's own.")
     eval_steps: int | Literal["auto"] = Field("auto", ge=1, description="Held-out loss interval, for pruning.")
     seed: int | None = None
 
@@ -85,7 +94,8 @@ def tune_hyperparameters(ctx: ServiceContext, agent: Agent, request: TuneRequest
         if existing is not None:
             return _started(existing)
     template = _template(request.template)
-    _check_strategy(request.strategy, template)
+    with Session(ctx.engine) as session:
+        strategy, kpi = resolve_strategy(session, agent, request.strategy, template)
     check_search_space(request.search_space, template)
 
     costliest = trial_request(template, _upper_bounds(request.search_space))
@@ -95,21 +105,26 @@ def tune_hyperparameters(ctx: ServiceContext, agent: Agent, request: TuneRequest
         err.param = f"template.{err.param}" if err.param else "template"
         raise
     guardrails.raise_if_refused(guardrails.check_request(agent, estimate), estimate)
-    budget = request.budget_flops or request.n_trials * estimate.flops
-    if budget < estimate.flops:
+    eval_flops = _eval_flops(ctx, agent, kpi, estimate.parameters) if kpi else 0.0
+    trial_flops = estimate.flops + eval_flops
+    budget = request.budget_flops or request.n_trials * trial_flops
+    if budget < trial_flops:
+        with_eval = f" and {eval_flops:.3g} for its eval" if kpi else ""
         raise InvalidRequest(f"budget_flops {budget:.3g} does not pay for one trial ({estimate.flops:.3g} FLOPs at "
-                             "the search space's upper bounds): raise it, or lower those bounds", param="budget_flops")
+                             f"the search space's upper bounds{with_eval}): raise it, or lower those bounds",
+                             param="budget_flops")
     eval_steps = (request.strategy.eval_steps if request.strategy.eval_steps != "auto"
                   else max(1, round(estimate.max_steps / EVALUATIONS_PER_TRIAL)))
 
-    job = Job(agent_id=agent.id, kind="tune", method=f"{request.strategy.sampler}+{request.strategy.pruner}",
+    job = Job(agent_id=agent.id, kind="tune", method=f"{strategy['sampler']}+{strategy['pruner']}",
               state=JobState.queued, request=request.model_dump(mode="json"),
               idempotency_key=request.idempotency_key, request_hash=request_hash, estimate_flops=budget)
     job.resolved = {
         "template": template_json(template),
         "search_space": {name: space.model_dump(mode="json") for name, space in request.search_space.items()},
-        "strategy": request.strategy.model_dump(mode="json"), "n_trials": request.n_trials,
+        "strategy": strategy, "kpi": kpi.as_json() if kpi else None, "n_trials": request.n_trials,
         "n_parallel": request.n_parallel, "budget_flops": budget, "trial_estimate_flops": estimate.flops,
+        "eval_estimate_flops": eval_flops,
         "max_steps": estimate.max_steps, "eval_steps": eval_steps, "final_retrain": request.final_retrain,
         "studies_url": ctx.settings.studies_url}
     with write_transaction(ctx.engine) as session:
@@ -117,7 +132,7 @@ def tune_hyperparameters(ctx: ServiceContext, agent: Agent, request: TuneRequest
             existing = _existing(session, agent, request.idempotency_key, request_hash)
             if existing is not None:
                 return _started(existing)
-        _admit(session, ctx, agent, budget, estimate.flops, request.n_parallel)
+        _admit(session, ctx, agent, budget, trial_flops, request.n_parallel)
         session.add(job)
         session.flush()
         session.add(Reservation(agent_id=agent.id, job_id=job.id, flops_reserved=budget))
@@ -209,16 +224,44 @@ def _template(raw: dict[str, Any]) -> LaunchTrainingRequest:
     return template
 
 
-def _check_strategy(strategy: Strategy, template: LaunchTrainingRequest) -> None:
-    if strategy.objective.startswith("kpi:"):
-        raise InvalidRequest("eval-suite KPI objectives are not available yet (studies do not wait for trial evals); "
-                             "use objective eval_loss", param="strategy.objective")
-    if strategy.objective != "eval_loss":
-        raise InvalidRequest(f"unknown objective {strategy.objective!r}; use eval_loss", param="strategy.objective")
-    if template.hyperparameters.eval_fraction == 0:
-        raise InvalidRequest("the eval_loss objective needs held-out records: set eval_fraction above 0 "
-                             "(final_retrain trains on all the data at the end)",
-                             param="template.hyperparameters.eval_fraction")
+def resolve_strategy(session: Session, agent: Agent, strategy: Strategy, template: LaunchTrainingRequest
+                     ) -> tuple[dict[str, Any], KpiObjective | None]:
+    """The strategy as the study runs it, every default made explicit (objective, direction,
+    pruner), and the KPI objective if it is one."""
+    resolved = strategy.model_dump(mode="json")
+    if strategy.objective.startswith(kpi_objective.PREFIX):
+        kpi = kpi_objective.resolve(session, agent.id, strategy.objective)
+        objective, direction = kpi.objective, kpi.direction
+        own = f"KPI {kpi.kpi} of suite {kpi.suite} is {direction}d, as the suite declares"
+        if strategy.pruner not in (None, "none"):
+            raise InvalidRequest(f"pruner {strategy.pruner} would compare the trials' held-out losses, which are not "
+                                 f"the KPI {kpi.kpi} (known only once a trial is evaluated): leave pruner out or "
+                                 "give none", param="strategy.pruner")
+        pruner = "none"
+    elif strategy.objective == "eval_loss":
+        kpi, objective, direction, own = None, "eval_loss", "minimize", "eval_loss is a loss: it is minimized"
+        if template.hyperparameters.eval_fraction == 0:
+            raise InvalidRequest("the eval_loss objective needs held-out records: set eval_fraction above 0 "
+                                 "(final_retrain trains on all the data at the end)",
+                                 param="template.hyperparameters.eval_fraction")
+        pruner = strategy.pruner or "hyperband"
+    else:
+        raise InvalidRequest(f"unknown objective {strategy.objective!r}; use eval_loss or kpi:SUITE/KPI",
+                             param="strategy.objective")
+    if strategy.direction not in (None, direction):
+        raise InvalidRequest(f"direction {strategy.direction} contradicts the objective: {own}; leave direction "
+                             "out", param="strategy.direction")
+    return {**resolved, "objective": objective, "direction": direction, "pruner": pruner}, kpi
+
+
+def _eval_flops(ctx: ServiceContext, agent: Agent, kpi: KpiObjective, parameters: int) -> float:
+    """A trial's eval, priced and checked against the per-request limits it will run under."""
+    price = kpi_objective.eval_price(ctx.engine, kpi.suite_id, parameters)
+    verdict = guardrails.check_request(agent, price)
+    if not verdict.admitted:
+        raise LimitExceeded(f"each trial's eval on suite {kpi.suite} would be refused: {verdict.message}",
+                            param="strategy.objective", details={"limit": verdict.limit})
+    return price.flops
 
 
 def _admit(session: Session, ctx: ServiceContext, caller: Agent, budget: float, trial_flops: float,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,20 +17,22 @@ import yaml
 from mcp import Client
 from sqlmodel import Session, select
 
-from server import auth, jobs
+from server import auth, jobs, kpi_objective
 from server.context import ServiceContext, ServiceRef, open_service
 from server.errors import InvalidRequest, LimitExceeded
 from server.mcp_server import build_mcp_server
-from server.models import Agent, Job, JobState, Reservation
+from server.models import Agent, EvalReport, Job, JobState, Reservation
+from server.optuna_study import open_study
 from server.settings import Settings
-from server.study import open_study
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
+from tests.server.test_eval import eval_records
 from tests.server.test_mcp_in_memory import call, wait_final
 from tests.server.test_transports import http_service  # noqa: F401 -- the fixture
 from tools.datasets import UploadDatasetRequest, upload_dataset
+from tools.eval_suites import create_eval_suite
 from tools.launch_training import LaunchTrainingRequest, prepare_train_job
 from tools.quota import get_quota
-from tools.tune_hyperparameters import TuneRequest, tune_hyperparameters
+from tools.tune_hyperparameters import Strategy, TuneRequest, resolve_strategy, tune_hyperparameters
 
 FINAL = (JobState.succeeded, JobState.failed, JobState.cancelled)
 
@@ -281,3 +284,198 @@ def test_cli_tune_starts_a_study_from_yaml_and_shows_its_trials(
     refused = subprocess.run([*cli, "tune", str(study), "--no-watch"], env={**env, "WEIGHTSMITH_API_KEY": "nope"},
                              capture_output=True, text=True, check=False)
     assert refused.returncode == 1 and "unauthorized" in refused.stdout
+
+
+# The eval-suite KPI objective: a small suite (12 items, 4 new tokens) keeps each trial's eval short.
+KPI_SUITE = """
+name: facts-kpi
+dataset: {dataset}
+decoding: {{max_new_tokens: 4, batch_size: 8}}
+kpis:
+  - {{name: exact, grader: {{type: exact, ignore_case: true}}}}
+  - {{name: ppl, grader: {{type: perplexity}}, direction: lower}}
+"""
+
+
+def _kpi_suite(ctx: ServiceContext, agent: Agent, tmp_path: Path, definition: str = KPI_SUITE) -> str:
+    items = write_jsonl(tmp_path / f"items-{agent.id}.jsonl", eval_records(12))
+    dataset = upload_dataset(ctx, agent, UploadDatasetRequest(path=str(items))).dataset.id
+    return create_eval_suite(ctx, agent, definition.format(dataset=dataset)).id
+
+
+def _study_reservations(ctx: ServiceContext, study_id: str) -> list[Reservation]:
+    with Session(ctx.engine) as session:
+        return list(session.exec(select(Reservation).where(Reservation.within_job_id == study_id)))
+
+
+def test_kpi_objective_is_checked_at_admission_naming_the_field_and_starts_nothing(
+        service: ServiceContext, tmp_path: Path) -> None:
+    agent, _ = auth.create_agent(service.engine, service.settings, "kpi-tuner", budget_flops=1e6)
+    other, _ = auth.create_agent(service.engine, service.settings, "kpi-other")
+    template = _template(service, _dataset(service, agent, tmp_path))
+    suite_id = _kpi_suite(service, agent, tmp_path)
+    others_suite = _kpi_suite(service, other, tmp_path)
+    refusals = [
+        ({"objective": "kpi:nosuch/ppl"}, "strategy.objective", f"their KPIs: facts-kpi ({suite_id}): exact, ppl"),
+        ({"objective": f"kpi:{others_suite}/ppl"}, "strategy.objective", f"no eval suite '{others_suite}' of yours"),
+        ({"objective": "kpi:facts-kpi/accuracy"}, "strategy.objective", "has no KPI 'accuracy'; its KPIs: exact, ppl"),
+        ({"objective": "kpi:ppl"}, "strategy.objective", "is not kpi:SUITE/KPI"),
+        ({"objective": "kpi:facts-kpi/ppl", "direction": "maximize"}, "strategy.direction",
+         "KPI ppl of suite facts-kpi is minimized"),
+        ({"objective": f"kpi:{suite_id}/exact", "pruner": "median"}, "strategy.pruner",
+         "pruner median would compare the trials' held-out losses, which are not the KPI exact"),
+        ({"direction": "maximize"}, "strategy.direction", "eval_loss is a loss: it is minimized"),
+    ]
+    for strategy, field, says in refusals:
+        with pytest.raises(InvalidRequest, match=re.escape(says)) as refused:
+            _start(service, agent, template=template, search_space=LR, strategy=strategy)
+        assert refused.value.param == field, (strategy, refused.value)
+    # A trial is priced with its eval: the default budget is n_trials of both, and no budget pays for less.
+    _, trial, _ = prepare_train_job(service, agent, LaunchTrainingRequest.model_validate(template))
+    evaluation = kpi_objective.eval_price(service.engine, suite_id, trial.parameters).flops
+    objective = {"objective": "kpi:facts-kpi/ppl"}
+    with pytest.raises(LimitExceeded, match=re.escape(f"the study's budget of {3 * (trial.flops + evaluation):.3g} "
+                                                      "FLOPs is over what is left of your budget")):
+        _start(service, agent, template=template, search_space=LR, n_trials=3, strategy=objective)
+    with pytest.raises(InvalidRequest, match=re.escape(f"and {evaluation:.3g} for its eval")) as refused:
+        _start(service, agent, template=template, search_space=LR, strategy=objective,
+               budget_flops=trial.flops + evaluation / 2)
+    assert refused.value.param == "budget_flops"
+    assert jobs.list_for_agent(service.engine, agent.id) == []
+    assert optuna.get_all_study_summaries(service.settings.studies_url) == []
+    # Left out, the direction and the pruner follow the objective; what the study stores is explicit.
+    request = LaunchTrainingRequest.model_validate(template)
+    with Session(service.engine) as session:
+        exact, kpi = resolve_strategy(session, agent, Strategy(objective="kpi:facts-kpi/exact"), request)
+        loss, no_kpi = resolve_strategy(session, agent, Strategy(), request)
+    assert kpi is not None and kpi.suite_id == suite_id and no_kpi is None
+    assert (exact["objective"], exact["direction"], exact["pruner"]) == (f"kpi:{suite_id}/exact", "maximize", "none")
+    assert (loss["objective"], loss["direction"], loss["pruner"]) == ("eval_loss", "minimize", "hyperband")
+
+
+@pytest.mark.slow
+def test_kpi_study_evaluates_every_trial_and_picks_the_best_kpi_within_one_budget(
+        service: ServiceContext, tmp_path: Path) -> None:
+    agent = auth.ensure_local_agent(service.engine, service.settings)
+    suite_id = _kpi_suite(service, agent, tmp_path)
+    # No held-out split: a KPI objective is measured on the suite, not on held-out training records.
+    template = _template(service, _dataset(service, agent, tmp_path), eval_fraction=0.0)
+
+    async def main() -> dict[str, Any]:
+        async with Client(build_mcp_server(ServiceRef(service))) as client:
+            # (A budget to spare: chat trials may use more than their estimate; see the README.)
+            started = await call(client, "tune_hyperparameters", template=template, search_space=LR, n_trials=2,
+                                 budget_flops=1e12, strategy={"objective": "kpi:facts-kpi/ppl", "sampler": "random",
+                                                              "seed": 4})
+            return await wait_final(client, started["study_id"])
+
+    study = anyio.run(main)
+    assert study["state"] == "succeeded", study["error"]
+    result = study["metrics"]
+    assert result["objective"] == f"kpi:{suite_id}/ppl" and result["direction"] == "minimize"
+    assert study["method"] == "random+none" and result["trials_pruned"] == 0
+    rows = _trial_jobs(service, study["id"])
+    trains = {j.trial_number: j for j in rows if j.kind == "train"}
+    evals = {j.trial_number: j for j in rows if j.kind == "eval"}
+    assert sorted(trains) == sorted(evals) == [0, 1] and len(rows) == 4
+    # Each eval was reserved at the price the study was admitted with.
+    eval_price = kpi_objective.eval_price(service.engine, suite_id, trains[0].resolved["estimate"]["parameters"])
+    assert all(j.estimate_flops == eval_price.flops for j in evals.values())
+    told = {t.number: t.value for t in optuna.load_study(study_name=study["id"],
+                                                          storage=service.settings.studies_url).trials}
+    for trial in result["trials"]:
+        train, evaluated = trains[trial["number"]], evals[trial["number"]]
+        assert trial["state"] == "complete" and trial["eval_job_id"] == evaluated.id
+        assert train.state == evaluated.state == JobState.succeeded
+        with Session(service.engine) as session:
+            report = session.exec(select(EvalReport).where(EvalReport.job_id == evaluated.id)).one()
+        # The trial's own model, alone (a study compares trials, not a baseline), on the study's suite.
+        assert report.model_id == train.model_id and report.suite_id == suite_id and report.baseline_ref is None
+        ppl = next(k["value"] for k in report.summary["kpis"] if k["name"] == "ppl")
+        assert trial["value"] == told[trial["number"]] == ppl
+        assert trial["flops_used"] == pytest.approx(train.flops_used + evaluated.flops_used)
+    values = [t["value"] for t in result["trials"]]
+    assert len(set(values)) == 2  # distinct learning rates, distinct perplexities: the best is unambiguous
+    assert result["best_value"] == min(values)  # ppl is declared lower-is-better
+    best = next(t for t in result["trials"] if t["value"] == min(values))
+    assert result["best_trial"] == best["number"] and result["best_model_id"] == trains[best["number"]].model_id
+    # Trials and evals are carved out of the study's reservation; the agent is charged once, at their use.
+    used = sum(j.flops_used for j in rows)
+    carved = _study_reservations(service, study["id"])
+    assert {r.job_id for r in carved} == {j.id for j in rows}
+    assert all(r.settled_at is not None and r.flops_used == next(j for j in rows if j.id == r.job_id).flops_used
+               for r in carved)
+    assert study["flops_used"] == pytest.approx(used) and _reservation(service, study["id"]).flops_used == used
+    assert get_quota(service, agent).budget_flops_spent == pytest.approx(used)
+
+
+def test_a_failed_trial_eval_fails_the_trial_with_its_reason_and_settles_what_it_used(
+        service: ServiceContext, tmp_path: Path) -> None:
+    agent = auth.ensure_local_agent(service.engine, service.settings)
+    # The facts' answers are no tool calls, so the tool_call grader fails every eval job it runs in.
+    broken = KPI_SUITE + "  - {{name: calls, grader: {{type: tool_call}}}}\n"
+    suite_id = _kpi_suite(service, agent, tmp_path, broken)
+    template = _template(service, _dataset(service, agent, tmp_path), max_steps=2)
+    study_id = _start(service, agent, template=template, search_space=LR, n_trials=1, budget_flops=1e12,
+                      strategy={"objective": f"kpi:{suite_id}/ppl"})
+    study = _final(service, agent, study_id)
+    assert study.state == JobState.failed and study.error["code"] == "no_trial_completed"
+    [train, evaluated] = sorted(_trial_jobs(service, study_id), key=lambda j: j.kind, reverse=True)
+    assert train.kind == "train" and train.state == JobState.succeeded
+    assert evaluated.kind == "eval" and evaluated.trial_number == 0 and evaluated.state == JobState.failed
+    [trial] = study.metrics["trials"]
+    assert trial["state"] == "fail" and trial["value"] is None and trial["eval_job_id"] == evaluated.id
+    said = [e.message for e in jobs.events(service.engine, agent.id, study_id, limit=100)]
+    assert any(m.startswith(f"trial 0 failed: its eval job {evaluated.id} failed: KPI calls") for m in said), said
+    assert optuna.load_study(study_name=study_id, storage=service.settings.studies_url).trials[0].state == \
+        optuna.trial.TrialState.FAIL
+    assert evaluated.flops_used > 0 and _reservation(service, evaluated.id).flops_used == evaluated.flops_used
+    assert _reservation(service, study_id).flops_used == study.flops_used == train.flops_used + evaluated.flops_used
+
+
+@pytest.mark.slow  # two service starts: 18-39 s on two shared cores
+def test_restart_while_a_trial_is_evaluated_keeps_its_one_eval_job(settings: Settings, tmp_path: Path) -> None:
+    with open_service(settings) as ctx:
+        agent = auth.ensure_local_agent(ctx.engine, settings)
+        suite_id = _kpi_suite(ctx, agent, tmp_path)
+        template = _template(ctx, _dataset(ctx, agent, tmp_path), max_steps=2)
+        study_id = _start(ctx, agent, template=template, search_space=LR, n_trials=1, budget_flops=1e12,
+                          strategy={"objective": f"kpi:{suite_id}/exact"})
+        wait_until(lambda: any(j.kind == "eval" for j in _trial_jobs(ctx, study_id)), timeout=240, interval=0.1)
+    # The service stopped with the trial trained and its eval queued or running: the next driver must
+    # follow that eval job, not start a second one.
+    with open_service(settings) as ctx:
+        study = _final(ctx, agent, study_id)
+        rows = _trial_jobs(ctx, study_id)
+        charged = _reservation(ctx, study_id).flops_used
+    assert study.state == JobState.succeeded, study.error
+    assert study.attempts == 2 and study.metrics["direction"] == "maximize"
+    [train] = [j for j in rows if j.kind == "train"]
+    [evaluated] = [j for j in rows if j.kind == "eval"]
+    assert train.attempts == 1 and evaluated.state == JobState.succeeded
+    [trial] = study.metrics["trials"]
+    assert trial["state"] == "complete" and trial["eval_job_id"] == evaluated.id
+    assert trial["value"] == evaluated.metrics["kpi_exact"]
+    assert charged == study.flops_used == train.flops_used + evaluated.flops_used
+
+
+def test_a_trial_holds_its_slot_while_evaluated_and_cancelling_the_study_stops_its_eval(
+        service: ServiceContext, tmp_path: Path) -> None:
+    agent = auth.ensure_local_agent(service.engine, service.settings)
+    suite_id = _kpi_suite(service, agent, tmp_path)
+    template = _template(service, _dataset(service, agent, tmp_path), max_steps=2)
+    study_id = _start(service, agent, template=template, search_space=LR, n_trials=2, budget_flops=1e12,
+                      strategy={"objective": f"kpi:{suite_id}/exact"})
+    wait_until(lambda: any(j.kind == "eval" for j in _trial_jobs(service, study_id)), timeout=240, interval=0.1)
+    jobs.request_cancel(service.engine, agent.id, study_id)
+    study = _final(service, agent, study_id, timeout=120)
+    assert study.state == JobState.cancelled and study.metrics["stopped_reason"] == "cancelled"
+    rows = _trial_jobs(service, study_id)
+    # n_parallel 1: the second trial waits for the first one's eval, so the cancel found it unstarted.
+    assert sorted((j.kind, j.trial_number) for j in rows) == [("eval", 0), ("train", 0)]
+    assert all(j.state in (JobState.succeeded, JobState.cancelled) for j in rows)
+    [evaluated] = [j for j in rows if j.kind == "eval"]
+    [trial] = study.metrics["trials"]  # cancelled while its eval ran, or told the value it finished with
+    assert (trial["state"], evaluated.state) in (("fail", JobState.cancelled), ("complete", JobState.succeeded))
+    assert _reservation(service, study_id).flops_used == study.flops_used == sum(j.flops_used for j in rows)
+    assert get_quota(service, agent).budget_flops_spent == pytest.approx(study.flops_used)
