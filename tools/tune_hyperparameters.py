@@ -221,6 +221,12 @@ def _template(raw: dict[str, Any]) -> LaunchTrainingRequest:
         first = err.errors()[0]["loc"]
         raise InvalidRequest(f"{problems} (template is a launch_training request)",
                              param="template." + ".".join(map(str, first))) from err
+    if template.eval_suite:
+        # Each trial would queue its own eval against its parent, outside the study's budget and
+        # not stopped with it; a KPI objective evaluates every trial within the budget instead.
+        raise InvalidRequest(f"a study's template takes no eval_suite: rank the trials by the suite with "
+                             f"strategy.objective \"kpi:{template.eval_suite}/<KPI>\", or run_eval the study's "
+                             "best_model_id when it ends", param="template.eval_suite")
     return template
 
 

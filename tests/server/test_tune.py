@@ -330,6 +330,9 @@ def test_kpi_objective_is_checked_at_admission_naming_the_field_and_starts_nothi
         with pytest.raises(InvalidRequest, match=re.escape(says)) as refused:
             _start(service, agent, template=template, search_space=LR, strategy=strategy)
         assert refused.value.param == field, (strategy, refused.value)
+    with pytest.raises(InvalidRequest, match=re.escape(f'strategy.objective "kpi:{suite_id}/<KPI>"')) as refused:
+        _start(service, agent, template={**template, "eval_suite": suite_id}, search_space=LR)
+    assert refused.value.param == "template.eval_suite"
     # A trial is priced with its eval: the default budget is n_trials of both, and no budget pays for less.
     _, trial, _ = prepare_train_job(service, agent, LaunchTrainingRequest.model_validate(template))
     evaluation = kpi_objective.eval_price(service.engine, suite_id, trial.parameters).flops
