@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
+from sqlalchemy import make_url
 from sqlmodel import Session, col, select
 
 from server import guardrails, jobs
@@ -56,8 +57,11 @@ MIN_TRIALS_FOR_IMPORTANCE = 4
 @functools.cache
 def studies_storage(url: str) -> optuna.storages.RDBStorage:
     """One Optuna storage (and engine) per URL in this process, shared by every driver."""
-    # Several drivers and optuna-dashboard may write one SQLite file: wait for its lock, as our own
-    # engine does, instead of failing at once with "database is locked".
+    # Several drivers, optuna-dashboard and, by default, the service itself write one SQLite file:
+    # wait for its lock, as our own engine does, instead of failing at once with "database is
+    # locked". The file is in WAL mode (set by the service's engine; it persists), and pysqlite
+    # begins a transaction only at its first write, so Optuna never waits for the lock holding a
+    # stale read snapshot (which SQLite would refuse at once, timeout or not).
     kwargs: dict[str, Any] = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
@@ -365,7 +369,8 @@ class StudyDriver(LeasedWork):
             "trials_complete": sum(t["state"] == "complete" for t in table),
             "trials_pruned": sum(t["state"] == "pruned" for t in table),
             "trials_failed": sum(t["state"] == "fail" for t in table), "trials": table,
-            "dashboard": f"optuna-dashboard {self.config['studies_url']}"}
+            # By default the service's own database: its password must not reach the agent.
+            "dashboard": f"optuna-dashboard {make_url(self.config['studies_url']).render_as_string()}"}
         best = _best(study)
         if best is not None:
             row = by_number[best.number]
