@@ -28,6 +28,7 @@ from server.mcp_server import build_mcp_server
 from server.models import Agent, Job, JobState, Reservation
 from server.settings import Settings
 from server.study import open_study
+from tests import postgres
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
 from tests.server.test_mcp_in_memory import call, wait_final
 from tests.server.test_transports import http_service  # noqa: F401 -- the fixture
@@ -35,6 +36,7 @@ from tools.datasets import UploadDatasetRequest, upload_dataset
 from tools.launch_training import LaunchTrainingRequest, prepare_train_job
 from tools.quota import get_quota
 from tools.tune_hyperparameters import TuneRequest, tune_hyperparameters
+from tools.views import job_view
 
 FINAL = (JobState.succeeded, JobState.failed, JobState.cancelled)
 ROOT = Path(__file__).resolve().parents[2]
@@ -384,6 +386,29 @@ def test_a_sigkilled_service_resumes_its_study_losing_and_repeating_no_trial(set
     assert study_reservation.settled_at is not None and study_reservation.flops_used == study.flops_used
     assert study.flops_used == pytest.approx(used) and quota["budget_flops_spent"] == pytest.approx(used)
     assert resumed.flops_used >= by_number[0].flops_used * 0.999
+
+
+@pytest.mark.slow
+def test_a_study_runs_in_a_postgresql_store_and_the_agent_never_sees_its_password(
+        settings: Settings, tmp_path: Path) -> None:
+    bin_dir, reason = postgres.available_or_reason()
+    if bin_dir is None:
+        pytest.skip(reason)
+    with postgres.postgres_server(bin_dir) as url:
+        # The test server trusts every local connection, so any password gets in: the point is where it shows.
+        with_password = url.replace("postgres@", "postgres:s3cret-pw@")
+        store = settings.model_copy(update={"database_url": with_password})
+        with open_service(store) as ctx:
+            agent = auth.ensure_local_agent(ctx.engine, store)
+            template = _template(ctx, _dataset(ctx, agent, tmp_path))
+            study_id = _start(ctx, agent, template=template, search_space=LR, n_trials=2, budget_flops=1e12,
+                              strategy={"pruner": "none"})
+            study = _final(ctx, agent, study_id)
+            view = job_view(study).model_dump_json()
+        assert study.state == JobState.succeeded, study.error
+        stored = optuna.load_study(study_name=study_id, storage=url)  # the service's own database
+        assert [t.state for t in stored.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+        assert "s3cret-pw" not in view and "optuna-dashboard postgresql+psycopg://postgres:***@" in view
 
 
 @pytest.mark.slow
