@@ -321,7 +321,7 @@ def test_a_sigkilled_service_resumes_its_study_losing_and_repeating_no_trial(set
     try:
         dataset = httpx.post(f"{base}/v1/datasets", json={"path": str(data)}, headers=headers, timeout=60).json()
         template = {"base_model": str(settings.data_roots[1] / "tiny"), "datasets": [dataset["dataset"]["id"]],
-                    "adapter": "full", "hyperparameters": quick_hyperparameters(max_steps=60, save_steps=10)}
+                    "adapter": "full", "hyperparameters": quick_hyperparameters(max_steps=60, save_steps=20)}
         started = httpx.post(f"{base}/v1/studies", headers=headers, timeout=60, json={
             "template": template, "search_space": LR, "n_trials": 3, "n_parallel": 1, "budget_flops": 1e13,
             "strategy": {"pruner": "none", "seed": 5}})
