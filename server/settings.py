@@ -34,7 +34,7 @@ class Settings(BaseSettings):
         "anything outside them is refused. JSON list, e.g. '[\"/data\"]'.")
     studies_database_url: str | None = Field(
         None, description="Optuna storage of the tune studies (optuna-dashboard opens it); default the service's "
-        "own database, where Optuna's tables sit beside the service's. A SQLAlchemy URL, e.g. to keep studies apart.")
+        "own database, where Optuna's tables sit beside the service's. A SQLAlchemy URL keeps them in another.")
     host: str = Field("127.0.0.1", description="Address `serve` binds.")
     port: int = Field(8765, description="Port `serve` binds.")
     allowed_hosts: list[str] = Field(
