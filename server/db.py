@@ -4,10 +4,15 @@ SQLite (the default) runs in WAL mode so readers never wait on the writer; trans
 read-then-write a budget use `BEGIN IMMEDIATE`, which takes the write lock at the start instead of
 at the first write, so two admissions can never both read the same spare budget. On PostgreSQL
 the same transactions lock the agent's row (`SELECT ... FOR UPDATE`).
+
+The tune studies' Optuna storage shares this database by default (`server/study.py`): Optuna's
+tables sit beside ours, so our alembic keeps its revision in a table of its own and compares only
+our tables when it autogenerates a revision.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +20,9 @@ from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Column, Connection, Engine, MetaData, String, Table, create_engine, event, func, select
 from sqlmodel import Session
 
 from server.errors import NotFound
@@ -23,6 +30,10 @@ from server.errors import NotFound
 T = TypeVar("T")
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+VERSION_TABLE = "weightsmith_schema_version"
+"""Where our alembic keeps its revision: alembic's default table, `alembic_version`, is Optuna's."""
+LEGACY_VERSION_TABLE = "alembic_version"
+"""Where stores made before the studies moved into this database keep our revision."""
 
 
 def make_engine(url: str) -> Engine:
@@ -72,13 +83,54 @@ def write_transaction(engine: Engine) -> Iterator[Session]:
             raise
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision; a user's store survives upgrades this way."""
+def alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with engine.begin() as connection:
+    return config
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision; a user's store survives upgrades this way.
+
+    One transaction, under SQLite's write lock from its start so that two processes starting at
+    once migrate one after the other: an older store's revision is adopted, then the schema upgraded.
+    """
+    config = alembic_config()
+    with engine.connect().execution_options(sqlite_immediate=True) as connection, connection.begin():
+        _adopt_legacy_revision(connection, ScriptDirectory.from_config(config))
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+def _adopt_legacy_revision(connection: Connection, script: ScriptDirectory) -> None:
+    """Move our revision from `alembic_version` to our own table, and drop `alembic_version` if
+    nothing else is left in it. A revision there that is not ours is Optuna's, and stays."""
+    ours = {revision.revision for revision in script.walk_revisions()}
+    heads = [head for head in MigrationContext.configure(connection).get_current_heads() if head in ours]
+    if not heads:
+        return
+    adopted = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    for head in heads:
+        adopted.stamp(script, head)
+    legacy = Table(LEGACY_VERSION_TABLE, MetaData(), Column("version_num", String(32), primary_key=True))
+    connection.execute(legacy.delete().where(legacy.c.version_num.in_(heads)))
+    if connection.execute(select(func.count()).select_from(legacy)).scalar_one() == 0:
+        legacy.drop(connection)
+
+
+def is_ours(name: str | None, type_: str, _parent_names: object) -> bool:
+    """alembic's `include_name`: autogenerate compares our tables only. Optuna's (and its
+    `alembic_version`) are not in our models, and a revision must never propose dropping them."""
+    return type_ != "table" or name not in _optuna_tables()
+
+
+@functools.cache
+def _optuna_tables() -> frozenset[str]:
+    # Optuna names its tables only in this private module. Imported when autogenerate asks, not
+    # at every start-up.
+    from optuna.storages._rdb.models import BaseModel
+
+    return frozenset(BaseModel.metadata.tables) | {LEGACY_VERSION_TABLE}
 
 
 _LISTED_BY = {"job": "list_jobs", "dataset": "list_datasets", "model": "list_models",

@@ -225,6 +225,9 @@ class _Runner(LeasedWork):
         self.run_dir = Path(job.run_dir)
 
     def _run(self) -> None:
+        tail = _EventTail(self.run_dir / EVENTS_FILE, self.job.events_offset)
+        if not self._relay_leftovers(tail):
+            return
         job = self.job
         spec_path = self._write_spec()
         log_path = self.run_dir / f"child-{job.attempts}.log"
@@ -234,10 +237,10 @@ class _Runner(LeasedWork):
                 training_command(spec_path, int(job.resolved["spec"].get("devices", 1))), stdout=child_log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 env=_child_env(self.settings), cwd=self.run_dir)
+        # progress.flops_used is what the running child has reported; this one has reported nothing yet.
         jobs.relay(self.engine, job.id, self.epoch, [{
             "type": "message", "message": f"training process {proc.pid} started", "data": {"pid": proc.pid}}],
-            job.events_offset)
-        tail = _EventTail(self.run_dir / EVENTS_FILE, job.events_offset)
+            job.events_offset, {"progress": {**job.progress, "flops_used": 0.0}})
         attempt_flops = 0.0
         cancel_sent = term_sent = None
         last_beat = time.monotonic()
@@ -251,7 +254,10 @@ class _Runner(LeasedWork):
             attempt_flops = _latest_flops(new_events, attempt_flops)
             now = time.monotonic()
             if new_events or now - last_beat >= self.settings.heartbeat_seconds:
-                current = jobs.relay(self.engine, job.id, self.epoch, new_events, tail.offset)
+                # The job's total kept current: if this whole process is killed, nothing settles this
+                # run, and its compute would be neither charged nor taken off the next run's cap.
+                current = jobs.relay(self.engine, job.id, self.epoch, new_events, tail.offset,
+                                     {"flops_used": job.flops_used + attempt_flops})
                 alive = current is not None and jobs.renew_lease(
                     self.engine, job.id, self.executor.owner, self.epoch, self.settings.lease_seconds)
                 last_beat = now
@@ -278,6 +284,26 @@ class _Runner(LeasedWork):
         attempt_flops = _latest_flops(new_events, attempt_flops)
         jobs.relay(self.engine, job.id, self.epoch, new_events, tail.offset)
         self._settle_run(proc.returncode, attempt_flops, time.monotonic() - started, cancel_sent is not None)
+
+    def _relay_leftovers(self, tail: _EventTail) -> bool:
+        """Relay and charge what the previous run wrote after its worker's last relay; False if the
+        lease is lost meanwhile.
+
+        Only a worker killed outright leaves such events: its child lives on for a moment (see
+        training_core's `_exit_with_parent`), and nothing settled that run. The job's `flops_used`
+        holds that run's compute up to its last relayed report (`progress.flops_used`); the child's
+        newest report is in these events. They are not this run's: its own count starts at zero.
+        """
+        leftover = tail.read()
+        if not leftover:
+            return True
+        relayed = float(self.job.progress.get("flops_used") or 0.0)
+        flops_used = self.job.flops_used - relayed + _latest_flops(leftover, relayed)
+        job = jobs.relay(self.engine, self.job.id, self.epoch, leftover, tail.offset, {"flops_used": flops_used})
+        if job is None:
+            return False
+        self.job = job
+        return True
 
     def _settle_run(self, returncode: int, attempt_flops: float, seconds: float, cancelled: bool) -> None:
         job = self.job

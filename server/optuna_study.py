@@ -17,8 +17,11 @@ from tools.tune_hyperparameters import ParamSpace
 @functools.cache
 def studies_storage(url: str) -> optuna.storages.RDBStorage:
     """One Optuna storage (and engine) per URL in this process, shared by every driver."""
-    # Several drivers and optuna-dashboard may write one SQLite file: wait for its lock, as our own
-    # engine does, instead of failing at once with "database is locked".
+    # Several drivers, optuna-dashboard and, by default, the service itself write one SQLite file:
+    # wait for its lock, as our own engine does, instead of failing at once with "database is
+    # locked". The file is in WAL mode (set by the service's engine; it persists), and pysqlite
+    # begins a transaction only at its first write, so Optuna never waits for the lock holding a
+    # stale read snapshot (which SQLite would refuse at once, timeout or not).
     kwargs: dict[str, Any] = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 

@@ -33,8 +33,8 @@ class Settings(BaseSettings):
         description="Directories datasets and base models may be registered from by path; "
         "anything outside them is refused. JSON list, e.g. '[\"/data\"]'.")
     studies_database_url: str | None = Field(
-        None, description="Optuna storage of the tune studies (optuna-dashboard opens it); default SQLite at "
-        "HOME/studies.db. Not the service's own database: both keep their schema version in alembic_version.")
+        None, description="Optuna storage of the tune studies (optuna-dashboard opens it); default the service's "
+        "own database, where Optuna's tables sit beside the service's. A SQLAlchemy URL keeps them in another.")
     host: str = Field("127.0.0.1", description="Address `serve` binds.")
     port: int = Field(8765, description="Port `serve` binds.")
     allowed_hosts: list[str] = Field(
@@ -86,7 +86,7 @@ class Settings(BaseSettings):
 
     @property
     def studies_url(self) -> str:
-        return self.studies_database_url or f"sqlite:///{(self.home / 'studies.db').resolve()}"
+        return self.studies_database_url or self.db_url
 
     @property
     def datasets_dir(self) -> Path:

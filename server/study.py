@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
+from sqlalchemy import make_url
 from sqlmodel import Session, col, select
 
 from server import guardrails, jobs, kpi_objective
@@ -388,7 +389,8 @@ class StudyDriver(LeasedWork):
             "trials_complete": sum(t["state"] == "complete" for t in table),
             "trials_pruned": sum(t["state"] == "pruned" for t in table),
             "trials_failed": sum(t["state"] == "fail" for t in table), "trials": table,
-            "dashboard": f"optuna-dashboard {self.config['studies_url']}"}
+            # By default the service's own database: its password must not reach the agent.
+            "dashboard": f"optuna-dashboard {make_url(self.config['studies_url']).render_as_string()}"}
         best = _best(study)
         if best is not None:
             row = by_number[best.number]

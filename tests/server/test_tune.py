@@ -5,25 +5,31 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import optuna
 import pytest
 import yaml
 from mcp import Client
+from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from server import auth, jobs, kpi_objective
 from server.context import ServiceContext, ServiceRef, open_service
+from server.db import make_engine, migrate
 from server.errors import InvalidRequest, LimitExceeded
 from server.mcp_server import build_mcp_server
 from server.models import Agent, EvalReport, Job, JobState, Reservation
 from server.optuna_study import open_study
 from server.settings import Settings
+from tests import postgres
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
 from tests.server.test_eval import eval_records
 from tests.server.test_mcp_in_memory import call, wait_final
@@ -33,8 +39,10 @@ from tools.eval_suites import create_eval_suite
 from tools.launch_training import LaunchTrainingRequest, prepare_train_job
 from tools.quota import get_quota
 from tools.tune_hyperparameters import Strategy, TuneRequest, resolve_strategy, tune_hyperparameters
+from tools.views import job_view
 
 FINAL = (JobState.succeeded, JobState.failed, JobState.cancelled)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _dataset(ctx: ServiceContext, agent: Agent, tmp_path: Path) -> str:
@@ -258,6 +266,152 @@ def test_restart_mid_study_loses_no_trial_and_runs_none_twice(settings: Settings
     states = {t.number: t.state for t in optuna.load_study(study_name=study_id, storage=settings.studies_url).trials}
     assert states[orphan] == optuna.trial.TrialState.FAIL
     assert sum(s == optuna.trial.TrialState.COMPLETE for s in states.values()) == 3
+
+
+def _serve(settings: Settings, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`weightsmith serve` as its own process, as an operator runs it; returns it and its base URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "WEIGHTSMITH_HOME": str(settings.home),
+           "WEIGHTSMITH_DATA_ROOTS": json.dumps([str(root) for root in settings.data_roots]),
+           "WEIGHTSMITH_LEASE_SECONDS": "3", "WEIGHTSMITH_HEARTBEAT_SECONDS": "0.5", "WEIGHTSMITH_WORKER_SLOTS": "1"}
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env=env,
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        assert proc.poll() is None, log.read_text(encoding="utf-8")
+        try:
+            return httpx.get(f"{base}/docs", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(answers, timeout=60, interval=0.2)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, base
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie nobody reaps yet counts: it runs nothing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _training_pids(engine: Engine, agent_id: str, job_id: str) -> list[int]:
+    return [e.data["pid"] for e in jobs.events(engine, agent_id, job_id, 0, 2000, "message")
+            if e.message.startswith("training process")]
+
+
+@pytest.mark.slow
+def test_a_sigkilled_service_resumes_its_study_losing_and_repeating_no_trial(settings: Settings,
+                                                                              tmp_path: Path) -> None:
+    engine = make_engine(settings.db_url)
+    migrate(engine)
+    ctx = ServiceContext(settings=settings, engine=engine, executor=None)  # this process only reads the store
+    agent, key = auth.create_agent(engine, settings, "crash-test")
+    headers = {"Authorization": f"Bearer {key}"}
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(48))
+    log = tmp_path / "serve.log"
+    service, base = _serve(settings, log)
+    replacement = None
+    try:
+        dataset = httpx.post(f"{base}/v1/datasets", json={"path": str(data)}, headers=headers, timeout=60).json()
+        template = {"base_model": str(settings.data_roots[1] / "tiny"), "datasets": [dataset["dataset"]["id"]],
+                    "adapter": "full", "hyperparameters": quick_hyperparameters(max_steps=60, save_steps=20)}
+        started = httpx.post(f"{base}/v1/studies", headers=headers, timeout=60, json={
+            "template": template, "search_space": LR, "n_trials": 3, "n_parallel": 1, "budget_flops": 1e13,
+            "strategy": {"pruner": "none", "seed": 5}})
+        assert started.status_code == 200, started.text
+        study_id = started.json()["study_id"]
+
+        def second_trial_checkpointed() -> tuple[Job, int] | None:
+            second = next((j for j in _trial_jobs(ctx, study_id) if j.trial_number == 1), None)
+            saved = jobs.checkpoints(engine, second.id) if second is not None else []
+            return (second, saved[-1].step) if second is not None and saved else None
+
+        # Trial 0 done, trial 1 part-way with a checkpoint: kill the service outright.
+        interrupted, checkpoint_step = wait_until(second_trial_checkpointed, timeout=240, interval=0.05)
+        service.send_signal(signal.SIGKILL)
+        service.wait(10)
+        # Its training child sees its worker gone and exits, so no orphan trains on beside the next run.
+        [child] = _training_pids(engine, agent.id, interrupted.id)
+        wait_until(lambda: _gone(child), timeout=10, interval=0.1)
+
+        replacement, base = _serve(settings, log)
+        study = wait_until(lambda: (j := jobs.get(engine, agent.id, study_id)).state in FINAL and j, timeout=240)
+        quota = httpx.get(f"{base}/v1/quota", headers=headers, timeout=30).json()
+    finally:
+        for proc in (service, replacement):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
+    assert study.state == JobState.succeeded, (study.error, log.read_text(encoding="utf-8")[-3000:])
+    assert study.attempts == 2  # the new service's driver took the study over once
+
+    # Exactly n_trials trials, one train job each, each Optuna trial number on exactly one job.
+    trial_jobs = _trial_jobs(ctx, study_id)
+    by_number = {j.trial_number: j for j in trial_jobs}
+    assert sorted(by_number) == [0, 1, 2] and len(trial_jobs) == 3
+    assert all(j.kind == "train" and j.state == JobState.succeeded for j in trial_jobs)
+    optuna_trials = optuna.load_study(study_name=study_id, storage=settings.studies_url).trials
+    complete = [t.number for t in optuna_trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(complete) == [0, 1, 2]
+    # A trial asked but never given a job (a kill between the two) is told FAIL, never run.
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in optuna_trials if t.number not in by_number)
+    assert [t["number"] for t in study.metrics["trials"]] == [0, 1, 2]
+    assert {t["state"] for t in study.metrics["trials"]} == {"complete"}
+
+    # The interrupted trial went on as the same job from its checkpoint: two runs, the second resumed.
+    resumed = by_number[1]
+    assert resumed.id == interrupted.id and resumed.attempts == 2
+    assert len(_training_pids(engine, agent.id, resumed.id)) == 2
+    messages = [e.message for e in jobs.events(engine, agent.id, resumed.id, 0, 2000, "message")]
+    resumed_from = [int(m.split()[-1]) for m in messages if m.startswith("resuming from step")]
+    assert resumed_from and resumed_from[0] >= checkpoint_step, messages
+    for number in (0, 2):
+        assert by_number[number].attempts == 1 and len(_training_pids(engine, agent.id, by_number[number].id)) == 1
+
+    # Charged once: each trial's reservation settled at what it used, the study's at their sum, and
+    # the agent's budget spent that much. The killed run's compute counts too: the interrupted trial
+    # trained at least every step trial 0 did (the same batches in the same order).
+    used = sum(j.flops_used for j in trial_jobs)
+    for job in trial_jobs:
+        reservation = _reservation(ctx, job.id)
+        assert reservation.settled_at is not None and reservation.flops_used == job.flops_used
+    study_reservation = _reservation(ctx, study_id)
+    assert study_reservation.settled_at is not None and study_reservation.flops_used == study.flops_used
+    assert study.flops_used == pytest.approx(used) and quota["budget_flops_spent"] == pytest.approx(used)
+    assert resumed.flops_used >= by_number[0].flops_used * 0.999
+
+
+@pytest.mark.slow
+def test_a_study_runs_in_a_postgresql_store_and_the_agent_never_sees_its_password(
+        settings: Settings, tmp_path: Path) -> None:
+    bin_dir, reason = postgres.available_or_reason()
+    if bin_dir is None:
+        pytest.skip(reason)
+    with postgres.postgres_server(bin_dir) as url:
+        # The test server trusts every local connection, so any password gets in: the point is where it shows.
+        with_password = url.replace("postgres@", "postgres:s3cret-pw@")
+        store = settings.model_copy(update={"database_url": with_password})
+        with open_service(store) as ctx:
+            agent = auth.ensure_local_agent(ctx.engine, store)
+            template = _template(ctx, _dataset(ctx, agent, tmp_path))
+            study_id = _start(ctx, agent, template=template, search_space=LR, n_trials=2, budget_flops=1e12,
+                              strategy={"pruner": "none"})
+            study = _final(ctx, agent, study_id)
+            view = job_view(study).model_dump_json()
+        assert study.state == JobState.succeeded, study.error
+        stored = optuna.load_study(study_name=study_id, storage=url)  # the service's own database
+        assert [t.state for t in stored.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+        assert "s3cret-pw" not in view and "optuna-dashboard postgresql+psycopg://postgres:***@" in view
 
 
 @pytest.mark.slow
