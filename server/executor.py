@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -57,6 +58,7 @@ class LocalExecutor:
         """Tune jobs' drivers: threads in this process, outside the slots (their trials take those)."""
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._last_recheck = -math.inf
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._dispatch, name="weightsmith-dispatch", daemon=True)
@@ -89,6 +91,7 @@ class LocalExecutor:
     def _dispatch(self) -> None:
         while not self._stopping.is_set():
             try:
+                self._recheck_stale_validations()
                 while self._free_slots() > 0 and not self._stopping.is_set():
                     job = claim(self.engine, self.settings, self.owner)
                     if job is None:
@@ -109,6 +112,17 @@ class LocalExecutor:
                 log.exception("dispatch failed; retrying")
             self._wake.wait(timeout=min(1.0, self.settings.heartbeat_seconds))
             self._wake.clear()
+
+    def _recheck_stale_validations(self) -> None:
+        now = time.monotonic()
+        if now - self._last_recheck < self.settings.validation_stale_seconds / 10:
+            return
+        self._last_recheck = now
+        from server.context import ServiceContext  # tools import the executor's modules: import late
+        from tools.launch_training import recheck_stale_validations
+
+        if recheck_stale_validations(ServiceContext(settings=self.settings, engine=self.engine, executor=self)):
+            self._wake.set()
 
     def _free_slots(self) -> int:
         with self._lock:

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
         "one for the service, shared among the slots.")
     lease_seconds: float = Field(30.0, description="A worker's claim on a job lasts this long without a heartbeat.")
     heartbeat_seconds: float = Field(5.0, description="How often a worker renews its leases and relays events.")
+    validation_stale_seconds: float = Field(
+        300.0, description="A job still `validating` this long after it was created lost the process checking "
+        "its datasets' snapshots (a crash); a worker checks them again and queues or fails it.")
     cancel_grace_seconds: float = Field(10.0, description="Wait after the cooperative cancel before SIGTERM, "
                                         "and again before SIGKILL.")
     max_attempts: int = Field(3, description="Runs of one job (first run plus resumes) before it fails as crashed.")

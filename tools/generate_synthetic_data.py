@@ -220,6 +220,7 @@ def generate_synthetic_data(ctx: ServiceContext, agent: Agent, request: SynthReq
                       max_tokens=max_tokens),
         flops_per_token=2.0 * parameters, options=options)
     job.resolved = {"spec": json.loads(spec.to_json()), "estimate": view,
+                    "dataset_ids": [d.id for d in sources + decontaminate],  # what the snapshot check reads
                     "dataset_name": request.dataset_name, "datasets_dir": str(settings.datasets_dir.resolve()),
                     "max_record_bytes": settings.max_record_bytes}
     with write_transaction(ctx.engine) as session:

@@ -196,6 +196,9 @@ def queue_after_snapshot_check(ctx: ServiceContext, job: Job, datasets: list[Dat
     with write_transaction(ctx.engine) as session:
         row = session.get(Job, job.id)
         assert row is not None
+        if row.state != JobState.validating:  # checked already (see recheck_stale_validations), maybe running
+            job.state, job.error = row.state, row.error
+            return
         if broken:
             row.state = JobState.failed
             row.error = {"code": "invalid_dataset", "param": "datasets",
@@ -205,6 +208,21 @@ def queue_after_snapshot_check(ctx: ServiceContext, job: Job, datasets: list[Dat
             row.state = JobState.queued
         session.add(row)
     job.state, job.error = row.state, row.error
+
+
+def recheck_stale_validations(ctx: ServiceContext) -> int:
+    """Check the snapshots of jobs left in `validating` by a process that died between inserting them
+    and checking their datasets (a check takes seconds, so one older than
+    `Settings.validation_stale_seconds` has no process left to finish it); the number checked."""
+    with Session(ctx.engine) as session:
+        stale = session.exec(select(Job).where(
+            Job.state == JobState.validating,
+            Job.created_at < time.time() - ctx.settings.validation_stale_seconds)).all()
+        checks = [(job, [d for i in job.resolved.get("dataset_ids", []) if (d := session.get(Dataset, i))])
+                  for job in stale]
+    for job, datasets in checks:
+        queue_after_snapshot_check(ctx, job, datasets)
+    return len(checks)
 
 
 def _resolve(request: LaunchTrainingRequest, datasets: list[Dataset], parameters: int,

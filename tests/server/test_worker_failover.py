@@ -8,13 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sqlmodel import Session, col, select
+
 from server import auth, jobs
 from server.context import open_service
-from server.models import JobState
+from server.db import write_transaction
+from server.models import Dataset, JobState, Reservation
 from server.settings import Settings
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
 from tools.datasets import UploadDatasetRequest, upload_dataset
-from tools.launch_training import LaunchTrainingRequest, launch_training
+from tools.launch_training import LaunchTrainingRequest, launch_training, prepare_train_job
+from tools.quota import get_quota
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,3 +60,41 @@ def test_a_sigkilled_worker_loses_its_lease_and_a_second_worker_resumes_the_job(
                 if proc is not None and proc.poll() is None:
                     proc.terminate()
                     proc.wait(30)
+
+
+def test_jobs_left_validating_by_a_crash_are_checked_again_and_run_or_fail(settings: Settings,
+                                                                           tmp_path: Path) -> None:
+    """A process that dies between inserting a job and checking its snapshots leaves it `validating`
+    with nobody to finish the check: a worker checks it again once it is stale."""
+    settings = settings.model_copy(update={"validation_stale_seconds": 1.0})
+    with open_service(settings, workers=False) as ctx:
+        agent, _ = auth.create_agent(ctx.engine, settings, "crashed-check")
+        good, tampered = (upload_dataset(ctx, agent, UploadDatasetRequest(
+            path=str(write_jsonl(tmp_path / f"{name}.jsonl", chat_records(16 + i))))).dataset for i, name in
+            enumerate(("good", "tampered")))
+        left = []
+        for dataset in (good, tampered):
+            request = LaunchTrainingRequest.model_validate({
+                "base_model": str(settings.data_roots[1] / "tiny"), "datasets": [dataset.id], "adapter": "full",
+                "hyperparameters": quick_hyperparameters(max_steps=2)})
+            job, estimate, _ = prepare_train_job(ctx, agent, request)
+            with write_transaction(ctx.engine) as session:  # what launch_training commits before its check
+                session.add(job)
+                session.flush()
+                session.add(Reservation(agent_id=agent.id, job_id=job.id, flops_reserved=estimate.flops))
+            left.append(job.id)
+        with Session(ctx.engine) as session:
+            snapshot = Path(session.get(Dataset, tampered.id).path)
+        snapshot.chmod(0o644)
+        snapshot.write_text(snapshot.read_text() + "\n", encoding="utf-8")
+    assert [jobs.get(ctx.engine, agent.id, j).state for j in left] == [JobState.validating] * 2
+    with open_service(settings) as ctx:
+        ran, failed = (wait_until(lambda j=j: (row := jobs.get(ctx.engine, agent.id, j)).state in
+                                  (JobState.succeeded, JobState.failed) and row, timeout=120) for j in left)
+        assert ran.state == JobState.succeeded, ran.error
+        assert failed.state == JobState.failed and failed.error["code"] == "invalid_dataset"
+        with Session(ctx.engine) as session:  # each reservation settled once, at what its job used
+            settled = {r.job_id: r.flops_used for r in session.exec(select(Reservation).where(
+                col(Reservation.job_id).in_(left))) if r.settled_at is not None}
+        assert settled == {ran.id: ran.flops_used, failed.id: 0.0} and ran.flops_used > 0
+        assert get_quota(ctx, agent).budget_flops_spent == ran.flops_used
