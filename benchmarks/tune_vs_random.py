@@ -25,7 +25,7 @@ CPU cores. The study driver that makes the same Optuna calls for jobs is tested 
 
 Measured 2026-11-23 (two CPU cores, 422 s) with the defaults, seeds 0-4: ratios 0.44, 0.92, never,
 never, 2.50 (random found its best after 2 trials); median 2.50. The 0.4 target is not met. With
-`--trials 40`: 0.34, never, 0.86 (seed 3), never, never. TPE+Hyperband spends 43-73% of random
+`--trials 40`: 0.34, never, 0.86 (seed 3), never, never. TPE+Hyperband spends 43-68% of random
 search's compute in all (10-16 of 20 trials pruned), but random's best among 20 trials lies in a
 corner (learning rate 5-6e-3 with a warm-up near its 0.3 bound) it hits after 13-14 trials in four
 seeds, and TPE+Hyperband's best is worse than that in 2-3 of 5: the first rungs prune the slow
