@@ -5,7 +5,7 @@ read-then-write a budget use `BEGIN IMMEDIATE`, which takes the write lock at th
 at the first write, so two admissions can never both read the same spare budget. On PostgreSQL
 the same transactions lock the agent's row (`SELECT ... FOR UPDATE`).
 
-The tune studies' Optuna storage shares this database by default (`server/study.py`): Optuna's
+The tune studies' Optuna storage shares this database by default (`server/optuna_study.py`): Optuna's
 tables sit beside ours, so our alembic keeps its revision in a table of its own and compares only
 our tables when it autogenerates a revision.
 """

@@ -49,6 +49,7 @@ from server.models import ACTIVE_STATES, FINAL_STATES, Agent, Job, JobState, Res
 from server.optuna_study import distributions, open_study, warmed_up
 from tools.launch_training import LaunchTrainingRequest, prepare_train_job, queue_after_snapshot_check
 from tools.tune_hyperparameters import objective_value, trial_request
+from tools.views import ENDED_TRIAL_STATES
 
 if TYPE_CHECKING:
     from server.executor import LocalExecutor
@@ -410,7 +411,7 @@ class StudyDriver(LeasedWork):
         if result == self._written:
             return True
         self._written = result
-        done = sum(t["state"] in ("complete", "pruned", "fail") for t in result["trials"])
+        done = sum(t["state"] in ENDED_TRIAL_STATES for t in result["trials"])
         progress = {"step": done, "max_steps": self.config["n_trials"], "loss": result.get("best_value")}
         return jobs.relay(self.engine, self.job.id, self.epoch, [], 0, {
             "metrics": result, "progress": progress, "flops_used": result["flops_used"]}) is not None

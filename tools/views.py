@@ -105,6 +105,8 @@ def job_view(job: Job) -> JobView:
 
 TRIALS_SHOWN = 10
 """A study's view lists at most this many trials; the whole table is one request away."""
+ENDED_TRIAL_STATES = ("complete", "pruned", "fail")
+"""States of a row of a study's trials table once Optuna has been told how the trial ended."""
 
 
 def study_digest(job: Job) -> dict[str, Any]:
@@ -116,7 +118,7 @@ def study_digest(job: Job) -> dict[str, Any]:
     sign = -1.0 if job.metrics.get("direction") == "maximize" else 1.0
     complete = sorted((t for t in trials if t["state"] == "complete" and t["value"] is not None),
                       key=lambda t: sign * t["value"])
-    open_ = [t for t in trials if t["state"] not in ("complete", "pruned", "fail")]
+    open_ = [t for t in trials if t["state"] not in ENDED_TRIAL_STATES]
     newest = sorted(trials, key=lambda t: -t["number"])
     shown: dict[int, dict[str, Any]] = {}
     for trial in [*complete[:TRIALS_SHOWN // 2], *open_, *newest]:
