@@ -36,8 +36,8 @@ Measured 2026-11-23 on two CPU cores, seeds 0-9 (about 10 minutes; 18 with `--tr
 The 0.4 target is not met. TPE+Hyperband spends about half of random search's compute in all
 (12-15 of 20 trials pruned), but in 4 seeds of 10 its best stays above random's. The optimum here
 is a short warm-up (4.08 with no warm-up, 4.13 with 2 steps, 4.32 with 6) with a learning rate
-near 5e-3. Random search lands there by chance; TPE, started from 5 random trials
-none of which had a short warm-up (seed 7), models the region it saw and never samples it.
+near 5e-3. Random search lands there by chance; TPE, started from 5 random trials none of which
+had a short warm-up (seed 7), models the region it saw and never samples it.
 Hyperband's early rungs judge badly among good settings: over 200 quasi-random settings the rank
 correlation of the loss at step 6, 18 and 36 with the final loss is 0.88, 0.95 and 0.98 over all,
 but 0.0, 0.05 and 0.41 among the 15 best, so the best settings are pruned as often as the merely

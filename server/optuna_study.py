@@ -83,10 +83,10 @@ def warmed_up(step: int, hyperparameters: dict[str, Any]) -> bool:
     """Whether a trial at `step` has finished its learning-rate warm-up and may be pruned.
 
     Before, its held-out loss says how long its warm-up is more than how good its parameters are:
-    Hyperband's first rungs would prune every long warm-up, however good (on the benchmark task the
-    best trials warm up for a quarter of their steps). A trial first judged after its warm-up is
-    compared at each rung it has passed with the others' values at that rung, a bar it clears more
-    easily for having trained longer: the rule errs towards keeping a trial.
+    Hyperband's first rungs would prune every long warm-up, however good (on the benchmark's earlier
+    task, 8 blocks a step, the best trials warmed up for a quarter of their steps). A trial first
+    judged after its warm-up is compared at each rung it has passed with the others' values at that
+    rung, a bar it clears more easily for having trained longer: the rule errs towards keeping a trial.
     """
     return step > math.ceil(float(hyperparameters.get("warmup_ratio") or 0.0) * int(hyperparameters["max_steps"]))
 
