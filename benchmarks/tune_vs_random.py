@@ -25,14 +25,15 @@ few seconds of process start and model loading, and hundreds of trials must fit 
 CPU cores. The study driver that makes the same Optuna calls for jobs is tested in
 `tests/server/test_tune.py`. Seeds run in parallel processes, one thread each.
 
-Measured on two CPU cores (seeds 0-9 on 2026-11-23, 10-19 on 2026-11-27; about 8 minutes for 10
-seeds, 18 with `--trials 40`):
+Measured on two CPU cores (seeds 0-9 on 2026-11-23, 10-19 on 2026-11-27; 7 to 10 minutes for 10
+seeds, 12 to 18 with `--trials 40`):
 
 | settings | seeds | ratios | median | <= 0.4 | never |
 |---|---|---|---|---|---|
 | service (TPE: best quarter as the good trials), 20 trials | 0-9 | inf .33 .75 .19 .33 .33 inf inf inf .56 | 0.66 | 4 | 4 |
 | same | 10-19 | 2.25, then inf in all 9 others | inf | 0 | 9 |
 | same, `--trials 40` | 0-9 | inf .46 .36 .22 .19 .03 inf inf inf .59 | 0.53 | 4 | 4 |
+| same, `--trials 40` | 10-19 | 5.29 2.43 .61 inf inf .19 1.75 inf inf inf | inf | 1 | 5 |
 | Optuna's TPE defaults (best 10%), 20 trials | 0-9 | inf inf 1.61 .51 .33 .33 inf inf inf .49 | inf | 2 | 5 |
 
 The 0.4 target is not met: over seeds 0-19 TPE+Hyperband matched random search's best in 7 of 20,
@@ -64,9 +65,10 @@ seeds 0-9 and 10-19. Two reasons, both in the task rather than in a setting:
   early loss say how far the schedule has gone as much as how good the setting is.
 Judging a trial at each rung (steps 6, 18, 54) by its loss after a 4-step cool-down (the learning
 rate decayed linearly to zero on a copy of the model and optimizer; counted in its compute) did not
-help either: seeds 0-19, median inf, 4 at <= 0.4, 12 never. What is left to try is on the sampler's
-side: a search that keeps exploring (random search's best is an extreme value of 20 broad draws,
-and TPE draws near what it has seen), or studies long enough for TPE's model to pay.
+help either: seeds 0-19, median inf, 4 at <= 0.4, 12 never. Nor do 40 trials (the table: 5 of
+20 seeds at <= 0.4, 9 never). What is left to try is on the sampler's side: a search that keeps
+exploring, since random search's best is an extreme value of many broad draws and TPE draws near
+what it has seen.
 
 The earlier default task (8 blocks a step for 144 steps, a report every 12) is too rugged to
 measure a search with: moving the learning rate of its best setting by 1-5% moved the final loss
