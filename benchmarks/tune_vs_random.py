@@ -58,11 +58,12 @@ seeds 0-9 and 10-19. Two reasons, both in the task rather than in a setting:
   short warm-up (with a learning rate near 5e-3: 4.08 with no warm-up, 4.13 with 2 steps, 4.32 with
   6) and TPE models the region its 5 random start-up trials found: in seed 7 without pruning, none
   of its 20 trials warmed up for less than a tenth of the steps.
-- Only a trial that completes can match random's best, and Hyperband completes 3 to 8 of 20 and
-  judges them by losses that rank good settings no better than chance: over 200 quasi-random
+- Only a trial that completes can match random's best, and Hyperband completes 3 to 8 of 20, having
+  judged trials by losses that rank good settings no better than chance: over 200 quasi-random
   settings the rank correlation of the loss at step 6, 18 and 36 with the final loss is 0.88, 0.95
   and 0.98 over all, but 0.0, 0.05 and 0.41 among the 15 best. A decaying learning rate makes an
   early loss say how far the schedule has gone as much as how good the setting is.
+
 Judging a trial at each rung (steps 6, 18, 54) by its loss after a 4-step cool-down (the learning
 rate decayed linearly to zero on a copy of the model and optimizer; counted in its compute) did not
 help either: seeds 0-19, median inf, 4 at <= 0.4, 12 never. Nor do 40 trials (the table: 5 of
