@@ -240,8 +240,9 @@ def tune(file: Annotated[Path, typer.Argument(help="A YAML or JSON tune_hyperpar
          watch: Annotated[bool, typer.Option(help="Show a live table of trials until the study ends.")] = True) -> None:
     """Start a hyperparameter study (template, search_space, n_trials, strategy, budget_flops)."""
     started = _call("POST", "/v1/studies", json=_load_request(file))
+    with_eval = f" + {started['eval_estimate_flops']:.3g} for its eval" if started.get("eval_estimate_flops") else ""
     console.print(f"study {started['study_id']}: budget {started['budget_flops']:.3g} FLOPs, "
-                  f"{started['trial_estimate_flops']:.3g} a trial at most", highlight=False)
+                  f"{started['trial_estimate_flops']:.3g}{with_eval} a trial at most", highlight=False)
     if not watch:
         return
     from rich.live import Live

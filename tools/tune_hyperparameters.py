@@ -82,6 +82,9 @@ class TuneStarted(Compact):
     state: str
     budget_flops: float
     trial_estimate_flops: float
+    """One trial's training at the search space's upper bounds."""
+    eval_estimate_flops: float = 0.0
+    """The eval each trial adds with a KPI objective (0 for the held-out loss); a trial costs both."""
 
 
 def tune_hyperparameters(ctx: ServiceContext, agent: Agent, request: TuneRequest) -> TuneStarted:
@@ -302,7 +305,8 @@ def _existing(session: Session, agent: Agent, key: str, request_hash: str) -> Jo
 
 def _started(job: Job) -> TuneStarted:
     return TuneStarted(study_id=job.id, state=job.state, budget_flops=job.resolved["budget_flops"],
-                      trial_estimate_flops=job.resolved["trial_estimate_flops"])
+                      trial_estimate_flops=job.resolved["trial_estimate_flops"],
+                      eval_estimate_flops=job.resolved.get("eval_estimate_flops", 0.0))
 
 
 def objective_value(metrics: dict[str, Any]) -> float | None:

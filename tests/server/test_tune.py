@@ -518,15 +518,15 @@ def test_kpi_study_evaluates_every_trial_and_picks_the_best_kpi_within_one_budge
     # No held-out split: a KPI objective is measured on the suite, not on held-out training records.
     template = _template(service, _dataset(service, agent, tmp_path), eval_fraction=0.0)
 
-    async def main() -> dict[str, Any]:
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
         async with Client(build_mcp_server(ServiceRef(service))) as client:
             # (A budget to spare: chat trials may use more than their estimate; see the README.)
             started = await call(client, "tune_hyperparameters", template=template, search_space=LR, n_trials=2,
                                  budget_flops=1e12, strategy={"objective": "kpi:facts-kpi/ppl", "sampler": "random",
                                                               "seed": 4})
-            return await wait_final(client, started["study_id"])
+            return started, await wait_final(client, started["study_id"])
 
-    study = anyio.run(main)
+    started, study = anyio.run(main)
     assert study["state"] == "succeeded", study["error"]
     result = study["metrics"]
     assert result["objective"] == f"kpi:{suite_id}/ppl" and result["direction"] == "minimize"
@@ -538,6 +538,7 @@ def test_kpi_study_evaluates_every_trial_and_picks_the_best_kpi_within_one_budge
     # Each eval was reserved at the price the study was admitted with.
     eval_price = kpi_objective.eval_price(service.engine, suite_id, trains[0].resolved["estimate"]["parameters"])
     assert all(j.estimate_flops == eval_price.flops for j in evals.values())
+    assert started["eval_estimate_flops"] == eval_price.flops
     told = {t.number: t.value for t in optuna.load_study(study_name=study["id"],
                                                           storage=service.settings.studies_url).trials}
     for trial in result["trials"]:
