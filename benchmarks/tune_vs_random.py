@@ -9,8 +9,8 @@ steps of `--batch` blocks with warm-up and cosine decay, and minimise the held-o
 learning rate (log 1e-5..1e-1), the warm-up ratio (0..0.3) and the weight decay (0..0.2). Both
 searches run the same number of trials on the same task; the tuned one uses the service's own
 settings (`server.optuna_study`: TPE for small studies, Hyperband on optimizer steps with a report
-every `--eval-steps`, no pruning before a trial's warm-up ends), the baseline a seeded random
-sampler and no pruner.
+every `--eval-steps`, no pruning before a trial's warm-up ends or at its last step), the baseline a
+seeded random sampler and no pruner.
 
 Compute is counted as the service counts it: 6 x parameters x trained tokens (the held-out
 evaluations that pruning needs are not counted: each costs about 0.8 of a training step here, so
@@ -25,51 +25,66 @@ few seconds of process start and model loading, and hundreds of trials must fit 
 CPU cores. The study driver that makes the same Optuna calls for jobs is tested in
 `tests/server/test_tune.py`. Seeds run in parallel processes, one thread each.
 
-Measured on two CPU cores (seeds 0-9 on 2026-11-23, 10-19 on 2026-11-27; 7 to 10 minutes for 10
-seeds, 12 to 18 with `--trials 40`):
+Measured on two CPU cores; `--seeds 20` takes 13 minutes. The service places Hyperband's rungs as
+Hyperband does, ending at the end of training (`server.optuna_study.rungs`): with a report every 6
+of 72 steps, at 8 (judged at the first report past it, step 12) and 24, and a third bracket is never
+pruned. Until 2026-11-27 they began at the first report: 6, 18 and 54, the last with a trial three
+quarters done. Rows marked * were measured on the scratch copy described below, which builds the same
+pruner (identical ratios on seeds 0-19 at 20 trials).
 
 | settings | seeds | ratios | median | <= 0.4 | never |
 |---|---|---|---|---|---|
-| service (TPE: best quarter as the good trials), 20 trials | 0-9 | inf .33 .75 .19 .33 .33 inf inf inf .56 | 0.66 | 4 | 4 |
+| service, 20 trials | 0-9 | .78 inf .78 .20 .33 .33 .99 inf inf .52 | 0.78 | 3 | 3 |
+| same | 10-19 | 2.33 .56 .52 inf inf 5.83 2.08 inf .47 inf | 4.08 | 0 | 4 |
+| same, `--trials 40` * | 0-9 | .56 .48 .74 .40 .19 .03 1.55 inf inf .62 | 0.59 | 3 | 2 |
+| same, `--trials 40` * | 10-19 | 5.33 .56 inf 2.28 1.48 .54 1.75 .47 .39 inf | 1.62 | 1 | 2 |
+| rungs at 6, 18, 54, 20 trials | 0-9 | inf .33 .75 .19 .33 .33 inf inf inf .56 | 0.66 | 4 | 4 |
 | same | 10-19 | 2.25, then inf in all 9 others | inf | 0 | 9 |
 | same, `--trials 40` | 0-9 | inf .46 .36 .22 .19 .03 inf inf inf .59 | 0.53 | 4 | 4 |
 | same, `--trials 40` | 10-19 | 5.29 2.43 .61 inf inf .19 1.75 inf inf inf | inf | 1 | 5 |
-| Optuna's TPE defaults (best 10%), 20 trials | 0-9 | inf inf 1.61 .51 .33 .33 inf inf inf .49 | inf | 2 | 5 |
+| same, Optuna's TPE defaults (best 10%) | 0-9 | inf inf 1.61 .51 .33 .33 inf inf inf .49 | inf | 2 | 5 |
 
-The 0.4 target is not met: over seeds 0-19 TPE+Hyperband matched random search's best in 7 of 20,
-in 4 at 0.4 of its compute or less. It spends about half of random search's compute in all (12-17
-of 20 trials pruned), but its best is rarely as good as random's.
+The 0.4 target is not met. Over seeds 0-19 at 20 trials, TPE+Hyperband matched random search's
+best in 13 of 20 (7 with the earlier rungs), in 3 at 0.4 of its compute or less; median 1.54. It
+spends about 60% of random search's compute in all (8 to 15 of 20 trials pruned); where it never
+matches, its best is near but not at random's.
 
 Other settings, tried on a scratch copy of this script that reuses random search's results (20
 trials; median ratio, seeds at <= 0.4, seeds never matched; seeds 0-9 unless said):
 
-- no pruning: 1.38, 3, 4; seeds 10-19: 1.98, 0, 2. The median pruner, seeds 0-19: 1.02, 2, 7.
+- Service rungs, a report every 8 steps (rung 8 judged at step 8), seeds 0-19: inf, 3, 10. The
+  service's default report interval, 6 a trial (every 12 steps: one rung, at 24), seeds 0-19:
+  1.57, 3, 8, spending 80% of random search's compute.
+- Every 2nd or 3rd trial drawn at random rather than by TPE, to keep exploring (earlier rungs):
+  inf, 3, 5 and 0.80, 2, 4. The learning-rate schedule searched too (cosine, linear or constant;
+  earlier rungs): inf, 1, 5.
+
+With the earlier rungs:
+- no pruning: 1.38, 3, 4; seeds 10-19: 1.98, 0, 2 (14 of 20 matched, at all of random search's
+  compute). The median pruner, seeds 0-19: 1.02, 2, 7 (13 matched, at 55% of the compute).
 - Hyperband's first rung at step 18 instead of 6: 0.59, 3, 2. Reduction factor 2: inf, 1, 5.
 - TPE with 3 random start-up trials: inf, 2, 7; with 10: 1.25, 3, 4; 96 candidates a proposal
   rather than 24: inf, 3, 5; univariate: inf, 3, 5. Prior weight 0.1: 0.61, 4, 4; 2: 0.85, 3, 4;
   0.3: 0.48, 4, 3, but inf, 0, 7 on seeds 10-19.
 - Sobol start-up trials (seeds 0-3): inf, inf, 0.88, 0.39. The GP sampler (seeds 0-4): inf, inf,
   1.17, 0.23, 0.33.
+- Judging a trial at each rung by its loss after a 4-step cool-down (the learning rate decayed
+  linearly to zero on a copy of the model and optimizer; counted in its compute), seeds 0-19: inf,
+  4, 12.
 
-None is better than the service's settings by more than the service's settings differ between
-seeds 0-9 and 10-19. Two reasons, both in the task rather than in a setting:
+Three reasons the target stays out of reach, all in the task rather than in a setting:
 - TPE does not out-search random search here in 20 trials: without pruning it takes more compute
   than random search to reach random's best (medians 1.38 and 1.98 above). The best settings have a
   short warm-up (with a learning rate near 5e-3: 4.08 with no warm-up, 4.13 with 2 steps, 4.32 with
   6) and TPE models the region its 5 random start-up trials found: in seed 7 without pruning, none
   of its 20 trials warmed up for less than a tenth of the steps.
-- Only a trial that completes can match random's best, and Hyperband completes 3 to 8 of 20, having
-  judged trials by losses that rank good settings no better than chance: over 200 quasi-random
-  settings the rank correlation of the loss at step 6, 18 and 36 with the final loss is 0.88, 0.95
-  and 0.98 over all, but 0.0, 0.05 and 0.41 among the 15 best. A decaying learning rate makes an
-  early loss say how far the schedule has gone as much as how good the setting is.
-
-Judging a trial at each rung (steps 6, 18, 54) by its loss after a 4-step cool-down (the learning
-rate decayed linearly to zero on a copy of the model and optimizer; counted in its compute) did not
-help either: seeds 0-19, median inf, 4 at <= 0.4, 12 never. Nor do 40 trials (the table: 5 of
-20 seeds at <= 0.4, 9 never). What is left to try is on the sampler's side: a search that keeps
-exploring, since random search's best is an extreme value of many broad draws and TPE draws near
-what it has seen.
+- Pruning judges trials by losses that rank good settings no better than chance: over 200
+  quasi-random settings the rank correlation of the loss at step 6, 18 and 36 with the final loss
+  is 0.88, 0.95 and 0.98 over all, but 0.0, 0.05 and 0.41 among the 15 best. A decaying learning
+  rate makes an early loss say how far the schedule has gone as much as how good the setting is.
+  Only a trial that completes can match random's best.
+- The ratio's denominator is where random search happened to find its best: in 4 of the 20 seeds
+  within its first 3 trials (in 7 within 6), where 0.4 of that compute is a trial or two.
 
 The earlier default task (8 blocks a step for 144 steps, a report every 12) is too rugged to
 measure a search with: moving the learning rate of its best setting by 1-5% moved the final loss
@@ -99,7 +114,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedul
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.optuna_study import make_pruner, make_sampler, warmed_up
+from server.optuna_study import make_pruner, make_sampler, prunable
 from training_core import presets
 from training_core.shapes import ModelPreset
 
@@ -181,7 +196,7 @@ def train(task: Task, params: dict[str, float], trial: optuna.trial.Trial | None
         optimizer.zero_grad()
         if trial is not None and step % task.eval_steps == 0 and step < task.steps:
             trial.report(evaluate(model, task), step)
-            if warmed_up(step, {**params, "max_steps": task.steps}) and trial.should_prune():
+            if prunable(step, {**params, "max_steps": task.steps}) and trial.should_prune():
                 return None, step * task.flops_per_step
     return evaluate(model, task), task.flops_per_trial
 

@@ -67,28 +67,60 @@ def small_study_gamma(n_finished: int) -> int:
     return min(math.ceil(0.25 * n_finished), 25)
 
 
+REDUCTION_FACTOR = 3
+"""Hyperband's and successive halving's η: a third of the trials at a rung go on to the next."""
+
+
 def make_pruner(name: str, eval_steps: int, max_steps: int) -> optuna.pruners.BasePruner:
     # Resources are optimizer steps, reported at every evaluation (every `eval_steps`).
+    first, top = rungs(eval_steps, max_steps)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=eval_steps, max_resource=max(max_steps, eval_steps),
-                                              reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=top, reduction_factor=REDUCTION_FACTOR)
     if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=eval_steps, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=REDUCTION_FACTOR)
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=eval_steps)
     return optuna.pruners.NopPruner()
 
 
-def warmed_up(step: int, hyperparameters: dict[str, Any]) -> bool:
-    """Whether a trial at `step` has finished its learning-rate warm-up and may be pruned.
+def rungs(eval_steps: int, max_steps: int) -> tuple[int, int]:
+    """Hyperband's (min_resource, max_resource): rungs at max_steps / η^k, ..., max_steps / η and the
+    end of training, for the largest k whose first rung is at least one evaluation in.
 
-    Before, its held-out loss says how long its warm-up is more than how good its parameters are:
-    Hyperband's first rungs would prune every long warm-up, however good (on the benchmark's earlier
-    task, 8 blocks a step, the best trials warmed up for a quarter of their steps). A trial first
-    judged after its warm-up is compared at each rung it has passed with the others' values at that
-    rung, a bar it clears more easily for having trained longer: the rule errs towards keeping a trial.
+    So each bracket's last rung is at (or, rounded up, past) the end of training, the last bracket
+    is never pruned, and no trial is judged most of the way through, where pruning saves little and
+    throws away a trial that had nearly finished. (From the first evaluation instead, every 6 of 72
+    steps, rungs at 6, 18 and 54 pruned trials three quarters done: on the 20 seeds of
+    `benchmarks/tune_vs_random.py`, TPE with Hyperband at rungs 8 and 24 matched random search's best
+    in 13 rather than 7, spending 60% of random search's compute rather than 55%.) With fewer than η
+    evaluations a trial there is no rung short of the end, and the first evaluation is the one rung.
+    A rung between evaluations is judged at the next.
     """
-    return step > math.ceil(float(hyperparameters.get("warmup_ratio") or 0.0) * int(hyperparameters["max_steps"]))
+    k = 0
+    while max_steps / REDUCTION_FACTOR ** (k + 1) >= eval_steps:
+        k += 1
+    if k == 0:
+        return eval_steps, max(max_steps, eval_steps)
+    first = math.ceil(max_steps / REDUCTION_FACTOR**k)
+    # Optuna counts brackets as floor(log_η(max / min)) + 1 in floating point, where log_3(243) comes out
+    # a hair under 5: one step more keeps the last bracket, the one whose first rung is the end.
+    return first, first * REDUCTION_FACTOR**k + 1
+
+
+def prunable(step: int, hyperparameters: dict[str, Any]) -> bool:
+    """Whether a trial at `step` may be pruned: its learning-rate warm-up has ended and its training
+    has not. A trial evaluated at its last step has spent its compute, and pruning it would only lose
+    its result (its top rung is the end of training; see `rungs`).
+
+    Before the warm-up ends, its held-out loss says how long its warm-up is more than how good its
+    parameters are: Hyperband's first rungs would prune every long warm-up, however good (on the
+    benchmark's earlier task, 8 blocks a step, the best trials warmed up for a quarter of their
+    steps). A trial first judged after its warm-up is compared at each rung it has passed with the
+    others' values at that rung, a bar it clears more easily for having trained longer: the rule errs
+    towards keeping a trial.
+    """
+    max_steps = int(hyperparameters["max_steps"])
+    return math.ceil(float(hyperparameters.get("warmup_ratio") or 0.0) * max_steps) < step < max_steps
 
 
 def distributions(space: dict[str, Any]) -> dict[str, optuna.distributions.BaseDistribution]:

@@ -46,7 +46,7 @@ from server.errors import WeightsmithError
 from server.executor import LeasedWork
 from server.kpi_objective import KpiObjective
 from server.models import ACTIVE_STATES, FINAL_STATES, Agent, Job, JobState, Reservation
-from server.optuna_study import distributions, open_study, warmed_up
+from server.optuna_study import distributions, open_study, prunable
 from tools.launch_training import LaunchTrainingRequest, prepare_train_job, queue_after_snapshot_check
 from tools.tune_hyperparameters import objective_value, trial_request
 from tools.views import ENDED_TRIAL_STATES
@@ -137,7 +137,7 @@ class StudyDriver(LeasedWork):
             trial = optuna.trial.Trial(study, frozen._trial_id)
             step = self._report(trial, row, set(frozen.intermediate_values))
             if (step is not None and row.state == JobState.running
-                    and warmed_up(step, row.resolved["hyperparameters"]) and trial.should_prune()):
+                    and prunable(step, row.resolved["hyperparameters"]) and trial.should_prune()):
                 self._prune(row, step)
             if self.kpi is not None and row.state == JobState.succeeded:
                 if not self._follow_eval(study, frozen.number, row, evals.get(frozen.number), cancelling):

@@ -1,4 +1,5 @@
-"""The service's TPE is set for studies of tens of trials: it searches near the best soon after its start-up."""
+"""The service's sampler and pruner settings: TPE set for studies of tens of trials, which searches
+near the best soon after its start-up, and Hyperband rungs that end where training ends."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import warnings
 
 import optuna
 
-from server.optuna_study import make_sampler
+from server.optuna_study import make_pruner, make_sampler, prunable, rungs
 
 
 def _objective(trial: optuna.Trial) -> float:
@@ -35,3 +36,44 @@ def test_tpe_for_a_20_trial_study_searches_near_the_best_after_its_start_up() ->
     # ones: 2 of 20) put 3 to 7 of 10 there on these seeds; the service's put 6 to 9.
     assert min(tpe) >= 6, tpe
     assert sum(tpe) > 2 * sum(random), (tpe, random)
+
+
+def test_hyperband_judges_trials_at_rungs_that_end_where_training_ends() -> None:
+    # Rungs at max_steps / 3^k, ..., max_steps, the first at least one evaluation in (rounded up).
+    assert [rungs(e, 72)[0] for e in (6, 8, 12, 24, 30)] == [8, 8, 24, 24, 30]
+    assert rungs(10, 100)[0] == 12  # 100/9 rounded up: rungs 12, 36, then 108, past the end
+    assert rungs(60, 120) == (60, 120)  # fewer than 3 evaluations: the first evaluation is the one rung
+    # k + 1 brackets, the last never pruned; 3^5 is where Optuna's float logarithm would lose one.
+    for eval_steps, max_steps, brackets in ((6, 72, 3), (12, 72, 2), (1, 243, 6), (4, 1000, 6), (60, 120, 1)):
+        pruner = make_pruner("hyperband", eval_steps, max_steps)
+        study = optuna.create_study(pruner=pruner)
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+        pruner._try_initialization(study)  # Optuna keeps the bracket count private
+        assert pruner._n_brackets == brackets, (eval_steps, max_steps, pruner._n_brackets)
+    steps, eval_steps = 72, 6
+    study = optuna.create_study(pruner=make_pruner("hyperband", eval_steps, steps), study_name="rungs",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    pruned_at = []
+    for _ in range(40):
+        trial = study.ask()
+        quality, warmup = trial.suggest_float("quality", 0.0, 1.0), trial.suggest_float("warmup_ratio", 0.0, 0.3)
+        hyperparameters = {"warmup_ratio": warmup, "max_steps": steps}
+        for step in range(eval_steps, steps + 1, eval_steps):  # reports at the last step too, as a trial's do
+            trial.report(quality + 10.0 / step, step)
+            if prunable(step, hyperparameters) and trial.should_prune():
+                pruned_at.append(step)
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, quality)
+    assert len(pruned_at) >= 10, pruned_at
+    # Judged at the first evaluation past rung 8 (or past a warm-up of up to 22 steps) and at rung 24;
+    # the next rung is the end. From the first evaluation, rungs at 6, 18 and 54 would prune trials
+    # three quarters done.
+    assert set(pruned_at) <= {12, 18, 24}, pruned_at
+
+
+def test_a_trial_is_prunable_after_its_warm_up_and_before_its_last_step() -> None:
+    hyperparameters = {"warmup_ratio": 0.1, "max_steps": 100}
+    assert [prunable(step, hyperparameters) for step in (5, 10, 11, 99, 100)] == [False, False, True, True, False]
+    assert prunable(1, {"max_steps": 100})  # no warm-up given: none
