@@ -23,6 +23,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Column, Connection, Engine, MetaData, String, Table, create_engine, event, func, select
+from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
 from server.errors import NotFound
@@ -60,6 +61,11 @@ def make_engine(url: str) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def without_password(url: str) -> str:
+    """A database URL as it may be stored or shown: its password, if any, as ***."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def is_sqlite(engine: Engine) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 
 import optuna
 
+from server.db import without_password
 from server.models import Job
 from tools.tune_hyperparameters import ParamSpace
 
@@ -28,10 +29,21 @@ def studies_storage(url: str) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
 
-def open_study(job: Job, attempt: int = 1) -> optuna.Study:
+class StudyStoreMoved(Exception):
+    """The service's studies database is not the one the study was created in."""
+
+
+def open_study(job: Job, studies_url: str, attempt: int = 1) -> optuna.Study:
+    """The tune job's study in `studies_url`, the service's studies database (password and all), which
+    must be where the study was created: opening it elsewhere would start it again from nothing."""
+    created_in = without_password(job.resolved["studies_url"])  # rows admitted before 2026-11-27 hold the password
+    if without_password(studies_url) != created_in:
+        raise StudyStoreMoved(f"study {job.id} is in the studies database {created_in}, but the service's is now "
+                              f"{without_password(studies_url)}; set studies_database_url (or database_url) back "
+                              "to resume studies like it")
     strategy = job.resolved["strategy"]
     return optuna.create_study(
-        storage=studies_storage(job.resolved["studies_url"]), study_name=job.id, load_if_exists=True,
+        storage=studies_storage(studies_url), study_name=job.id, load_if_exists=True,
         direction=strategy["direction"], sampler=make_sampler(strategy, job.resolved["n_trials"], attempt),
         pruner=make_pruner(strategy["pruner"], job.resolved["eval_steps"], job.resolved["max_steps"]))
 

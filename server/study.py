@@ -36,17 +36,16 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
-from sqlalchemy import make_url
 from sqlmodel import Session, col, select
 
 from server import guardrails, jobs, kpi_objective
 from server.context import ServiceContext
-from server.db import write_transaction
+from server.db import without_password, write_transaction
 from server.errors import WeightsmithError
 from server.executor import LeasedWork
 from server.kpi_objective import KpiObjective
 from server.models import ACTIVE_STATES, FINAL_STATES, Agent, Job, JobState, Reservation
-from server.optuna_study import distributions, open_study, prunable
+from server.optuna_study import StudyStoreMoved, distributions, open_study, prunable
 from tools.launch_training import LaunchTrainingRequest, prepare_train_job, queue_after_snapshot_check
 from tools.tune_hyperparameters import objective_value, trial_request
 from tools.views import ENDED_TRIAL_STATES
@@ -85,7 +84,11 @@ class StudyDriver(LeasedWork):
         self.executor._study_done(self.job.id)
 
     def _run(self) -> None:
-        study = open_study(self.job, self.job.attempts)
+        try:
+            study = open_study(self.job, self.settings.studies_url, self.job.attempts)
+        except StudyStoreMoved as moved:
+            self._fail(str(moved), "studies_database_url", "studies_database_moved")
+            return
         space = distributions(self.config["search_space"])
         last_beat = time.monotonic()
         while True:
@@ -356,14 +359,14 @@ class StudyDriver(LeasedWork):
             state = JobState.succeeded
         jobs.finish(self.engine, self.job.id, self.epoch, state, error=error, metrics=result)
 
-    def _fail(self, message: str, param: str) -> None:
+    def _fail(self, message: str, param: str, code: str = "trial_not_started") -> None:
         """End the study at once: a trial or its eval cannot be built (a dataset or model is gone,
-        limits changed)."""
+        limits changed), or its Optuna study is not in the service's studies database."""
         rows = self._jobs()
         self._cancel(rows)
         jobs.relay(self.engine, self.job.id, self.epoch, [], 0, {"flops_used": sum(r.flops_used for r in rows)})
         jobs.finish(self.engine, self.job.id, self.epoch, JobState.failed,
-                    error={"code": "trial_not_started", "message": message, "param": param})
+                    error={"code": code, "message": message, "param": param})
 
     # The result.
 
@@ -392,7 +395,7 @@ class StudyDriver(LeasedWork):
             "trials_pruned": sum(t["state"] == "pruned" for t in table),
             "trials_failed": sum(t["state"] == "fail" for t in table), "trials": table,
             # By default the service's own database: its password must not reach the agent.
-            "dashboard": f"optuna-dashboard {make_url(self.config['studies_url']).render_as_string()}"}
+            "dashboard": f"optuna-dashboard {without_password(self.config['studies_url'])}"}
         best = _best(study)
         if best is not None:
             row = by_number[best.number]

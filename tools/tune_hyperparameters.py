@@ -30,7 +30,7 @@ from sqlmodel import Session, select
 
 from server import guardrails, kpi_objective
 from server.context import ServiceContext
-from server.db import write_transaction
+from server.db import without_password, write_transaction
 from server.errors import Conflict, InvalidRequest, LimitExceeded, WeightsmithError
 from server.kpi_objective import KpiObjective
 from server.models import Agent, Job, JobState, Reservation
@@ -129,7 +129,9 @@ def tune_hyperparameters(ctx: ServiceContext, agent: Agent, request: TuneRequest
         "n_parallel": request.n_parallel, "budget_flops": budget, "trial_estimate_flops": estimate.flops,
         "eval_estimate_flops": eval_flops,
         "max_steps": estimate.max_steps, "eval_steps": eval_steps, "final_retrain": request.final_retrain,
-        "studies_url": ctx.settings.studies_url}
+        # Where the study is, to check on every start of its driver that it is still there (the
+        # driver connects with the service's own URL): not the password, which job rows never hold.
+        "studies_url": without_password(ctx.settings.studies_url)}
     with write_transaction(ctx.engine) as session:
         if request.idempotency_key:  # checked again under the write lock: two retries may race here
             existing = _existing(session, agent, request.idempotency_key, request_hash)

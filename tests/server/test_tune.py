@@ -208,6 +208,23 @@ def test_cancelling_a_study_cancels_its_running_trial_and_settles_once(service: 
     assert get_quota(service, agent).budget_flops_spent == pytest.approx(study.flops_used)
 
 
+def test_a_study_whose_studies_database_moved_fails_naming_the_setting_and_starts_nothing(
+        settings: Settings, tmp_path: Path) -> None:
+    with open_service(settings, workers=False) as ctx:
+        agent = auth.ensure_local_agent(ctx.engine, settings)
+        study_id = _start(ctx, agent, template=_template(ctx, _dataset(ctx, agent, tmp_path)), search_space=LR,
+                          n_trials=2, budget_flops=1e12)
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    with open_service(settings.model_copy(update={"studies_database_url": elsewhere})) as ctx:
+        study = _final(ctx, agent, study_id, timeout=60)
+        assert _trial_jobs(ctx, study_id) == []
+    assert study.state == JobState.failed and study.error is not None
+    assert (study.error["code"], study.error["param"]) == ("studies_database_moved", "studies_database_url")
+    assert f"is in the studies database {settings.studies_url}, but the service's is now {elsewhere}" \
+        in study.error["message"]
+    assert optuna.get_all_study_summaries(elsewhere) == []  # no second study was begun there
+
+
 @pytest.mark.slow
 def test_hyperband_prunes_trials_whose_learning_rate_is_hopeless(service: ServiceContext, tmp_path: Path) -> None:
     agent = auth.ensure_local_agent(service.engine, service.settings)
@@ -250,7 +267,7 @@ def test_restart_mid_study_loses_no_trial_and_runs_none_twice(settings: Settings
     # The service is down. A driver that had asked Optuna for a trial and died before inserting its
     # job leaves a running trial with no job; the next driver must not lose the study over it.
     with open_service(settings, workers=False) as ctx:
-        orphan = open_study(jobs.get(ctx.engine, agent.id, study_id)).ask().number
+        orphan = open_study(jobs.get(ctx.engine, agent.id, study_id), settings.studies_url).ask().number
     with open_service(settings) as ctx:
         study = _final(ctx, agent, study_id, timeout=400)
         trial_jobs = _trial_jobs(ctx, study_id)
@@ -412,6 +429,7 @@ def test_a_study_runs_in_a_postgresql_store_and_the_agent_never_sees_its_passwor
         stored = optuna.load_study(study_name=study_id, storage=url)  # the service's own database
         assert [t.state for t in stored.trials] == [optuna.trial.TrialState.COMPLETE] * 2
         assert "s3cret-pw" not in view and "optuna-dashboard postgresql+psycopg://postgres:***@" in view
+        assert "s3cret-pw" not in json.dumps(study.resolved)  # nor does the job row hold it
 
 
 @pytest.mark.slow
