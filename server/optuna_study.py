@@ -37,10 +37,11 @@ def open_study(job: Job, studies_url: str, attempt: int = 1) -> optuna.Study:
     """The tune job's study in `studies_url`, the service's studies database (password and all), which
     must be where the study was created: opening it elsewhere would start it again from nothing."""
     created_in = without_password(job.resolved["studies_url"])  # rows admitted before 2026-11-27 hold the password
-    if without_password(studies_url) != created_in:
+    service_has = without_password(studies_url)
+    if service_has != created_in:
         raise StudyStoreMoved(f"study {job.id} is in the studies database {created_in}, but the service's is now "
-                              f"{without_password(studies_url)}; set studies_database_url (or database_url) back "
-                              "to resume studies like it")
+                              f"{service_has}; set studies_database_url (or database_url) back to resume studies "
+                              "like it")
     strategy = job.resolved["strategy"]
     return optuna.create_study(
         storage=studies_storage(studies_url), study_name=job.id, load_if_exists=True,
