@@ -22,7 +22,19 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Column, Connection, Engine, MetaData, String, Table, create_engine, event, func, select
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
@@ -33,6 +45,7 @@ T = TypeVar("T")
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 VERSION_TABLE = "weightsmith_schema_version"
 """Where our alembic keeps its revision: alembic's default table, `alembic_version`, is Optuna's."""
+MIGRATION_LOCK_KEY = 0x7765_6967_6874  # "weight": the PostgreSQL advisory lock `migrate` holds
 LEGACY_VERSION_TABLE = "alembic_version"
 """Where stores made before the studies moved into this database keep our revision."""
 
@@ -98,11 +111,15 @@ def alembic_config() -> Config:
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest revision; a user's store survives upgrades this way.
 
-    One transaction, under SQLite's write lock from its start so that two processes starting at
-    once migrate one after the other: an older store's revision is adopted, then the schema upgraded.
+    One transaction, under a lock taken at its start so that processes starting at once migrate one
+    after the other (SQLite's write lock; on PostgreSQL a transaction-level advisory lock, since its
+    DDL takes no lock that would keep two upgrades from both creating the same table): an older
+    store's revision is adopted, then the schema upgraded.
     """
     config = alembic_config()
     with engine.connect().execution_options(sqlite_immediate=True) as connection, connection.begin():
+        if engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         _adopt_legacy_revision(connection, ScriptDirectory.from_config(config))
         config.attributes["connection"] = connection
         command.upgrade(config, "head")

@@ -4,6 +4,7 @@ Optuna studies share its database (their tables, their `alembic_version`) withou
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -178,3 +179,63 @@ def test_optuna_and_the_service_write_one_sqlite_file_at_once_without_locking_ea
         assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 40
         with Session(ctx.engine) as session:
             assert session.exec(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job.id)).one() == 300
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_service_processes_starting_at_once_on_an_empty_store_migrate_one_after_the_other(
+        backend: str, settings: Settings) -> None:
+    with _store_settings(backend, settings) as store:
+        store.home.mkdir(parents=True, exist_ok=True)
+        engines = [make_engine(store.db_url) for _ in range(4)]
+        start = threading.Barrier(len(engines))
+        errors: list[BaseException] = []
+
+        def start_up(engine: Engine) -> None:
+            start.wait()
+            try:
+                migrate(engine)
+            except BaseException as error:  # noqa: BLE001 -- a lost race is what this looks for
+                errors.append(error)
+
+        # Daemons with one deadline: without the lock, two upgrades can wait on each other's tables.
+        threads = [threading.Thread(target=start_up, args=(engine,), daemon=True) for engine in engines]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        assert errors == [] and not any(thread.is_alive() for thread in threads)
+        head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+        assert _revisions(engines[0]) == {VERSION_TABLE: [head]}
+        _check_models_match(engines[0])
+        for engine in engines:
+            engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_upgrading_takes_the_password_out_of_older_tune_rows_and_nothing_else(
+        backend: str, settings: Settings) -> None:
+    with _store_settings(backend, settings) as store:
+        store.home.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(store.db_url)
+        config = alembic_config()
+        with engine.begin() as connection:  # the store as the service left it at 0006
+            config.attributes["connection"] = connection
+            command.upgrade(config, "0006")
+        agent, _ = auth.create_agent(engine, store, "veteran")
+        with_password = "postgresql+psycopg://weightsmith:hunter2@db.example:5432/studies"
+        older = {"n_trials": 4, "studies_url": with_password, "strategy": {"sampler": "tpe"}}
+        rows = [Job(agent_id=agent.id, kind="tune", resolved=older),
+                Job(agent_id=agent.id, kind="tune", resolved={**older, "studies_url": "sqlite:////srv/ws.db"}),
+                Job(agent_id=agent.id, kind="train", resolved={"note": with_password})]  # not a studies URL
+        with Session(engine, expire_on_commit=False) as session:
+            session.add_all(rows)
+            session.commit()
+
+        migrate(engine)
+        with Session(engine) as session:
+            masked, sqlite_file, train = (session.get(Job, row.id).resolved for row in rows)
+        assert masked == {**older, "studies_url": "postgresql+psycopg://weightsmith:***@db.example:5432/studies"}
+        assert sqlite_file == {**older, "studies_url": "sqlite:////srv/ws.db"}
+        assert train == {"note": with_password}
+        engine.dispose()
