@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,11 +21,15 @@ from server.errors import Conflict, InvalidDataset, InvalidRequest
 from server.models import Agent, Dataset, EvalSuite, Job, JobState, Model, Reservation
 from tools import methods
 from tools.views import Compact, JobView, job_view
-from training_core import modelinfo
+from training_core import modelinfo, token_counts
 from training_core.spec import Hyperparameters as ResolvedHyperparameters
 from training_core.spec import JobSpec, Limits, LoraSpec
 
 Auto = Literal["auto"]
+
+
+PACKED_METHODS = ("pretrain", "continued_pretrain")
+"""Methods that cut the corpus into full blocks rather than train a record to a sequence."""
 
 
 class Hyperparameters(Compact):
@@ -153,10 +158,11 @@ def prepare_train_job(ctx: ServiceContext, agent: Agent, request: LaunchTraining
     else:
         config = modelinfo.read_model_config(base_dir)
         parameters = modelinfo.count_parameters(base_dir)
-    hyper = _resolve(request, datasets, parameters, config)
+    lengths = _record_lengths(request.method, base_dir, datasets)
+    hyper = _resolve(request, lengths, parameters, config)
     estimate = guardrails.Estimate(
         parameters=parameters,
-        tokens_per_step=request.devices * _tokens_per_step(request.method, hyper, method_options, datasets),
+        tokens_per_step=request.devices * _tokens_per_step(request.method, hyper, method_options, lengths),
         max_steps=hyper.max_steps, dataset_bytes=sum(d.bytes for d in datasets),
         max_seconds=request.limits.max_seconds, flops_per_parameter_token=method.flops_per_parameter_token)
 
@@ -225,12 +231,39 @@ def recheck_stale_validations(ctx: ServiceContext) -> int:
     return len(checks)
 
 
-def _resolve(request: LaunchTrainingRequest, datasets: list[Dataset], parameters: int,
+@dataclass(frozen=True)
+class RecordLengths:
+    """The training data's size in tokens: what `auto` settings and the estimate are made from."""
+
+    longest: int
+    """The longest record, as the trainer sees it where the model's tokenizer could count it."""
+    p95: int
+    total: int
+    records: int
+
+
+def _record_lengths(method: str, base_dir: Path | None, datasets: list[Dataset]) -> RecordLengths:
+    stats = [d.report.get("stats", {}).get("tokens", {}) for d in datasets]
+    longest = max(int(s.get("max") or 1) for s in stats)
+    p95 = max(int(s.get("p95") or 0) for s in stats)
+    total = sum(int(s.get("total") or 0) for s in stats)
+    records = sum(d.records for d in datasets)
+    if base_dir is not None and method not in PACKED_METHODS:
+        # Records are trained one to a sequence, chat template and all: count the longest in the
+        # model's tokens, and scale the 95th percentile by as much as they were under-counted.
+        measured = token_counts.measured_lengths(base_dir, [(Path(d.path), d.report) for d in datasets])
+        if measured is not None:
+            longest, ratio = measured
+            p95 = min(longest, math.ceil(p95 * max(1.0, ratio)))
+    return RecordLengths(longest=longest, p95=p95, total=total, records=records)
+
+
+def _resolve(request: LaunchTrainingRequest, lengths: RecordLengths, parameters: int,
              config: dict[str, Any]) -> ResolvedHyperparameters:
     """Turn every `auto` into a value; the result is stored on the job."""
     h = request.hyperparameters
     small = parameters < 100_000_000
-    packed = request.method in ("pretrain", "continued_pretrain")
+    packed = request.method in PACKED_METHODS
     if h.learning_rate != "auto":
         lr = h.learning_rate
     else:
@@ -244,12 +277,10 @@ def _resolve(request: LaunchTrainingRequest, datasets: list[Dataset], parameters
     elif packed:
         seq = min(context, 512)  # packed blocks: the corpus is cut to length, records do not set it
     else:
-        p95 = max(int(d.report.get("stats", {}).get("tokens", {}).get("p95") or 0) for d in datasets)
-        seq = min(context, 2048, max(64, 2 ** math.ceil(math.log2(max(p95, 1)))))
+        seq = min(context, 2048, max(64, 2 ** math.ceil(math.log2(max(lengths.p95, 1)))))
     batch = h.per_device_batch_size if h.per_device_batch_size != "auto" else (8 if seq <= 512 else 4)
     # A step's examples: records, or for packed methods blocks of `seq` tokens of the corpus.
-    examples = sum(int(d.report.get("stats", {}).get("tokens", {}).get("total") or 0) for d in datasets) // seq \
-        if packed else sum(d.records for d in datasets)
+    examples = lengths.total // seq if packed else lengths.records
     train_examples = max(1, int(examples * (1 - h.eval_fraction)))
     if h.max_steps != "auto":
         steps = h.max_steps
@@ -289,12 +320,12 @@ def _check_formats(method: str, datasets: list[Dataset]) -> None:
 
 
 def _tokens_per_step(method: str, hyper: ResolvedHyperparameters, options: dict[str, Any],
-                     datasets: list[Dataset]) -> int:
+                     lengths: RecordLengths) -> int:
     """Tokens one optimizer step trains on, per device (each device trains a batch of its own)."""
     sequences = hyper.per_device_batch_size * hyper.gradient_accumulation_steps
-    if method in ("pretrain", "continued_pretrain"):
+    if method in PACKED_METHODS:
         return sequences * hyper.max_seq_length  # packed: every block is full
-    longest = min(hyper.max_seq_length, _longest_record_tokens(datasets))
+    longest = min(hyper.max_seq_length, lengths.longest)
     if method == "dpo":
         return sequences * 2 * longest  # the chosen and the rejected answer
     if method == "grpo":
@@ -328,10 +359,6 @@ def _base_model(session: Session, ctx: ServiceContext, agent: Agent, request: La
     if not (directory / "config.json").is_file():
         raise InvalidRequest(f"{ref!r} is not a Hugging Face model directory (no config.json)", param="base_model")
     return directory, None
-
-
-def _longest_record_tokens(datasets: list[Dataset]) -> int:
-    return max(int(d.report.get("stats", {}).get("tokens", {}).get("max") or 1) for d in datasets)
 
 
 def _existing_for_key(ctx: ServiceContext, agent: Agent, key: str, request_hash: str) -> Job | None:

@@ -2,7 +2,7 @@
 
 The study is a `tune` job. Its whole budget is reserved when it is admitted, in the same
 transaction that inserts it (the given `budget_flops`, or `n_trials` times the estimate of the
-costliest trial the search space allows); its trials' compute is carved out of that reservation,
+costliest trial the search space allows, and the final retrain when one is asked for); its trials' compute is carved out of that reservation,
 so the agent is charged once. A study driver in the executor (`server/study.py`) then asks Optuna
 for trials, runs each as a train job and prunes the ones falling behind.
 
@@ -71,7 +71,7 @@ class TuneRequest(Compact):
     search_space: dict[str, ParamSpace] = Field(min_length=1, max_length=16)
     n_trials: int = Field(10, ge=1, le=200)
     n_parallel: int = Field(1, ge=1, le=16)
-    budget_flops: float | None = Field(None, gt=0, description="Default: n_trials x the costliest trial.")
+    budget_flops: float | None = Field(None, gt=0, description="Default: n_trials x the costliest trial, and the final retrain if asked for.")
     strategy: Strategy = Strategy()
     final_retrain: bool = Field(False, description="Retrain the best parameters on all the data at the end.")
     idempotency_key: str | None = Field(None, max_length=200)
@@ -110,7 +110,8 @@ def tune_hyperparameters(ctx: ServiceContext, agent: Agent, request: TuneRequest
     guardrails.raise_if_refused(guardrails.check_request(agent, estimate), estimate)
     eval_flops = _eval_flops(ctx, agent, kpi, estimate.parameters) if kpi else 0.0
     trial_flops = estimate.flops + eval_flops
-    budget = request.budget_flops or request.n_trials * trial_flops
+    budget = request.budget_flops or request.n_trials * trial_flops + (
+        _final_retrain_flops(ctx, agent, costliest) if request.final_retrain else 0.0)
     if budget < trial_flops:
         with_eval = f" and {eval_flops:.3g} for its eval" if kpi else ""
         raise InvalidRequest(f"budget_flops {budget:.3g} does not pay for one trial ({estimate.flops:.3g} FLOPs at "
@@ -273,6 +274,13 @@ def _eval_flops(ctx: ServiceContext, agent: Agent, kpi: KpiObjective, parameters
         raise LimitExceeded(f"each trial's eval on suite {kpi.suite} would be refused: {verdict.message}",
                             param="strategy.objective", details={"limit": verdict.limit})
     return price.flops
+
+
+def _final_retrain_flops(ctx: ServiceContext, agent: Agent, costliest: LaunchTrainingRequest) -> float:
+    """The final retrain at the search space's upper bounds: on all the data, without a held-out part."""
+    hyper = costliest.hyperparameters.model_copy(update={"eval_fraction": 0.0})
+    _, estimate, _ = prepare_train_job(ctx, agent, costliest.model_copy(update={"hyperparameters": hyper}))
+    return estimate.flops
 
 
 def _admit(session: Session, ctx: ServiceContext, caller: Agent, budget: float, trial_flops: float,

@@ -41,6 +41,7 @@ Decisions:
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 from collections import Counter
@@ -232,7 +233,7 @@ def _scan(path: Path, max_record_bytes: int, count_tokens: Callable[[str], int] 
         # A CSV or Parquet row is not checked for a column its header lacks: leave it out here.
         if (not problems and record_format is not None and record_format == file_format
                 and all(name in item for name in FORMAT_FIELDS[record_format])):
-            stats.add(item, record_format)
+            stats.add(item, record_format, line)
             if keep:
                 examples.append(_example(item, record_format))
 
@@ -455,6 +456,28 @@ def _a(value: Any) -> str:
     return f"{article} {kind} ({json.dumps(value)})" if kind in ("number", "boolean") else f"{article} {kind}"
 
 
+LONGEST_KEPT = 8
+"""How many of a file's longest records (by characters) its report locates: `longest_records`."""
+
+
+def longest_records(path: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records at the report's `longest_lines`, read again from the snapshot (reports made before
+    2026-11-27 have none: an empty list). Reads the file up to the last of them."""
+    wanted = set(report.get("stats", {}).get("longest_lines") or ())
+    found: list[dict[str, Any]] = []
+    if not wanted:
+        return found
+    file_type = detect_file_type(path)
+    columns = read_columns(path, file_type)
+    for line, item in read_records(path, file_type):
+        if line in wanted and not isinstance(item, Problem):
+            hosted = columns is None and all(name in item for name in HOSTED_PREFERENCE_FIELDS)
+            found.append(import_hosted_preference(item) if hosted else item)
+            if len(found) == len(wanted):
+                break
+    return found
+
+
 class _Stats:
     """Length statistics of the good records: characters, tokens and per-format counts."""
 
@@ -466,10 +489,14 @@ class _Stats:
         self.roles = Counter[str]()
         self.prompt_chars: list[int] = []
         self.completion_chars: list[int] = []
+        self.longest: list[tuple[int, int]] = []  # (chars, -line): a min-heap of the longest records
 
-    def add(self, record: dict[str, Any], record_format: str) -> None:
+    def add(self, record: dict[str, Any], record_format: str, line: int) -> None:
         text = record_text(record)
         self.chars.append(len(text))
+        heapq.heappush(self.longest, (len(text), -line))
+        if len(self.longest) > LONGEST_KEPT:
+            heapq.heappop(self.longest)
         # ~4 characters a token is the usual rule of thumb for English with BPE tokenizers.
         self.tokens.append(self.count_tokens(text) if self.count_tokens else math.ceil(len(text) / 4))
         if record_format == "messages":
@@ -482,7 +509,9 @@ class _Stats:
     def summary(self, file_format: str | None) -> dict[str, Any]:
         stats: dict[str, Any] = {
             "chars": _spread(self.chars), "tokens": _spread(self.tokens, p95=True) | {"total": sum(self.tokens)},
-            "tokens_estimated": self.count_tokens is None}
+            "tokens_estimated": self.count_tokens is None,
+            # Where the longest records are, so admission can count them with the model's own tokenizer.
+            "longest_lines": sorted(-line for _, line in self.longest)}
         if file_format == "messages":
             stats |= {"turns": _spread(self.turns), "roles": dict(self.roles)}
         elif file_format == "prompt_completion":

@@ -14,11 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from training_core.data import (
+    LONGEST_KEPT,
     DatasetError,
     DatasetReport,
     Problem,
     detect_file_type,
     load_examples,
+    longest_records,
     read_records,
     record_text,
     validate_file,
@@ -453,3 +455,32 @@ def test_prompt_only_records_keep_their_reference(tmp_path: Path) -> None:
     assert examples == [{"prompt": "Say yes", "reference": "yes"}, {"prompt": "Say no"}]
     turns = write(tmp_path, "t.jsonl", jsonl({"prompt": [{"role": "user", "content": "Say no"}]}))
     assert load_examples(turns) == ("prompt_only", [{"prompt": [{"role": "user", "content": "Say no"}]}])
+
+
+@pytest.mark.parametrize("file_type", ["jsonl", "csv"])
+def test_a_report_locates_the_longest_records_and_they_read_back_as_validated(tmp_path: Path, file_type: str) -> None:
+    # Lengths in a shuffled order, a blank line and a record too long for the cap among them: the
+    # longest good records are found by their lines, not by their order.
+    lengths = [7, 31, 3, 19, 40, 11, 2, 27, 35, 5, 23, 15, 38]
+    records = [{"prompt": "q" * n, "completion": "a"} for n in lengths]
+    if file_type == "jsonl":
+        lines = [json.dumps(r) for r in records]
+        lines.insert(4, "")
+        lines.insert(6, json.dumps({"prompt": "q" * 500, "completion": "a"}))  # over the cap below
+        path = write(tmp_path, "data.jsonl", "\n".join(lines) + "\n")
+    else:
+        path = write(tmp_path, "data.csv", "prompt,completion\n" + "".join(
+            f'"{r["prompt"]}",{r["completion"]}\n' for r in records))
+    report = dataclasses.asdict(validate_file(path, max_record_bytes=400))
+    longest = longest_records(path, report)
+    expected = sorted(lengths, reverse=True)[:LONGEST_KEPT]
+    assert sorted((len(r["prompt"]) for r in longest), reverse=True) == expected
+    assert all(r["completion"] == "a" for r in longest)
+    assert len(report["stats"]["longest_lines"]) == LONGEST_KEPT
+
+
+def test_a_report_made_before_it_located_records_reads_none_back(tmp_path: Path) -> None:
+    path = write(tmp_path, "data.jsonl", "".join(json.dumps(r) + "\n" for r in RECORDS["text"]))
+    report = dataclasses.asdict(validate_file(path))
+    del report["stats"]["longest_lines"]
+    assert longest_records(path, report) == []
