@@ -36,7 +36,7 @@ class StudyStoreMoved(Exception):
 def open_study(job: Job, studies_url: str, attempt: int = 1) -> optuna.Study:
     """The tune job's study in `studies_url`, the service's studies database (password and all), which
     must be where the study was created: opening it elsewhere would start it again from nothing."""
-    created_in = without_password(job.resolved["studies_url"])  # rows admitted before 2026-11-27 hold the password
+    created_in = without_password(job.resolved["studies_url"])  # masked since 2026-11-27 (revision 0007)
     service_has = without_password(studies_url)
     if service_has != created_in:
         raise StudyStoreMoved(f"study {job.id} is in the studies database {created_in}, but the service's is now "
