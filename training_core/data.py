@@ -45,7 +45,7 @@ import heapq
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -460,22 +460,39 @@ LONGEST_KEPT = 8
 """How many of a file's longest records (by characters) its report locates: `longest_records`."""
 
 
-def longest_records(path: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The records at the report's `longest_lines`, read again from the snapshot (reports made before
-    2026-11-27 have none: an empty list). Reads the file up to the last of them."""
-    wanted = set(report.get("stats", {}).get("longest_lines") or ())
+def longest_records(path: Path, lines: Sequence[int]) -> list[dict[str, Any]]:
+    """The records at a report's `longest_lines` (its stats), read again from the snapshot."""
+    wanted = set(lines)
     found: list[dict[str, Any]] = []
     if not wanted:
         return found
     file_type = detect_file_type(path)
     columns = read_columns(path, file_type)
-    for line, item in read_records(path, file_type):
-        if line in wanted and not isinstance(item, Problem):
-            hosted = columns is None and all(name in item for name in HOSTED_PREFERENCE_FIELDS)
-            found.append(import_hosted_preference(item) if hosted else item)
-            if len(found) == len(wanted):
-                break
+    for line, item in _records_at(path, file_type, wanted):
+        hosted = columns is None and all(name in item for name in HOSTED_PREFERENCE_FIELDS)
+        found.append(import_hosted_preference(item) if hosted else item)
     return found
+
+
+def _records_at(path: Path, file_type: str, lines: set[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The records on these lines, which validation read before; the rest of a JSON Lines file is
+    skipped unparsed (admission reads this, and a snapshot may be gigabytes)."""
+    left = set(lines)
+    if file_type == "jsonl":
+        with path.open("rb") as handle:
+            for line, raw in enumerate(handle, start=1):  # numbered as `read_records` numbers them
+                if line in left:
+                    left.discard(line)
+                    yield line, json.loads(raw.decode("utf-8-sig" if line == 1 else "utf-8"))
+                    if not left:
+                        return
+        return
+    for line, item in read_records(path, file_type):
+        if line in left and not isinstance(item, Problem):
+            left.discard(line)
+            yield line, item
+            if not left:
+                return
 
 
 class _Stats:

@@ -44,9 +44,14 @@ def _pair_tokens(tokenizer: Any, prompt: str | list[dict[str, Any]], answer: Any
 
 
 def _conversation_tokens(tokenizer: Any, turns: list[dict[str, Any]]) -> int:
-    if not tokenizer.chat_template:  # the trainer refuses such a model; count the text
-        return _text_tokens(tokenizer, record_text({"messages": turns})) + 1
-    return _text_tokens(tokenizer, tokenizer.apply_chat_template(turns, tokenize=False))
+    from jinja2 import TemplateError
+
+    if tokenizer.chat_template:
+        try:
+            return _text_tokens(tokenizer, tokenizer.apply_chat_template(turns, tokenize=False))
+        except TemplateError:  # a template that refuses these turns (a role it lacks): the job will say so
+            pass
+    return _text_tokens(tokenizer, record_text({"messages": turns})) + 1  # no template: the trainer refuses it
 
 
 def _text_tokens(tokenizer: Any, text: str) -> int:
@@ -57,12 +62,22 @@ def measured_lengths(model_dir: str | Path, datasets: list[tuple[Path, dict[str,
     """(the longest record in the model's tokens, how many times the reports' counts that is at most)
     over the datasets' located longest records; None when no report locates any (made before
     2026-11-27) or the model has no tokenizer to count with."""
-    records = [record for path, report in datasets for record in longest_records(Path(path), report)]
-    tokenizer = _tokenizer(str(model_dir))
-    if not records or tokenizer is None:
+    counts = [count for path, report in datasets for count in _counted(
+        str(model_dir), str(path), tuple(report.get("stats", {}).get("longest_lines") or ()))]
+    if not counts:
         return None
-    counts = [(record_tokens(tokenizer, record), heuristic_tokens(record)) for record in records]
     return max(tokens for tokens, _ in counts), max(tokens / max(1, estimate) for tokens, estimate in counts)
+
+
+@functools.lru_cache(maxsize=256)
+def _counted(model_dir: str, snapshot: str, lines: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """(model tokens, report tokens) of each located record. Cached: snapshots never change, and
+    every trial of a study is priced with the same model and data."""
+    tokenizer = _tokenizer(model_dir)
+    if tokenizer is None or not lines:
+        return ()
+    return tuple((record_tokens(tokenizer, record), heuristic_tokens(record))
+                 for record in longest_records(Path(snapshot), lines))
 
 
 @functools.lru_cache(maxsize=8)
