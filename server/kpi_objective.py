@@ -26,6 +26,9 @@ from server.errors import InvalidRequest
 from server.models import Agent, EvalReport, EvalSuite, Job, JobState, Model
 
 PREFIX = "kpi:"
+COMPOSITE = "composite"
+"""`kpi:SUITE/composite`: the suite's composite (its formula, or the weighted mean of its KPIs where
+higher is better; `training_core.suite.composite_value`), a score to maximize, unless a KPI has the name."""
 LISTED_SUITES = 10
 OPTUNA_DIRECTION = {"higher": "maximize", "lower": "minimize"}
 
@@ -56,11 +59,26 @@ def resolve(session: Session, agent_id: str, objective: str) -> KpiObjective:
                              "KPI one of its KPIs' names)", param="strategy.objective")
     suite_row = _suite(session, agent_id, suite_ref)
     kpis = {kpi["name"]: kpi for kpi in suite_row.definition["kpis"]}
+    composite = _has_composite(suite_row.definition)
+    if kpi_name == COMPOSITE and kpi_name not in kpis:
+        if not composite:
+            raise InvalidRequest(f"suite {suite_row.name} ({suite_row.id}) has no composite: no formula, and none of "
+                                 f"its KPIs ({', '.join(kpis)}) is one where higher is better with a weight; name "
+                                 "one of them, or declare the suite again with a composite formula",
+                                 param="strategy.objective")
+        return KpiObjective(suite_id=suite_row.id, suite=suite_row.name, kpi=COMPOSITE, direction="maximize")
     if kpi_name not in kpis:
         raise InvalidRequest(f"suite {suite_row.name} ({suite_row.id}) has no KPI {kpi_name!r}; its KPIs: "
-                             f"{', '.join(kpis)}", param="strategy.objective")
+                             f"{', '.join(kpis)}" + (f"; or its {COMPOSITE}" if composite else ""),
+                             param="strategy.objective")
     return KpiObjective(suite_id=suite_row.id, suite=suite_row.name, kpi=kpi_name,
                         direction=OPTUNA_DIRECTION[kpis[kpi_name]["direction"]])
+
+
+def _has_composite(definition: dict[str, Any]) -> bool:
+    """Whether the suite's reports give a composite (`training_core.suite.composite_value`)."""
+    return bool(definition.get("composite")) or any(
+        kpi.get("direction", "higher") == "higher" and kpi.get("weight", 1.0) for kpi in definition["kpis"])
 
 
 def _suite(session: Session, agent_id: str, ref: str) -> EvalSuite:
@@ -118,7 +136,8 @@ def kpi_value(engine: Engine, eval_job: Job, kpi: str) -> tuple[float | None, st
     with Session(engine) as session:
         report = session.get(EvalReport, eval_job.metrics["report_id"])
     assert report is not None, f"succeeded eval job {eval_job.id} has no report"
-    value = next(row["value"] for row in report.summary["kpis"] if row["name"] == kpi)
+    rows = {row["name"]: row["value"] for row in report.summary["kpis"]}
+    value = rows[kpi] if kpi in rows else report.summary.get(COMPOSITE)  # a KPI's own name comes first
     if value is None or not math.isfinite(value):
         return None, f"its eval report {report.id} gives {kpi} = {value}, which cannot be compared"
     return float(value), ""

@@ -59,7 +59,7 @@ class Strategy(Compact):
     pruner: Literal["hyperband", "median", "successive_halving", "none"] | None = Field(
         None, description="Default: hyperband; none for a KPI objective.")
     objective: str = Field("eval_loss", description="eval_loss (held-out loss), or kpi:SUITE/KPI (an eval suite's "
-                           "id or name, a KPI of it).")
+                           "id or name, a KPI of it or composite).")
     direction: Literal["minimize", "maximize"] | None = Field(None, description="Default: the objective's own.")
     eval_steps: int | Literal["auto"] = Field("auto", ge=1, description="Held-out loss interval, for pruning.")
     seed: int | None = None
@@ -244,7 +244,8 @@ def resolve_strategy(session: Session, agent: Agent, strategy: Strategy, templat
     if strategy.objective.startswith(kpi_objective.PREFIX):
         kpi = kpi_objective.resolve(session, agent.id, strategy.objective)
         objective, direction = kpi.objective, kpi.direction
-        own = f"KPI {kpi.kpi} of suite {kpi.suite} is {direction}d, as the suite declares"
+        own = (f"the {kpi.kpi} of suite {kpi.suite} is a score, maximized" if kpi.kpi == kpi_objective.COMPOSITE
+               else f"KPI {kpi.kpi} of suite {kpi.suite} is {direction}d, as the suite declares")
         if strategy.pruner not in (None, "none"):
             raise InvalidRequest(f"pruner {strategy.pruner} would compare the trials' held-out losses, which are not "
                                  f"the KPI {kpi.kpi} (known only once a trial is evaluated): leave pruner out or "

@@ -491,8 +491,12 @@ def test_kpi_objective_is_checked_at_admission_naming_the_field_and_starts_nothi
     template = _template(service, _dataset(service, agent, tmp_path))
     suite_id = _kpi_suite(service, agent, tmp_path)
     others_suite = _kpi_suite(service, other, tmp_path)
+    lower_only = _kpi_suite(service, agent, tmp_path, KPI_SUITE.replace("facts-kpi", "ppl-only").replace(
+        "  - {{name: exact, grader: {{type: exact, ignore_case: true}}}}\n", ""))
     refusals = [
-        ({"objective": "kpi:nosuch/ppl"}, "strategy.objective", f"their KPIs: facts-kpi ({suite_id}): exact, ppl"),
+        ({"objective": "kpi:nosuch/ppl"}, "strategy.objective",
+         f"their KPIs: ppl-only ({lower_only}): ppl; facts-kpi ({suite_id}): exact, ppl"),
+        ({"objective": "kpi:facts-kpi/accuracy"}, "strategy.objective", "its KPIs: exact, ppl; or its composite"),
         ({"objective": f"kpi:{others_suite}/ppl"}, "strategy.objective", f"no eval suite '{others_suite}' of yours"),
         ({"objective": "kpi:facts-kpi/accuracy"}, "strategy.objective", "has no KPI 'accuracy'; its KPIs: exact, ppl"),
         ({"objective": "kpi:ppl"}, "strategy.objective", "is not kpi:SUITE/KPI"),
@@ -501,6 +505,10 @@ def test_kpi_objective_is_checked_at_admission_naming_the_field_and_starts_nothi
         ({"objective": f"kpi:{suite_id}/exact", "pruner": "median"}, "strategy.pruner",
          "pruner median would compare the trials' held-out losses, which are not the KPI exact"),
         ({"direction": "maximize"}, "strategy.direction", "eval_loss is a loss: it is minimized"),
+        ({"objective": "kpi:facts-kpi/composite", "direction": "minimize"}, "strategy.direction",
+         "the composite of suite facts-kpi is a score, maximized"),
+        ({"objective": f"kpi:{lower_only}/composite"}, "strategy.objective",
+         "has no composite: no formula, and none of its KPIs (ppl) is one where higher is better"),
     ]
     for strategy, field, says in refusals:
         with pytest.raises(InvalidRequest, match=re.escape(says)) as refused:
@@ -527,8 +535,10 @@ def test_kpi_objective_is_checked_at_admission_naming_the_field_and_starts_nothi
     with Session(service.engine) as session:
         exact, kpi = resolve_strategy(session, agent, Strategy(objective="kpi:facts-kpi/exact"), request)
         loss, no_kpi = resolve_strategy(session, agent, Strategy(), request)
+        composite, _ = resolve_strategy(session, agent, Strategy(objective="kpi:facts-kpi/composite"), request)
     assert kpi is not None and kpi.suite_id == suite_id and no_kpi is None
     assert (exact["objective"], exact["direction"], exact["pruner"]) == (f"kpi:{suite_id}/exact", "maximize", "none")
+    assert (composite["objective"], composite["direction"]) == (f"kpi:{suite_id}/composite", "maximize")
     assert (loss["objective"], loss["direction"], loss["pruner"]) == ("eval_loss", "minimize", "hyperband")
 
 
@@ -542,7 +552,6 @@ def test_kpi_study_evaluates_every_trial_and_picks_the_best_kpi_within_one_budge
 
     async def main() -> tuple[dict[str, Any], dict[str, Any]]:
         async with Client(build_mcp_server(ServiceRef(service))) as client:
-            # (A budget to spare: chat trials may use more than their estimate; see the README.)
             started = await call(client, "tune_hyperparameters", template=template, search_space=LR, n_trials=2,
                                  budget_flops=1e12, strategy={"objective": "kpi:facts-kpi/ppl", "sampler": "random",
                                                               "seed": 4})
@@ -587,6 +596,25 @@ def test_kpi_study_evaluates_every_trial_and_picks_the_best_kpi_within_one_budge
                for r in carved)
     assert study["flops_used"] == pytest.approx(used) and _reservation(service, study["id"]).flops_used == used
     assert get_quota(service, agent).budget_flops_spent == pytest.approx(used)
+
+
+@pytest.mark.slow
+def test_a_kpi_study_can_maximize_its_suites_composite(service: ServiceContext, tmp_path: Path) -> None:
+    agent = auth.ensure_local_agent(service.engine, service.settings)
+    suite_id = _kpi_suite(service, agent, tmp_path, KPI_SUITE + 'composite: "exact + 1 / ppl"\n')
+    template = _template(service, _dataset(service, agent, tmp_path), eval_fraction=0.0, max_steps=4)
+    study_id = _start(service, agent, template=template, search_space=LR, n_trials=2,
+                      strategy={"objective": "kpi:facts-kpi/composite", "sampler": "random", "seed": 4})
+    study = _final(service, agent, study_id)
+    assert study.state == JobState.succeeded, study.error
+    result = study.metrics
+    assert (result["objective"], result["direction"]) == (f"kpi:{suite_id}/composite", "maximize")
+    for trial in result["trials"]:
+        with Session(service.engine) as session:
+            report = session.exec(select(EvalReport).where(EvalReport.job_id == trial["eval_job_id"])).one()
+        kpis = {row["name"]: row["value"] for row in report.summary["kpis"]}
+        assert trial["value"] == report.summary["composite"] == pytest.approx(kpis["exact"] + 1 / kpis["ppl"])
+    assert result["best_value"] == max(t["value"] for t in result["trials"])
 
 
 def test_a_failed_trial_eval_fails_the_trial_with_its_reason_and_settles_what_it_used(
