@@ -173,7 +173,7 @@ def _end_if_unrunnable(session: Any, job: Job, settings: Settings) -> bool:
     """A job whose worker vanished mid-cancel, or that keeps crashing, ends here instead of running."""
     if job.state == JobState.cancelling and job.kind != "tune":  # a study's driver cancels its trials first
         job.state, job.finished_at = JobState.cancelled, time.time()
-    elif job.attempts > settings.max_attempts:
+    elif job.attempts - job.handed_back > settings.max_attempts:
         job.state, job.finished_at = JobState.failed, time.time()
         job.error = {"code": "crashed", "param": None,
                      "message": f"the training process died {settings.max_attempts} times without a result; "
@@ -338,7 +338,8 @@ class _Runner(LeasedWork):
             how = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
             reason = self._abandon_reason or (
                 f"training process ended with {how} and no result; the job resumes from its newest checkpoint")
-            jobs.expire_lease(self.engine, job.id, self.epoch, reason, flops_used, run_seconds)
+            jobs.expire_lease(self.engine, job.id, self.epoch, reason, flops_used, run_seconds,
+                              handed_back=self._abandon_reason is not None)
         elif result.status == JobState.succeeded:
             ON_SUCCESS.get(job.kind, _finish_train)(self.engine, job, self.epoch, result)
         else:

@@ -94,6 +94,9 @@ class Job(SQLModel, table=True):
     model_id: str | None = None
     cancel_requested: bool = False
     attempts: int = 0
+    handed_back: int = 0
+    """Runs given back because the service stopped cleanly: unlike crashes, they do not count
+    towards `Settings.max_attempts` (a long job or study outlives many restarts)."""
     lease_owner: str | None = None
     lease_expires_at: float | None = Field(default=None, index=True)
     lease_epoch: int = 0

@@ -51,7 +51,8 @@ class Settings(BaseSettings):
         "its datasets' snapshots (a crash); a worker checks them again and queues or fails it.")
     cancel_grace_seconds: float = Field(10.0, description="Wait after the cooperative cancel before SIGTERM, "
                                         "and again before SIGKILL.")
-    max_attempts: int = Field(3, description="Runs of one job (first run plus resumes) before it fails as crashed.")
+    max_attempts: int = Field(3, description="Runs of one job that may end without a result before it fails as "
+                              "crashed; a run given back at a clean service stop does not count.")
     max_upload_bytes: int = Field(20_000_000, description="Cap on an inline dataset upload.")
     max_record_bytes: int = Field(1_000_000, description="Cap on one dataset record.")
     local_agent: str = Field("local", description="Identity of the caller over stdio when no key is given.")

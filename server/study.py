@@ -94,7 +94,7 @@ class StudyDriver(LeasedWork):
         while True:
             if self._abandon_reason:
                 jobs.expire_lease(self.engine, self.job.id, self.epoch, self._abandon_reason, self._used(),
-                                  self.job.run_seconds)
+                                  self.job.run_seconds, handed_back=True)
                 return
             if time.monotonic() - last_beat >= self.settings.heartbeat_seconds:
                 if not jobs.renew_lease(self.engine, self.job.id, self.executor.owner, self.epoch,

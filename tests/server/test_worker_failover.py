@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from sqlmodel import Session, col, select
@@ -13,7 +14,8 @@ from sqlmodel import Session, col, select
 from server import auth, jobs
 from server.context import open_service
 from server.db import write_transaction
-from server.models import Dataset, JobState, Reservation
+from server.executor import claim
+from server.models import Dataset, Job, JobState, Reservation
 from server.settings import Settings
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
 from tools.datasets import UploadDatasetRequest, upload_dataset
@@ -98,3 +100,39 @@ def test_jobs_left_validating_by_a_crash_are_checked_again_and_run_or_fail(setti
                 col(Reservation.job_id).in_(left))) if r.settled_at is not None}
         assert settled == {ran.id: ran.flops_used, failed.id: 0.0} and ran.flops_used > 0
         assert get_quota(ctx, agent).budget_flops_spent == ran.flops_used
+
+
+def test_a_job_outlives_more_clean_service_restarts_than_max_attempts(settings: Settings, tmp_path: Path) -> None:
+    restarts = settings.max_attempts + 1  # each claim is a run; before, the run after the 3rd restart failed it
+    with open_service(settings, workers=False) as ctx:
+        agent, _ = auth.create_agent(ctx.engine, settings, "restarted")
+        data = write_jsonl(tmp_path / "chat.jsonl", chat_records(32))
+        ds = upload_dataset(ctx, agent, UploadDatasetRequest(path=str(data))).dataset.id
+        job = launch_training(ctx, agent, LaunchTrainingRequest.model_validate({
+            "base_model": str(settings.data_roots[1] / "tiny"), "datasets": [ds], "adapter": "full",
+            "hyperparameters": quick_hyperparameters(max_steps=24, save_steps=8)})).job
+        assert job is not None
+    for run in range(1, restarts + 1):
+        with open_service(settings) as ctx:  # leaving it stops the service, which hands the run back
+            wait_until(lambda run=run: (j := jobs.get(ctx.engine, agent.id, job.id)).attempts == run
+                       and j.state == JobState.running, timeout=60, interval=0.05)
+    with open_service(settings) as ctx:
+        done = wait_until(lambda: (j := jobs.get(ctx.engine, agent.id, job.id)).state in
+                          (JobState.succeeded, JobState.failed) and j, timeout=240)
+    assert done.state == JobState.succeeded, done.error
+    assert (done.attempts, done.handed_back) == (restarts + 1, restarts)
+
+
+def test_a_job_whose_runs_keep_crashing_fails_after_max_attempts_counting_no_clean_stop(settings: Settings) -> None:
+    with open_service(settings, workers=False) as ctx:
+        agent = auth.ensure_local_agent(ctx.engine, settings)
+        rows = {handed_back: Job(agent_id=agent.id, state=JobState.running, attempts=settings.max_attempts,
+                                 handed_back=handed_back, lease_expires_at=time.time() - 1)
+                for handed_back in (0, 1)}  # each had its lease expire in its last run
+        with write_transaction(ctx.engine) as session:
+            session.add_all(rows.values())
+        for _ in rows:
+            claim(ctx.engine, settings, "worker-a")
+        crashed, resumed = (jobs.get(ctx.engine, agent.id, rows[n].id) for n in (0, 1))
+    assert crashed.state == JobState.failed and crashed.error is not None and crashed.error["code"] == "crashed"
+    assert resumed.state == JobState.running and resumed.attempts == settings.max_attempts + 1
