@@ -7,17 +7,89 @@ what they were priced at, and a tune study's default budget ran out a third of t
 admission the model is known, so its tokenizer counts the dataset's longest records (located by the
 report) as the trainer will see them.
 
-transformers is imported on the first count, not with the service.
+The service prices jobs in its own process, in request handlers and in the study driver's loop
+(between lease renewals), so this reads the model's `tokenizer.json` with `tokenizers` and renders
+its chat template with jinja2 as transformers does (a sandboxed environment that trims blocks, its
+`generation` tag and helpers), in milliseconds: importing transformers' AutoTokenizer takes seconds
+and torch with it.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from training_core.data import longest_records, record_text
+
+
+class ModelTokens:
+    """A model's tokenizer and chat template, loaded from its directory without transformers."""
+
+    def __init__(self, tokenizer: Any, template: Any | None, special_tokens: dict[str, str]):
+        self.tokenizer, self.template, self.special_tokens = tokenizer, template, special_tokens
+
+    @classmethod
+    def load(cls, model_dir: Path) -> ModelTokens | None:
+        """None without a `tokenizer.json` (the report's counts are used instead)."""
+        from tokenizers import Tokenizer
+
+        if not (model_dir / "tokenizer.json").is_file():
+            return None
+        config_path = model_dir / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        # transformers 5 writes the template beside the config; earlier versions inside it.
+        template_path = model_dir / "chat_template.jinja"
+        template = template_path.read_text(encoding="utf-8") if template_path.is_file() else config.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        special = {name: value["content"] if isinstance(value, dict) else value for name, value in config.items()
+                   if name.endswith("_token") and isinstance(value, str | dict)}
+        return cls(Tokenizer.from_file(str(model_dir / "tokenizer.json")),
+                   _compile(template) if template else None, special)
+
+    def text(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def conversation(self, turns: list[dict[str, Any]]) -> int:
+        from jinja2 import TemplateError
+
+        if self.template is not None:
+            try:
+                return self.text(self.template.render(messages=turns, add_generation_prompt=False,
+                                                      **self.special_tokens))
+            except TemplateError:  # a template that refuses these turns (a role it lacks): the job will say so
+                pass
+        return self.text(record_text({"messages": turns})) + 1  # no template: the trainer refuses it
+
+
+def _compile(template: str) -> Any:
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """`{% generation %}...{% endgeneration %}` marks the assistant's tokens for training; rendered as is."""
+
+        tags = frozenset({"generation"})
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[Generation, loopcontrols])
+    environment.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    environment.globals.update(raise_exception=raise_exception,
+                               strftime_now=lambda format: datetime.now().strftime(format))
+    return environment.from_string(template)
 
 
 def heuristic_tokens(record: dict[str, Any]) -> int:
@@ -25,37 +97,21 @@ def heuristic_tokens(record: dict[str, Any]) -> int:
     return math.ceil(len(record_text(record)) / 4)
 
 
-def record_tokens(tokenizer: Any, record: dict[str, Any]) -> int:
+def record_tokens(model: ModelTokens, record: dict[str, Any]) -> int:
     """The tokens of the longest sequence one record trains on: a conversation through the chat
     template; a prompt with its completion, or with the longer of its chosen and rejected answers."""
     if "messages" in record:
-        return _conversation_tokens(tokenizer, record["messages"])
+        return model.conversation(record["messages"])
     if "text" in record:
-        return _text_tokens(tokenizer, record["text"]) + 1  # the end-of-sequence token
+        return model.text(record["text"]) + 1  # the end-of-sequence token
     answers = [record[name] for name in ("completion", "chosen", "rejected") if name in record] or [None]
-    return max(_pair_tokens(tokenizer, record["prompt"], answer) for answer in answers)
+    return max(_pair_tokens(model, record["prompt"], answer) for answer in answers)
 
 
-def _pair_tokens(tokenizer: Any, prompt: str | list[dict[str, Any]], answer: Any) -> int:
+def _pair_tokens(model: ModelTokens, prompt: str | list[dict[str, Any]], answer: Any) -> int:
     if isinstance(prompt, list):
-        return _conversation_tokens(tokenizer, prompt + (answer if isinstance(answer, list) else []))
-    text = prompt + (answer if isinstance(answer, str) else "")
-    return _text_tokens(tokenizer, text) + 1
-
-
-def _conversation_tokens(tokenizer: Any, turns: list[dict[str, Any]]) -> int:
-    from jinja2 import TemplateError
-
-    if tokenizer.chat_template:
-        try:
-            return _text_tokens(tokenizer, tokenizer.apply_chat_template(turns, tokenize=False))
-        except TemplateError:  # a template that refuses these turns (a role it lacks): the job will say so
-            pass
-    return _text_tokens(tokenizer, record_text({"messages": turns})) + 1  # no template: the trainer refuses it
-
-
-def _text_tokens(tokenizer: Any, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return model.conversation(prompt + (answer if isinstance(answer, list) else []))
+    return model.text(prompt + (answer if isinstance(answer, str) else "")) + 1
 
 
 def measured_lengths(model_dir: str | Path, datasets: list[tuple[Path, dict[str, Any]]]) -> tuple[int, float] | None:
@@ -73,18 +129,13 @@ def measured_lengths(model_dir: str | Path, datasets: list[tuple[Path, dict[str,
 def _counted(model_dir: str, snapshot: str, lines: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     """(model tokens, report tokens) of each located record. Cached: snapshots never change, and
     every trial of a study is priced with the same model and data."""
-    tokenizer = _tokenizer(model_dir)
-    if tokenizer is None or not lines:
+    model = _model_tokens(model_dir)
+    if model is None or not lines:
         return ()
-    return tuple((record_tokens(tokenizer, record), heuristic_tokens(record))
+    return tuple((record_tokens(model, record), heuristic_tokens(record))
                  for record in longest_records(Path(snapshot), lines))
 
 
 @functools.lru_cache(maxsize=8)
-def _tokenizer(model_dir: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError):
-        return None
+def _model_tokens(model_dir: str) -> ModelTokens | None:
+    return ModelTokens.load(Path(model_dir))
