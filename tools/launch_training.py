@@ -249,12 +249,14 @@ def _record_lengths(method: str, base_dir: Path | None, datasets: list[Dataset])
     total = sum(int(s.get("total") or 0) for s in stats)
     records = sum(d.records for d in datasets)
     if base_dir is not None and method not in PACKED_METHODS:
-        # Records are trained one to a sequence, chat template and all: count the longest in the
-        # model's tokens, and scale the 95th percentile by as much as they were under-counted.
+        # Records are trained chat template and all: count the longest and a sample in the model's
+        # tokens. The 95th percentile (which sets `auto` max_seq_length, so records are not cut) is
+        # scaled by the larger of the two ratios; the total (packed SFT's steps) by the sample's.
         measured = token_counts.measured_lengths(base_dir, [(Path(d.path), d.report) for d in datasets])
         if measured is not None:
-            longest, ratio = measured
-            p95 = min(longest, math.ceil(p95 * max(1.0, ratio)))
+            longest = measured.longest
+            p95 = min(longest, math.ceil(p95 * max(measured.longest_ratio, measured.sample_ratio)))
+            total = math.ceil(total * measured.sample_ratio)
     return RecordLengths(longest=longest, p95=p95, total=total, records=records)
 
 
@@ -279,8 +281,9 @@ def _resolve(request: LaunchTrainingRequest, lengths: RecordLengths, parameters:
     else:
         seq = min(context, 2048, max(64, 2 ** math.ceil(math.log2(max(lengths.p95, 1)))))
     batch = h.per_device_batch_size if h.per_device_batch_size != "auto" else (8 if seq <= 512 else 4)
-    # A step's examples: records, or for packed methods blocks of `seq` tokens of the corpus.
-    examples = lengths.total // seq if packed else lengths.records
+    # A step's examples: records, or for packed methods (and packed SFT) sequences of `seq` tokens.
+    examples = max(1, lengths.total // seq) if packed or _packs_records(request.method, h.packing) \
+        else lengths.records
     train_examples = max(1, int(examples * (1 - h.eval_fraction)))
     if h.max_steps != "auto":
         steps = h.max_steps
@@ -311,6 +314,12 @@ def _owned_datasets(session: Session, agent: Agent, ids: list[str]) -> list[Data
     return datasets
 
 
+def _packs_records(method: str, packing: bool) -> bool:
+    """SFT with `packing` fills each sequence with as many records as fit (TRL's best-fit packing), so
+    a step trains on full sequences and an epoch has fewer of them than records. No other method packs."""
+    return method == "sft" and packing
+
+
 def _check_formats(method: str, datasets: list[Dataset]) -> None:
     accepted = methods.METHODS[method].formats
     for index, dataset in enumerate(datasets):
@@ -323,7 +332,7 @@ def _tokens_per_step(method: str, hyper: ResolvedHyperparameters, options: dict[
                      lengths: RecordLengths) -> int:
     """Tokens one optimizer step trains on, per device (each device trains a batch of its own)."""
     sequences = hyper.per_device_batch_size * hyper.gradient_accumulation_steps
-    if method in PACKED_METHODS:
+    if method in PACKED_METHODS or _packs_records(method, hyper.packing):
         return sequences * hyper.max_seq_length  # packed: every block is full
     longest = min(hyper.max_seq_length, lengths.longest)
     if method == "dpo":

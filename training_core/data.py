@@ -44,6 +44,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
+import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -457,11 +458,13 @@ def _a(value: Any) -> str:
 
 
 LONGEST_KEPT = 8
-"""How many of a file's longest records (by characters) its report locates: `longest_records`."""
+"""How many of a file's longest records (by characters) its report locates, and how many it samples
+at random: `records_at` reads them back, so admission can count them with the model's tokenizer."""
 
 
-def longest_records(path: Path, lines: Sequence[int]) -> list[dict[str, Any]]:
-    """The records at a report's `longest_lines` (its stats), read again from the snapshot."""
+def records_at(path: Path, lines: Sequence[int]) -> list[dict[str, Any]]:
+    """The records at lines a report located (its stats' `longest_lines`, `sample_lines`), read again
+    from the snapshot."""
     wanted = set(lines)
     found: list[dict[str, Any]] = []
     if not wanted:
@@ -507,6 +510,8 @@ class _Stats:
         self.prompt_chars: list[int] = []
         self.completion_chars: list[int] = []
         self.longest: list[tuple[int, int]] = []  # (chars, -line): a min-heap of the longest records
+        self.sample: list[int] = []  # lines of a uniform sample of the records (reservoir sampling)
+        self._sampling = random.Random(0)  # the same file gives the same sample
 
     def add(self, record: dict[str, Any], record_format: str, line: int) -> None:
         text = record_text(record)
@@ -514,6 +519,10 @@ class _Stats:
         heapq.heappush(self.longest, (len(text), -line))
         if len(self.longest) > LONGEST_KEPT:
             heapq.heappop(self.longest)
+        if len(self.sample) < LONGEST_KEPT:
+            self.sample.append(line)
+        elif (slot := self._sampling.randrange(len(self.chars))) < LONGEST_KEPT:
+            self.sample[slot] = line
         # ~4 characters a token is the usual rule of thumb for English with BPE tokenizers.
         self.tokens.append(self.count_tokens(text) if self.count_tokens else math.ceil(len(text) / 4))
         if record_format == "messages":
@@ -527,8 +536,9 @@ class _Stats:
         stats: dict[str, Any] = {
             "chars": _spread(self.chars), "tokens": _spread(self.tokens, p95=True) | {"total": sum(self.tokens)},
             "tokens_estimated": self.count_tokens is None,
-            # Where the longest records are, so admission can count them with the model's own tokenizer.
-            "longest_lines": sorted(-line for _, line in self.longest)}
+            # Where the longest records and a sample are, so admission can count them with the model's
+            # own tokenizer: the longest set the sequence length, the sample scales the total.
+            "longest_lines": sorted(-line for _, line in self.longest), "sample_lines": sorted(self.sample)}
         if file_format == "messages":
             stats |= {"turns": _spread(self.turns), "roles": dict(self.roles)}
         elif file_format == "prompt_completion":

@@ -4,8 +4,9 @@ A dataset's report counts tokens at about 4 characters each, since no model is k
 uploaded. That misses the chat template (role markers and turn ends on every turn) and a small
 vocabulary's shorter tokens: on the test suite's short chats the template alone made jobs use ~1.5x
 what they were priced at, and a tune study's default budget ran out a third of the way short. At
-admission the model is known, so its tokenizer counts the dataset's longest records (located by the
-report) as the trainer will see them.
+admission the model is known, so its tokenizer counts the dataset's longest records and a random
+sample of them (located by the report) as the trainer will see them: the longest give the sequence
+length a step is priced at, the sample how far the report's total is short.
 
 The service prices jobs in its own process, in request handlers and in the study driver's loop
 (between lease renewals), so this reads the model's `tokenizer.json` with `tokenizers` and renders
@@ -19,11 +20,12 @@ from __future__ import annotations
 import functools
 import json
 import math
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from training_core.data import longest_records, record_text
+from training_core.data import record_text, records_at
 
 
 class ModelTokens:
@@ -114,15 +116,33 @@ def _pair_tokens(model: ModelTokens, prompt: str | list[dict[str, Any]], answer:
     return model.text(prompt + (answer if isinstance(answer, str) else "")) + 1
 
 
-def measured_lengths(model_dir: str | Path, datasets: list[tuple[Path, dict[str, Any]]]) -> tuple[int, float] | None:
-    """(the longest record in the model's tokens, how many times the reports' counts that is at most)
-    over the datasets' located longest records; None when no report locates any (made before
-    2026-11-27) or the model has no tokenizer to count with."""
-    counts = [count for path, report in datasets for count in _counted(
-        str(model_dir), str(path), tuple(report.get("stats", {}).get("longest_lines") or ()))]
-    if not counts:
+@dataclass(frozen=True)
+class Measured:
+    """Located records counted in the model's tokens, against the report's counts of them."""
+
+    longest: int
+    """The longest of the located longest records, in the model's tokens."""
+    longest_ratio: float
+    """How many times the report's count the longest records are, at most."""
+    sample_ratio: float
+    """The sampled records' model tokens over their report tokens: what the report's total is short by."""
+
+
+def measured_lengths(model_dir: str | Path, datasets: list[tuple[Path, dict[str, Any]]]) -> Measured | None:
+    """The datasets' located records counted with the model's tokenizer; None when no report locates
+    any (made before 2026-11-27) or the model has no tokenizer to count with."""
+    longest: list[tuple[int, int]] = []
+    sample: list[tuple[int, int]] = []
+    for path, report in datasets:
+        stats = report.get("stats", {})
+        longest += _counted(str(model_dir), str(path), tuple(stats.get("longest_lines") or ()))
+        sample += _counted(str(model_dir), str(path), tuple(stats.get("sample_lines") or ()))
+    if not longest:
         return None
-    return max(tokens for tokens, _ in counts), max(tokens / max(1, estimate) for tokens, estimate in counts)
+    longest_ratio = max(tokens / max(1, estimate) for tokens, estimate in longest)
+    sample_ratio = (sum(tokens for tokens, _ in sample) / max(1, sum(estimate for _, estimate in sample))
+                    if sample else longest_ratio)
+    return Measured(max(tokens for tokens, _ in longest), longest_ratio, sample_ratio)
 
 
 @functools.lru_cache(maxsize=256)
@@ -133,7 +153,7 @@ def _counted(model_dir: str, snapshot: str, lines: tuple[int, ...]) -> tuple[tup
     if model is None or not lines:
         return ()
     return tuple((record_tokens(model, record), heuristic_tokens(record))
-                 for record in longest_records(Path(snapshot), lines))
+                 for record in records_at(Path(snapshot), lines))
 
 
 @functools.lru_cache(maxsize=8)

@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, func, select
 
-from server import auth
+from server import auth, jobs
 from server.context import open_service
 from server.errors import LimitExceeded
-from server.models import Job, Reservation
+from server.models import Job, JobState, Reservation
 from server.settings import Settings
 from tests import postgres
-from tests.conftest import chat_records, quick_hyperparameters, write_jsonl
+from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
 from tools.datasets import UploadDatasetRequest, upload_dataset
 from tools.launch_training import LaunchTrainingRequest, launch_training
+from training_core.token_counts import ModelTokens, record_tokens
 
 
 def _request(tiny_model: Path, dataset_id: str, **overrides: object) -> LaunchTrainingRequest:
@@ -108,3 +109,32 @@ def test_jobs_at_once_are_capped_per_agent(settings: Settings, tiny_model: Path,
         with pytest.raises(LimitExceeded) as refusal:
             launch_training(ctx, agent, _request(tiny_model, ds, idempotency_key="c"))
         assert refusal.value.param == "max_concurrent_jobs"
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_chat_job_is_priced_at_what_it_trains_on_packed_or_not(service, tiny_model: Path, tmp_path: Path,
+                                                                 packing: bool) -> None:
+    # Records counted with the model's tokenizer and chat template (the report's ~4 characters a token
+    # priced these at two thirds of their use); packed, a step trains on full sequences (5x its
+    # record-length price before) and an epoch on fewer of them than records.
+    agent = auth.ensure_local_agent(service.engine, service.settings)
+    ds = _dataset(service, agent, tmp_path)
+    hyper = {"max_seq_length": 256, "packing": packing}
+    started = launch_training(service, agent, _request(tiny_model, ds, hyperparameters=quick_hyperparameters(
+        max_steps=4, save_steps=1000, **hyper)))
+    assert started.job is not None
+    done = wait_until(lambda: (j := jobs.get(service.engine, agent.id, started.job.id)).state in
+                      (JobState.succeeded, JobState.failed) and j)
+    assert done.state == JobState.succeeded, done.error
+    assert 0.7 * done.estimate_flops < done.flops_used <= done.estimate_flops
+    one_epoch = launch_training(service, agent, _request(tiny_model, ds, dry_run=True, hyperparameters={
+        **hyper, "epochs": 1, "per_device_batch_size": 4, "eval_fraction": 0.0})).estimate
+    if not packing:
+        assert one_epoch.max_steps == 48 // 4  # a record a sequence
+        return
+    model = ModelTokens.load(tiny_model)
+    assert model is not None
+    data_tokens = sum(record_tokens(model, record) for record in chat_records())
+    per_step = 4 * 256
+    # One epoch's packed steps hold the data, with no step to spare (unpacked it would be 12 steps).
+    assert (one_epoch.max_steps - 1) * per_step < data_tokens <= one_epoch.max_steps * per_step

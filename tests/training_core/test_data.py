@@ -20,9 +20,9 @@ from training_core.data import (
     Problem,
     detect_file_type,
     load_examples,
-    longest_records,
     read_records,
     record_text,
+    records_at,
     validate_file,
 )
 
@@ -472,9 +472,12 @@ def test_a_report_locates_the_longest_records_and_they_read_back_as_validated(tm
         path = write(tmp_path, "data.csv", "prompt,completion\n" + "".join(
             f'"{r["prompt"]}",{r["completion"]}\n' for r in records))
     report = dataclasses.asdict(validate_file(path, max_record_bytes=400))
-    longest = longest_records(path, report["stats"]["longest_lines"])
+    longest = records_at(path, report["stats"]["longest_lines"])
     expected = sorted(lengths, reverse=True)[:LONGEST_KEPT]
     assert sorted((len(r["prompt"]) for r in longest), reverse=True) == expected
     assert all(r["completion"] == "a" for r in longest)
     assert len(report["stats"]["longest_lines"]) == LONGEST_KEPT
+    sample = records_at(path, report["stats"]["sample_lines"])  # a uniform sample of the good records
+    assert len(sample) == LONGEST_KEPT and {len(r["prompt"]) for r in sample} <= set(lengths)
+    assert dataclasses.asdict(validate_file(path, max_record_bytes=400))["stats"] == report["stats"]  # the same again
 
