@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -90,17 +91,21 @@ class StudyDriver(LeasedWork):
             self._fail(str(moved), "studies_database_url", "studies_database_moved")
             return
         space = distributions(self.config["search_space"])
-        last_beat = time.monotonic()
+        lease = _LeaseKeeper(self)
+        try:
+            self._drive(study, space, lease)
+        finally:
+            lease.stop()
+
+    def _drive(self, study: optuna.Study, space: dict[str, Any], lease: _LeaseKeeper) -> None:
         while True:
             if self._abandon_reason:
+                lease.stop()  # before the hand-back, which a late renewal would undo
                 jobs.expire_lease(self.engine, self.job.id, self.epoch, self._abandon_reason, self._used(),
                                   self.job.run_seconds, handed_back=True)
                 return
-            if time.monotonic() - last_beat >= self.settings.heartbeat_seconds:
-                if not jobs.renew_lease(self.engine, self.job.id, self.executor.owner, self.epoch,
-                                        self.settings.lease_seconds):
-                    return  # another driver holds the study now: write nothing more
-                last_beat = time.monotonic()
+            if lease.lost.is_set():
+                return  # another driver holds the study now: write nothing more
             rows = self._jobs()
             cancelling = jobs.cancel_requested(self.engine, self.job.id)
             if not self._follow(study, rows, cancelling):
@@ -436,6 +441,38 @@ class StudyDriver(LeasedWork):
     def _event(self, message: str, level: str = "info", **data: Any) -> None:
         jobs.relay(self.engine, self.job.id, self.epoch,
                    [{"type": "message", "level": level, "message": message, "data": data}], 0)
+
+
+class _LeaseKeeper:
+    """Renews a driver's lease every `heartbeat_seconds` from a thread of its own, so that a slow step
+    of the driver's loop (pricing a trial, hashing a multi-GB dataset snapshot before queueing it)
+    never lets the lease expire and another worker take the study over. `lost` is set once a renewal
+    fails: the study has another driver, or has ended."""
+
+    def __init__(self, driver: StudyDriver):
+        self.driver = driver
+        self.lost = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{driver.job.id}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _renew(self) -> None:
+        driver = self.driver
+        while not self._stopped.wait(driver.settings.heartbeat_seconds):
+            try:
+                renewed = jobs.renew_lease(driver.engine, driver.job.id, driver.executor.owner, driver.epoch,
+                                           driver.settings.lease_seconds)
+            except Exception:  # the database went away for a moment: try again at the next beat
+                log.exception("renewing the lease of study %s failed", driver.job.id)
+                continue
+            if not renewed:
+                self.lost.set()
+                return
 
 
 def _trials(rows: list[Job]) -> dict[int, Job]:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -482,6 +483,27 @@ def _kpi_suite(ctx: ServiceContext, agent: Agent, tmp_path: Path, definition: st
 def _study_reservations(ctx: ServiceContext, study_id: str) -> list[Reservation]:
     with Session(ctx.engine) as session:
         return list(session.exec(select(Reservation).where(Reservation.within_job_id == study_id)))
+
+
+def test_a_slow_step_of_the_study_driver_keeps_its_lease(service: ServiceContext, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Queueing a trial hashes its dataset snapshots, seconds for a multi-GB file: here, twice the lease.
+    # Renewed only between steps of its loop, the lease expired and the service took the study over again.
+    from server import study as driver_module
+
+    def slow_queue(*args: Any, **kwargs: Any) -> None:
+        time.sleep(2 * service.settings.lease_seconds)
+        real_queue(*args, **kwargs)
+
+    real_queue = driver_module.queue_after_snapshot_check
+    monkeypatch.setattr(driver_module, "queue_after_snapshot_check", slow_queue)
+    agent = auth.ensure_local_agent(service.engine, service.settings)
+    template = _template(service, _dataset(service, agent, tmp_path), max_steps=2)
+    study_id = _start(service, agent, template=template, search_space=LR, n_trials=1, budget_flops=1e12,
+                      strategy={"pruner": "none"})
+    study = _final(service, agent, study_id)
+    assert study.state == JobState.succeeded, study.error
+    assert study.attempts == 1 and study.lease_epoch == 1  # one driver, never taken over
 
 
 def test_kpi_objective_is_checked_at_admission_naming_the_field_and_starts_nothing(
