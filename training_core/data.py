@@ -457,6 +457,12 @@ def _a(value: Any) -> str:
     return f"{article} {kind} ({json.dumps(value)})" if kind in ("number", "boolean") else f"{article} {kind}"
 
 
+def estimated_tokens(text: str) -> int:
+    """A report's token count without a tokenizer: ~4 characters a token, the usual rule of thumb for
+    English with BPE tokenizers (admission counts the located records with the model's own)."""
+    return math.ceil(len(text) / 4)
+
+
 LONGEST_KEPT = 8
 """How many of a file's longest records (by characters) its report locates, and how many it samples
 at random: `records_at` reads them back, so admission can count them with the model's tokenizer."""
@@ -523,8 +529,7 @@ class _Stats:
             self.sample.append(line)
         elif (slot := self._sampling.randrange(len(self.chars))) < LONGEST_KEPT:
             self.sample[slot] = line
-        # ~4 characters a token is the usual rule of thumb for English with BPE tokenizers.
-        self.tokens.append(self.count_tokens(text) if self.count_tokens else math.ceil(len(text) / 4))
+        self.tokens.append(self.count_tokens(text) if self.count_tokens else estimated_tokens(text))
         if record_format == "messages":
             self.turns.append(len(record["messages"]))
             self.roles.update(turn["role"] for turn in record["messages"])

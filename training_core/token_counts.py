@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from training_core.data import record_text, records_at
+from training_core.data import estimated_tokens, record_text, records_at
 
 
 class ModelTokens:
@@ -94,11 +93,6 @@ def _compile(template: str) -> Any:
     return environment.from_string(template)
 
 
-def heuristic_tokens(record: dict[str, Any]) -> int:
-    """The report's count: about 4 characters a token (`data._Stats`)."""
-    return math.ceil(len(record_text(record)) / 4)
-
-
 def record_tokens(model: ModelTokens, record: dict[str, Any]) -> int:
     """The tokens of the longest sequence one record trains on: a conversation through the chat
     template; a prompt with its completion, or with the longer of its chosen and rejected answers."""
@@ -152,7 +146,7 @@ def _counted(model_dir: str, snapshot: str, lines: tuple[int, ...]) -> tuple[tup
     model = _model_tokens(model_dir)
     if model is None or not lines:
         return ()
-    return tuple((record_tokens(model, record), heuristic_tokens(record))
+    return tuple((record_tokens(model, record), estimated_tokens(record_text(record)))
                  for record in records_at(Path(snapshot), lines))
 
 
