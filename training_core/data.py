@@ -46,7 +46,7 @@ import json
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -468,18 +468,18 @@ LONGEST_KEPT = 8
 at random: `records_at` reads them back, so admission can count them with the model's tokenizer."""
 
 
-def records_at(path: Path, lines: Sequence[int]) -> list[dict[str, Any]]:
-    """The records at lines a report located (its stats' `longest_lines`, `sample_lines`), read again
-    from the snapshot."""
+def records_at(path: Path, lines: Iterable[int]) -> dict[int, dict[str, Any]]:
+    """The records at lines a report located (its stats' `longest_lines`, `sample_lines`), by line,
+    read again from the snapshot in one pass."""
     wanted = set(lines)
-    found: list[dict[str, Any]] = []
+    found: dict[int, dict[str, Any]] = {}
     if not wanted:
         return found
     file_type = detect_file_type(path)
     columns = read_columns(path, file_type)
     for line, item in _records_at(path, file_type, wanted):
         hosted = columns is None and all(name in item for name in HOSTED_PREFERENCE_FIELDS)
-        found.append(import_hosted_preference(item) if hosted else item)
+        found[line] = import_hosted_preference(item) if hosted else item
     return found
 
 

@@ -129,8 +129,10 @@ def measured_lengths(model_dir: str | Path, datasets: list[tuple[Path, dict[str,
     sample: list[tuple[int, int]] = []
     for path, report in datasets:
         stats = report.get("stats", {})
-        longest += _counted(str(model_dir), str(path), tuple(stats.get("longest_lines") or ()))
-        sample += _counted(str(model_dir), str(path), tuple(stats.get("sample_lines") or ()))
+        counted = _counted(str(model_dir), str(path), tuple(stats.get("longest_lines") or ()),
+                           tuple(stats.get("sample_lines") or ()))
+        longest += counted[0]
+        sample += counted[1]
     if not longest:
         return None
     longest_ratio = max(tokens / max(1, estimate) for tokens, estimate in longest)
@@ -139,15 +141,25 @@ def measured_lengths(model_dir: str | Path, datasets: list[tuple[Path, dict[str,
     return Measured(max(tokens for tokens, _ in longest), longest_ratio, sample_ratio)
 
 
+Counts = tuple[tuple[int, int], ...]
+"""(model tokens, report tokens) of each of some located records."""
+
+
 @functools.lru_cache(maxsize=256)
-def _counted(model_dir: str, snapshot: str, lines: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    """(model tokens, report tokens) of each located record. Cached: snapshots never change, and
-    every trial of a study is priced with the same model and data."""
+def _counted(model_dir: str, snapshot: str, longest_lines: tuple[int, ...],
+             sample_lines: tuple[int, ...]) -> tuple[Counts, Counts]:
+    """The counts of a snapshot's located longest and sampled records, read in one pass. Cached:
+    snapshots never change, and every trial of a study is priced with the same model and data."""
     model = _model_tokens(model_dir)
-    if model is None or not lines:
-        return ()
-    return tuple((record_tokens(model, record), estimated_tokens(record_text(record)))
-                 for record in records_at(Path(snapshot), lines))
+    if model is None or not longest_lines:
+        return (), ()
+    records = records_at(Path(snapshot), {*longest_lines, *sample_lines})
+
+    def counts(lines: tuple[int, ...]) -> Counts:
+        return tuple((record_tokens(model, records[line]), estimated_tokens(record_text(records[line])))
+                     for line in lines if line in records)
+
+    return counts(longest_lines), counts(sample_lines)
 
 
 @functools.lru_cache(maxsize=8)

@@ -472,12 +472,12 @@ def test_a_report_locates_the_longest_records_and_they_read_back_as_validated(tm
         path = write(tmp_path, "data.csv", "prompt,completion\n" + "".join(
             f'"{r["prompt"]}",{r["completion"]}\n' for r in records))
     report = dataclasses.asdict(validate_file(path, max_record_bytes=400))
-    longest = records_at(path, report["stats"]["longest_lines"])
+    longest = list(records_at(path, report["stats"]["longest_lines"]).values())
     expected = sorted(lengths, reverse=True)[:LONGEST_KEPT]
     assert sorted((len(r["prompt"]) for r in longest), reverse=True) == expected
     assert all(r["completion"] == "a" for r in longest)
     assert len(report["stats"]["longest_lines"]) == LONGEST_KEPT
-    sample = records_at(path, report["stats"]["sample_lines"])  # a uniform sample of the good records
+    sample = list(records_at(path, report["stats"]["sample_lines"]).values())  # a uniform sample of the good records
     assert len(sample) == LONGEST_KEPT and {len(r["prompt"]) for r in sample} <= set(lengths)
     assert dataclasses.asdict(validate_file(path, max_record_bytes=400))["stats"] == report["stats"]  # the same again
 
