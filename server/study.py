@@ -48,7 +48,7 @@ from server.kpi_objective import KpiObjective
 from server.models import ACTIVE_STATES, FINAL_STATES, Agent, Job, JobState, Reservation
 from server.optuna_study import StudyStoreMoved, distributions, open_study, prunable
 from tools.launch_training import LaunchTrainingRequest, prepare_train_job, queue_after_snapshot_check
-from tools.tune_hyperparameters import objective_value, trial_request
+from tools.tune_hyperparameters import final_retrain_request, objective_value, trial_request
 from tools.views import ENDED_TRIAL_STATES
 
 if TYPE_CHECKING:
@@ -272,9 +272,8 @@ class StudyDriver(LeasedWork):
         return row
 
     def _start_final(self, params: dict[str, Any], left: float) -> Job | None:
-        request = trial_request(self._template(), params)
-        hyper = request.hyperparameters.model_copy(update={"eval_fraction": 0.0})
-        request = request.model_copy(update={"hyperparameters": hyper, "model_name": f"{self.job.id}-best"})
+        request = final_retrain_request(self._template(), params).model_copy(
+            update={"model_name": f"{self.job.id}-best"})
         row = self._insert(request, left, None, {})
         if row is not None:
             self._event(f"final retrain on all the data started as {row.id}", job_id=row.id)

@@ -2,8 +2,8 @@
 
 The study is a `tune` job. Its whole budget is reserved when it is admitted, in the same
 transaction that inserts it (the given `budget_flops`, or `n_trials` times the estimate of the
-costliest trial the search space allows, and the final retrain when one is asked for); its trials' compute is carved out of that reservation,
-so the agent is charged once. A study driver in the executor (`server/study.py`) then asks Optuna
+costliest trial the search space allows, and the final retrain when one is asked for); its trials'
+compute is carved out of that reservation, so the agent is charged once. A study driver in the executor (`server/study.py`) then asks Optuna
 for trials, runs each as a train job and prunes the ones falling behind.
 
 The objective is the trial's held-out loss, or a KPI of one of the agent's eval suites
@@ -71,7 +71,8 @@ class TuneRequest(Compact):
     search_space: dict[str, ParamSpace] = Field(min_length=1, max_length=16)
     n_trials: int = Field(10, ge=1, le=200)
     n_parallel: int = Field(1, ge=1, le=16)
-    budget_flops: float | None = Field(None, gt=0, description="Default: n_trials x the costliest trial, and the final retrain if asked for.")
+    budget_flops: float | None = Field(
+        None, gt=0, description="Default: n_trials x the costliest trial, and the final retrain if asked for.")
     strategy: Strategy = Strategy()
     final_retrain: bool = Field(False, description="Retrain the best parameters on all the data at the end.")
     idempotency_key: str | None = Field(None, max_length=200)
@@ -101,7 +102,8 @@ def tune_hyperparameters(ctx: ServiceContext, agent: Agent, request: TuneRequest
         strategy, kpi = resolve_strategy(session, agent, request.strategy, template)
     check_search_space(request.search_space, template)
 
-    costliest = trial_request(template, _upper_bounds(request.search_space))
+    upper_bounds = _upper_bounds(request.search_space)
+    costliest = trial_request(template, upper_bounds)
     try:
         _, estimate, _ = prepare_train_job(ctx, agent, costliest)
     except WeightsmithError as err:
@@ -111,7 +113,7 @@ def tune_hyperparameters(ctx: ServiceContext, agent: Agent, request: TuneRequest
     eval_flops = _eval_flops(ctx, agent, kpi, estimate.parameters) if kpi else 0.0
     trial_flops = estimate.flops + eval_flops
     budget = request.budget_flops or request.n_trials * trial_flops + (
-        _final_retrain_flops(ctx, agent, costliest) if request.final_retrain else 0.0)
+        _final_retrain_flops(ctx, agent, template, upper_bounds) if request.final_retrain else 0.0)
     if budget < trial_flops:
         with_eval = f" and {eval_flops:.3g} for its eval" if kpi else ""
         raise InvalidRequest(f"budget_flops {budget:.3g} does not pay for one trial ({estimate.flops:.3g} FLOPs at "
@@ -153,6 +155,13 @@ def trial_request(template: LaunchTrainingRequest, params: dict[str, Any]) -> La
         section, field = name.split(".", 1) if "." in name else ("hyperparameters", name)
         raw.setdefault(section, {})[field] = value
     return LaunchTrainingRequest.model_validate(raw)
+
+
+def final_retrain_request(template: LaunchTrainingRequest, params: dict[str, Any]) -> LaunchTrainingRequest:
+    """The study's last step: `params` trained on all the data, without a held-out part."""
+    request = trial_request(template, params)
+    hyper = request.hyperparameters.model_copy(update={"eval_fraction": 0.0})
+    return request.model_copy(update={"hyperparameters": hyper})
 
 
 def template_json(template: LaunchTrainingRequest) -> dict[str, Any]:
@@ -277,10 +286,10 @@ def _eval_flops(ctx: ServiceContext, agent: Agent, kpi: KpiObjective, parameters
     return price.flops
 
 
-def _final_retrain_flops(ctx: ServiceContext, agent: Agent, costliest: LaunchTrainingRequest) -> float:
-    """The final retrain at the search space's upper bounds: on all the data, without a held-out part."""
-    hyper = costliest.hyperparameters.model_copy(update={"eval_fraction": 0.0})
-    _, estimate, _ = prepare_train_job(ctx, agent, costliest.model_copy(update={"hyperparameters": hyper}))
+def _final_retrain_flops(ctx: ServiceContext, agent: Agent, template: LaunchTrainingRequest,
+                         upper_bounds: dict[str, Any]) -> float:
+    """The final retrain at the search space's upper bounds."""
+    _, estimate, _ = prepare_train_job(ctx, agent, final_retrain_request(template, upper_bounds))
     return estimate.flops
 
 
