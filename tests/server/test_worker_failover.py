@@ -12,10 +12,10 @@ from pathlib import Path
 from sqlmodel import Session, col, select
 
 from server import auth, jobs
-from server.context import open_service
+from server.context import ServiceContext, open_service
 from server.db import write_transaction
 from server.executor import claim
-from server.models import Dataset, Job, JobState, Reservation
+from server.models import Agent, Dataset, Job, JobState, Reservation
 from server.settings import Settings
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
 from tools.datasets import UploadDatasetRequest, upload_dataset
@@ -32,16 +32,23 @@ def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _queue_chat_job(ctx: ServiceContext, settings: Settings, tmp_path: Path, agent_name: str, records: int,
+                    **hyperparameters: int) -> tuple[Agent, Job]:
+    """A new agent and its full fine-tuning job of the tiny model on chat records, queued."""
+    agent, _ = auth.create_agent(ctx.engine, settings, agent_name)
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(records))
+    ds = upload_dataset(ctx, agent, UploadDatasetRequest(path=str(data))).dataset.id
+    job = launch_training(ctx, agent, LaunchTrainingRequest.model_validate({
+        "base_model": str(settings.data_roots[1] / "tiny"), "datasets": [ds], "adapter": "full",
+        "hyperparameters": quick_hyperparameters(**hyperparameters)})).job
+    assert job is not None
+    return agent, job
+
+
 def test_a_sigkilled_worker_loses_its_lease_and_a_second_worker_resumes_the_job(settings: Settings,
                                                                                 tmp_path: Path) -> None:
     with open_service(settings, workers=False) as ctx:
-        agent, _ = auth.create_agent(ctx.engine, settings, "failover")
-        data = write_jsonl(tmp_path / "chat.jsonl", chat_records(64))
-        ds = upload_dataset(ctx, agent, UploadDatasetRequest(path=str(data))).dataset.id
-        job = launch_training(ctx, agent, LaunchTrainingRequest.model_validate({
-            "base_model": str(settings.data_roots[1] / "tiny"), "datasets": [ds], "adapter": "full",
-            "hyperparameters": quick_hyperparameters(max_steps=300, save_steps=10)})).job
-        assert job is not None
+        agent, job = _queue_chat_job(ctx, settings, tmp_path, "failover", records=64, max_steps=300, save_steps=10)
         first = _start_worker(settings)
         second = None
         try:
@@ -105,13 +112,7 @@ def test_jobs_left_validating_by_a_crash_are_checked_again_and_run_or_fail(setti
 def test_a_job_outlives_more_clean_service_restarts_than_max_attempts(settings: Settings, tmp_path: Path) -> None:
     restarts = settings.max_attempts + 1  # each claim is a run; before, the run after the 3rd restart failed it
     with open_service(settings, workers=False) as ctx:
-        agent, _ = auth.create_agent(ctx.engine, settings, "restarted")
-        data = write_jsonl(tmp_path / "chat.jsonl", chat_records(32))
-        ds = upload_dataset(ctx, agent, UploadDatasetRequest(path=str(data))).dataset.id
-        job = launch_training(ctx, agent, LaunchTrainingRequest.model_validate({
-            "base_model": str(settings.data_roots[1] / "tiny"), "datasets": [ds], "adapter": "full",
-            "hyperparameters": quick_hyperparameters(max_steps=24, save_steps=8)})).job
-        assert job is not None
+        agent, job = _queue_chat_job(ctx, settings, tmp_path, "restarted", records=32, max_steps=24, save_steps=8)
     for run in range(1, restarts + 1):
         with open_service(settings) as ctx:  # leaving it stops the service, which hands the run back
             wait_until(lambda run=run: (j := jobs.get(ctx.engine, agent.id, job.id)).attempts == run
