@@ -61,7 +61,6 @@ trials; median ratio, seeds at <= 0.4, seeds never matched; seeds 0-9 unless sai
 - Every 2nd or 3rd trial drawn at random rather than by TPE, to keep exploring (earlier rungs):
   inf, 3, 5 and 0.80, 2, 4. The learning-rate schedule searched too (cosine, linear or constant;
   earlier rungs): inf, 1, 5.
-
 - Successive halving (Optuna's asynchronous one, the service's first rung: every trial may be
   pruned at steps 8 and 24, none left unpruned), seeds 0-19: 4.96, 4, 9.
 - Another task, continued pre-training (the same micro Llama pre-trained for 200 steps on
