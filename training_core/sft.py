@@ -12,6 +12,10 @@ Choices a reader would otherwise have to dig for:
 - Chat records train on the assistant's turns only when the tokenizer's chat template marks them
   (`{% generation %}`, as the presets' template does); otherwise on the whole conversation.
   Prompt-completion records train on the completion (TRL's default).
+- `packing` fills each sequence with several records (TRL's best-fit decreasing, padding-free).
+  Each record still attends only to itself: the batch carries position ids that restart at every
+  record, from which transformers builds a block-diagonal mask (SDPA or eager) or FlashAttention
+  its varlen boundaries (`test_packed_records_see_only_themselves`).
 - The held-out set is `eval_fraction` of the records, drawn with the job's seed, and at most
   `MAX_EVAL_RECORDS`: the evaluation before training sits between the tool call and the first
   optimizer step, so its cost must stay small whatever the dataset's size.
