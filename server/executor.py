@@ -237,10 +237,16 @@ class _Runner(LeasedWork):
     def __init__(self, executor: LocalExecutor, job: Job):
         super().__init__(executor, job)
         self.run_dir = Path(job.run_dir)
+        self._relayed_flops = job.flops_used
+        """The job's total as last relayed, this run's compute so far included."""
+
+    def _flops_used(self) -> float:
+        # Not the total the run began with: a hand-back after an error would undo what it relayed since.
+        return self._relayed_flops
 
     def _run(self) -> None:
         tail = _EventTail(self.run_dir / EVENTS_FILE, self.job.events_offset)
-        if not self._relay_leftovers(tail):
+        if not self._relay_leftovers(tail) or self._settle_unsettled_result():
             return
         job = self.job
         spec_path = self._write_spec()
@@ -272,6 +278,8 @@ class _Runner(LeasedWork):
                 # run, and its compute would be neither charged nor taken off the next run's cap.
                 current = jobs.relay(self.engine, job.id, self.epoch, new_events, tail.offset,
                                      {"flops_used": job.flops_used + attempt_flops})
+                if current is not None:
+                    self._relayed_flops = current.flops_used
                 alive = current is not None and jobs.renew_lease(
                     self.engine, job.id, self.executor.owner, self.epoch, self.settings.lease_seconds)
                 last_beat = now
@@ -316,7 +324,29 @@ class _Runner(LeasedWork):
         job = jobs.relay(self.engine, self.job.id, self.epoch, leftover, tail.offset, {"flops_used": flops_used})
         if job is None:
             return False
-        self.job = job
+        self.job, self._relayed_flops = job, job.flops_used
+        return True
+
+    def _settle_unsettled_result(self) -> bool:
+        """Settle the previous run's result.json, if it left one, instead of training again; True if it did.
+
+        A run that ends with a result is settled at once, and a settled result ends the job, so a result
+        in the run directory of a job being claimed is one that nobody settled: its worker died (or
+        failed) between the child's exit and the settle. Its model is saved; a new child would train
+        again from the newest checkpoint, and the job would pay for those steps twice.
+        """
+        if JobResult.read(self.run_dir) is None:
+            return False
+        # The job's total holds that run's compute up to its last relayed report; the result has all of it.
+        relayed = float(self.job.progress.get("flops_used") or 0.0)
+        job = jobs.relay(self.engine, self.job.id, self.epoch, [{
+            "type": "message", "message": "the previous run ended with a result that its worker did not "
+            "record; recording it rather than training again", "data": {}}], self.job.events_offset,
+            {"flops_used": self.job.flops_used - relayed})
+        if job is None:
+            return True  # another worker holds the job now, and settles it
+        self.job, self._relayed_flops = job, job.flops_used
+        self._settle_run(0, 0.0, 0.0, cancelled=False)
         return True
 
     def _settle_run(self, returncode: int, attempt_flops: float, seconds: float, cancelled: bool) -> None:

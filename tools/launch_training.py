@@ -199,19 +199,26 @@ def queue_after_snapshot_check(ctx: ServiceContext, job: Job, datasets: list[Dat
     rather than train on data whose hash its lineage would misstate.
     """
     broken = [d for d in datasets if not _hash_matches(Path(d.path), d.content_hash)]
+    if broken:
+        _fail_validation(ctx, job, f"snapshot of {broken[0].id} no longer matches its hash; upload it again")
+    else:
+        _end_validation(ctx, job, JobState.queued, None)
+
+
+def _fail_validation(ctx: ServiceContext, job: Job, message: str) -> None:
+    _end_validation(ctx, job, JobState.failed, {"code": "invalid_dataset", "param": "datasets", "message": message})
+
+
+def _end_validation(ctx: ServiceContext, job: Job, state: str, error: dict[str, Any] | None) -> None:
     with write_transaction(ctx.engine) as session:
         row = session.get(Job, job.id)
         assert row is not None
         if row.state != JobState.validating:  # checked already (see recheck_stale_validations), maybe running
             job.state, job.error = row.state, row.error
             return
-        if broken:
-            row.state = JobState.failed
-            row.error = {"code": "invalid_dataset", "param": "datasets",
-                         "message": f"snapshot of {broken[0].id} no longer matches its hash; upload it again"}
+        row.state, row.error = state, error
+        if state == JobState.failed:
             guardrails.settle(session, row.id, 0.0)
-        else:
-            row.state = JobState.queued
         session.add(row)
     job.state, job.error = row.state, row.error
 
@@ -224,10 +231,14 @@ def recheck_stale_validations(ctx: ServiceContext) -> int:
         stale = session.exec(select(Job).where(
             Job.state == JobState.validating,
             Job.created_at < time.time() - ctx.settings.validation_stale_seconds)).all()
-        checks = [(job, [d for i in job.resolved.get("dataset_ids", []) if (d := session.get(Dataset, i))])
-                  for job in stale]
-    for job, datasets in checks:
-        queue_after_snapshot_check(ctx, job, datasets)
+        checks = [(job, {i: session.get(Dataset, i) for i in job.resolved.get("dataset_ids", [])}) for job in stale]
+    for job, by_id in checks:
+        missing = [i for i, d in by_id.items() if d is None]
+        if missing:  # nothing deletes datasets; a row gone by hand must not leave the job training on the rest
+            _fail_validation(ctx, job, f"dataset {missing[0]} no longer exists; launch the job again with the "
+                             "datasets you have")
+        else:
+            queue_after_snapshot_check(ctx, job, [d for d in by_id.values() if d is not None])
     return len(checks)
 
 

@@ -8,10 +8,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlmodel import Session, col, select
 
-from server import auth, jobs
+from server import auth, executor, jobs
 from server.context import ServiceContext, open_service
 from server.db import write_transaction
 from server.executor import claim
@@ -21,6 +23,7 @@ from tests.conftest import chat_records, quick_hyperparameters, wait_until, writ
 from tools.datasets import UploadDatasetRequest, upload_dataset
 from tools.launch_training import LaunchTrainingRequest, launch_training, prepare_train_job
 from tools.quota import get_quota
+from training_core.spec import JobResult
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,6 +74,35 @@ def test_a_sigkilled_worker_loses_its_lease_and_a_second_worker_resumes_the_job(
                     proc.wait(30)
 
 
+def test_a_result_its_worker_did_not_record_is_recorded_by_the_next_run_without_training_again(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The worker fails between the child's exit (result.json written, model saved) and recording it:
+    # the lease is given back, and the next claim finds the result.
+    settle = executor._Runner._settle_run
+    failures = []
+
+    def fail_once(runner: executor._Runner, *args: Any, **kwargs: Any) -> None:
+        if not failures:
+            failures.append(runner.job.id)
+            raise OSError("the worker's database went away")
+        settle(runner, *args, **kwargs)
+
+    monkeypatch.setattr(executor._Runner, "_settle_run", fail_once)
+    with open_service(settings) as ctx:
+        agent, job = _queue_chat_job(ctx, settings, tmp_path, "unrecorded", records=32, max_steps=12, save_steps=4)
+        done = wait_until(lambda: (j := jobs.get(ctx.engine, agent.id, job.id)).state in
+                          (JobState.succeeded, JobState.failed) and j, timeout=240)
+        messages = [e.message for e in jobs.events(ctx.engine, agent.id, job.id, 0, 2000)]
+        spent = get_quota(ctx, agent).budget_flops_spent
+    result = JobResult.read(Path(done.run_dir))
+    assert failures == [job.id]
+    assert done.state == JobState.succeeded, done.error
+    assert done.attempts == 2 and done.model_id is not None
+    assert sum(m.startswith("training process") and m.endswith("started") for m in messages) == 1, messages
+    assert result is not None and done.flops_used == pytest.approx(result.flops_used)  # charged once
+    assert spent == pytest.approx(result.flops_used)
+
+
 def test_jobs_left_validating_by_a_crash_are_checked_again_and_run_or_fail(settings: Settings,
                                                                            tmp_path: Path) -> None:
     """A process that dies between inserting a job and checking its snapshots leaves it `validating`
@@ -78,13 +110,13 @@ def test_jobs_left_validating_by_a_crash_are_checked_again_and_run_or_fail(setti
     settings = settings.model_copy(update={"validation_stale_seconds": 1.0})
     with open_service(settings, workers=False) as ctx:
         agent, _ = auth.create_agent(ctx.engine, settings, "crashed-check")
-        good, tampered = (upload_dataset(ctx, agent, UploadDatasetRequest(
+        good, tampered, gone = (upload_dataset(ctx, agent, UploadDatasetRequest(
             path=str(write_jsonl(tmp_path / f"{name}.jsonl", chat_records(16 + i))))).dataset for i, name in
-            enumerate(("good", "tampered")))
+            enumerate(("good", "tampered", "gone")))
         left = []
-        for dataset in (good, tampered):
+        for datasets in ([good.id], [tampered.id], [good.id, gone.id]):
             request = LaunchTrainingRequest.model_validate({
-                "base_model": str(settings.data_roots[1] / "tiny"), "datasets": [dataset.id], "adapter": "full",
+                "base_model": str(settings.data_roots[1] / "tiny"), "datasets": datasets, "adapter": "full",
                 "hyperparameters": quick_hyperparameters(max_steps=2)})
             job, estimate, _ = prepare_train_job(ctx, agent, request)
             with write_transaction(ctx.engine) as session:  # what launch_training commits before its check
@@ -96,16 +128,21 @@ def test_jobs_left_validating_by_a_crash_are_checked_again_and_run_or_fail(setti
             snapshot = Path(session.get(Dataset, tampered.id).path)
         snapshot.chmod(0o644)
         snapshot.write_text(snapshot.read_text() + "\n", encoding="utf-8")
-    assert [jobs.get(ctx.engine, agent.id, j).state for j in left] == [JobState.validating] * 2
+        with write_transaction(ctx.engine) as session:  # nothing deletes a dataset; a hand in the database might
+            session.delete(session.get(Dataset, gone.id))
+    assert [jobs.get(ctx.engine, agent.id, j).state for j in left] == [JobState.validating] * 3
     with open_service(settings) as ctx:
-        ran, failed = (wait_until(lambda j=j: (row := jobs.get(ctx.engine, agent.id, j)).state in
-                                  (JobState.succeeded, JobState.failed) and row, timeout=120) for j in left)
+        ran, failed, short = (wait_until(lambda j=j: (row := jobs.get(ctx.engine, agent.id, j)).state in
+                                         (JobState.succeeded, JobState.failed) and row, timeout=120) for j in left)
         assert ran.state == JobState.succeeded, ran.error
         assert failed.state == JobState.failed and failed.error["code"] == "invalid_dataset"
+        # Not trained on the datasets that remain:
+        assert short.state == JobState.failed and short.error["code"] == "invalid_dataset"
+        assert gone.id in short.error["message"] and short.error["param"] == "datasets"
         with Session(ctx.engine) as session:  # each reservation settled once, at what its job used
             settled = {r.job_id: r.flops_used for r in session.exec(select(Reservation).where(
                 col(Reservation.job_id).in_(left))) if r.settled_at is not None}
-        assert settled == {ran.id: ran.flops_used, failed.id: 0.0} and ran.flops_used > 0
+        assert settled == {ran.id: ran.flops_used, failed.id: 0.0, short.id: 0.0} and ran.flops_used > 0
         assert get_quota(ctx, agent).budget_flops_spent == ran.flops_used
 
 
