@@ -111,8 +111,9 @@ def eval_price(engine: Engine, suite_id: str, parameters: int) -> guardrails.Est
 
 def trial_eval_job(engine: Engine, runs_dir: Path, agent: Agent, objective: KpiObjective, trial: Job,
                    max_flops: float) -> tuple[Job, guardrails.Estimate]:
-    """The unsaved eval job of a trial whose training succeeded, linked to its study and trial, its
-    compute capped at `max_flops` (what is left of the study's budget); the caller inserts it."""
+    """The unsaved eval job of a trial whose training succeeded (or of the study's final retrain:
+    no trial number), linked to its study and trial, its compute capped at `max_flops` (what is left
+    of the study's budget); the caller inserts it."""
     with Session(engine) as session:
         suite_row = evaluation.owned_suite(session, agent.id, objective.suite_id, "strategy.objective")
         model = session.get(Model, trial.model_id)

@@ -16,7 +16,8 @@ itself. The driver loops until the study ends:
   left of the study's budget pays for its costliest trial; the trial job is inserted with its
   Optuna trial number and its reservation carved out of the study's in one transaction;
 - end: with nothing left to ask and nothing running, optionally retrain the best parameters on
-  all the data, then write the result (best parameters and value, best model, trials table,
+  all the data (with a KPI objective, and evaluate the retrained model on the suite; trials that
+  held nothing out need no retrain: the best one is the final model), then write the result (best parameters and value, best model, trials table,
   importances, `stopped_reason`) and settle the study's reservation against what its jobs used.
 
 Restarts: the Optuna study lives in an RDB storage (`Settings.studies_url`) named after the job,
@@ -48,7 +49,12 @@ from server.kpi_objective import KpiObjective
 from server.models import ACTIVE_STATES, FINAL_STATES, Agent, Job, JobState, Reservation
 from server.optuna_study import StudyStoreMoved, distributions, open_study, prunable
 from tools.launch_training import LaunchTrainingRequest, prepare_train_job, queue_after_snapshot_check
-from tools.tune_hyperparameters import final_retrain_request, objective_value, trial_request
+from tools.tune_hyperparameters import (
+    final_retrain_request,
+    final_retrain_trains_more,
+    objective_value,
+    trial_request,
+)
 from tools.views import ENDED_TRIAL_STATES
 
 if TYPE_CHECKING:
@@ -243,11 +249,18 @@ class StudyDriver(LeasedWork):
             return True
         stopped = "n_trials" if len(trials) >= self.config["n_trials"] else "budget_spent"
         best = _best(study)
-        if self.config["final_retrain"] and best is not None:
+        if self.config["final_retrain"] and best is not None and final_retrain_trains_more(self._template()):
             if final is None:
                 final = self._start_final(best.params, left)
             if final is not None and final.state in ACTIVE_STATES:
                 return True
+            if self.kpi is not None and final is not None and final.state == JobState.succeeded:
+                final_eval = _final_eval(rows) or self._start_final_eval(final, left)
+                if final_eval is not None and final_eval.state in ACTIVE_STATES:
+                    return True
+        elif self.config["final_retrain"] and best is not None:
+            self._event(f"no final retrain: the trials held nothing out (eval_fraction 0), so trial {best.number} "
+                        "trained on all the data already; its model is the study's final model")
         self._finish(study, self._jobs(), stopped)
         return False
 
@@ -274,10 +287,34 @@ class StudyDriver(LeasedWork):
     def _start_final(self, params: dict[str, Any], left: float) -> Job | None:
         request = final_retrain_request(self._template(), params).model_copy(
             update={"model_name": f"{self.job.id}-best"})
-        row = self._insert(request, left, None, {})
+        # With a KPI objective its eval's share stays out of what it may spend, as for a trial.
+        row = self._insert(request, left - self.eval_flops, None, {})
         if row is not None:
             self._event(f"final retrain on all the data started as {row.id}", job_id=row.id)
         return row
+
+    def _start_final_eval(self, final: Job, left: float) -> Job | None:
+        """Queue the eval of the final retrain's model on the study's suite (KPI objective), so the
+        study reports the KPI of the model it hands over, not only of the trial it was retrained from;
+        None if it cannot start (the study then ends without it, saying why)."""
+        assert self.kpi is not None
+        why = None
+        if left < self.eval_flops:
+            why = f"what is left of the study's budget ({left:.3g} FLOPs) does not pay for it ({self.eval_flops:.3g})"
+        else:
+            try:
+                job, price = kpi_objective.trial_eval_job(self.engine, self.settings.runs_dir, self._agent(),
+                                                          self.kpi, final, left)
+            except WeightsmithError as err:
+                why = err.message
+        if why is not None:
+            self._event(f"the final retrain's model is not evaluated: {why}; run run_eval on it", level="warning")
+            return None
+        if not self._insert_carved(job, price.flops):
+            return None
+        self._event(f"final retrain trained; its eval started as {job.id}", job_id=job.id)
+        self.executor.wake()
+        return job
 
     def _insert(self, request: LaunchTrainingRequest, left: float, number: int | None, options: dict[str, Any]) -> Job | None:
         """Insert a trial (or the final retrain) with its reservation carved out of the study's;
@@ -408,6 +445,16 @@ class StudyDriver(LeasedWork):
         final_row = next((r for r in rows if r.kind == "train" and r.trial_number is None), None)
         if final_row is not None:
             result.update(final_job_id=final_row.id, final_model_id=final_row.model_id)
+        final_eval = _final_eval(rows)
+        if final_eval is not None and self.kpi is not None:
+            result["final_eval_job_id"] = final_eval.id
+            if final_eval.state in FINAL_STATES:
+                value, why = kpi_objective.kpi_value(self.engine, final_eval, self.kpi.kpi)
+                result.update(final_value=value, **({"final_eval_error": why} if value is None else {}))
+        if (self.config["final_retrain"] and best is not None
+                and not final_retrain_trains_more(self._template())):
+            # Its trials held nothing out: the best one trained on all the data (final_retrain_trains_more).
+            result.update(final_job_id=result["best_job_id"], final_model_id=result["best_model_id"])
         if final and result["trials_complete"] >= MIN_TRIALS_FOR_IMPORTANCE:
             result["importances"] = optuna.importance.get_param_importances(study)
         return result
@@ -477,6 +524,11 @@ class _LeaseKeeper:
 def _trials(rows: list[Job]) -> dict[int, Job]:
     """Trial number -> the trial's train job."""
     return {r.trial_number: r for r in rows if r.kind == "train" and r.trial_number is not None}
+
+
+def _final_eval(rows: list[Job]) -> Job | None:
+    """The final retrain's eval job (KPI objective): an eval job of the study without a trial number."""
+    return next((r for r in rows if r.kind == "eval" and r.trial_number is None), None)
 
 
 def _evals(rows: list[Job]) -> dict[int, Job]:

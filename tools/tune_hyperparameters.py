@@ -72,9 +72,11 @@ class TuneRequest(Compact):
     n_trials: int = Field(10, ge=1, le=200)
     n_parallel: int = Field(1, ge=1, le=16)
     budget_flops: float | None = Field(
-        None, gt=0, description="Default: n_trials x the costliest trial, and the final retrain if asked for.")
+        None, gt=0, description="Default: n_trials x the costliest trial, and the final retrain (and its eval, "
+        "for a KPI objective) if asked for.")
     strategy: Strategy = Strategy()
-    final_retrain: bool = Field(False, description="Retrain the best parameters on all the data at the end.")
+    final_retrain: bool = Field(False, description="Retrain the best parameters on all the data at the end (with a "
+                                "KPI objective, evaluated on the suite too); none if the trials held nothing out.")
     idempotency_key: str | None = Field(None, max_length=200)
 
 
@@ -112,8 +114,9 @@ def tune_hyperparameters(ctx: ServiceContext, agent: Agent, request: TuneRequest
     guardrails.raise_if_refused(guardrails.check_request(agent, estimate), estimate)
     eval_flops = _eval_flops(ctx, agent, kpi, estimate.parameters) if kpi else 0.0
     trial_flops = estimate.flops + eval_flops
+    retrain = request.final_retrain and final_retrain_trains_more(template)
     budget = request.budget_flops or request.n_trials * trial_flops + (
-        _final_retrain_flops(ctx, agent, template, upper_bounds) if request.final_retrain else 0.0)
+        _final_retrain_flops(ctx, agent, template, upper_bounds) + eval_flops if retrain else 0.0)
     if budget < trial_flops:
         with_eval = f" and {eval_flops:.3g} for its eval" if kpi else ""
         raise InvalidRequest(f"budget_flops {budget:.3g} does not pay for one trial ({estimate.flops:.3g} FLOPs at "
@@ -155,6 +158,14 @@ def trial_request(template: LaunchTrainingRequest, params: dict[str, Any]) -> La
         section, field = name.split(".", 1) if "." in name else ("hyperparameters", name)
         raw.setdefault(section, {})[field] = value
     return LaunchTrainingRequest.model_validate(raw)
+
+
+def final_retrain_trains_more(template: LaunchTrainingRequest) -> bool:
+    """Whether the final retrain would train on more than the trials did. Trials of a template that
+    holds nothing out (`eval_fraction` 0, as a KPI objective allows) trained on all the data already:
+    a retrain with the best parameters would train the best trial's model again, so there is none,
+    and the best trial's model is the study's final model."""
+    return template.hyperparameters.eval_fraction > 0
 
 
 def final_retrain_request(template: LaunchTrainingRequest, params: dict[str, Any]) -> LaunchTrainingRequest:

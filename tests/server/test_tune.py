@@ -39,7 +39,13 @@ from tools.datasets import UploadDatasetRequest, upload_dataset
 from tools.eval_suites import create_eval_suite
 from tools.launch_training import LaunchTrainingRequest, prepare_train_job
 from tools.quota import get_quota
-from tools.tune_hyperparameters import Strategy, TuneRequest, resolve_strategy, tune_hyperparameters
+from tools.tune_hyperparameters import (
+    Strategy,
+    TuneRequest,
+    final_retrain_request,
+    resolve_strategy,
+    tune_hyperparameters,
+)
 from tools.views import job_view
 
 FINAL = (JobState.succeeded, JobState.failed, JobState.cancelled)
@@ -546,6 +552,18 @@ def test_kpi_objective_is_checked_at_admission_naming_the_field_and_starts_nothi
     with pytest.raises(LimitExceeded, match=re.escape(f"the study's budget of {3 * (trial.flops + evaluation):.3g} "
                                                       "FLOPs is over what is left of your budget")):
         _start(service, agent, template=template, search_space=LR, n_trials=3, strategy=objective)
+    # A final retrain is priced with its eval. Trials that held nothing out need none: the best trained on
+    # all the data already.
+    _, retrain, _ = prepare_train_job(service, agent, final_retrain_request(LaunchTrainingRequest.model_validate(
+        template), {}))
+    with pytest.raises(LimitExceeded, match=re.escape(
+            f"the study's budget of {3 * (trial.flops + evaluation) + retrain.flops + evaluation:.3g} FLOPs")):
+        _start(service, agent, template=template, search_space=LR, n_trials=3, strategy=objective, final_retrain=True)
+    whole = {**template, "hyperparameters": {**template["hyperparameters"], "eval_fraction": 0.0}}
+    _, whole_trial, _ = prepare_train_job(service, agent, LaunchTrainingRequest.model_validate(whole))
+    with pytest.raises(LimitExceeded, match=re.escape(
+            f"the study's budget of {3 * (whole_trial.flops + evaluation):.3g} FLOPs")):
+        _start(service, agent, template=whole, search_space=LR, n_trials=3, strategy=objective, final_retrain=True)
     with pytest.raises(InvalidRequest, match=re.escape(f"and {evaluation:.3g} for its eval")) as refused:
         _start(service, agent, template=template, search_space=LR, strategy=objective,
                budget_flops=trial.flops + evaluation / 2)
@@ -625,11 +643,17 @@ def test_a_kpi_study_can_maximize_its_suites_composite(service: ServiceContext, 
     agent = auth.ensure_local_agent(service.engine, service.settings)
     suite_id = _kpi_suite(service, agent, tmp_path, KPI_SUITE + 'composite: "exact + 1 / ppl"\n')
     template = _template(service, _dataset(service, agent, tmp_path), eval_fraction=0.0, max_steps=4)
-    study_id = _start(service, agent, template=template, search_space=LR, n_trials=2,
+    study_id = _start(service, agent, template=template, search_space=LR, n_trials=2, final_retrain=True,
                       strategy={"objective": "kpi:facts-kpi/composite", "sampler": "random", "seed": 4})
     study = _final(service, agent, study_id)
     assert study.state == JobState.succeeded, study.error
     result = study.metrics
+    # The trials held nothing out, so the best of them is the final model: no retrain of the same data.
+    assert all(j.trial_number is not None for j in _trial_jobs(service, study_id))
+    assert (result["final_job_id"], result["final_model_id"]) == (result["best_job_id"], result["best_model_id"])
+    assert study.model_id == result["best_model_id"]
+    messages = [e.message for e in jobs.events(service.engine, agent.id, study_id, 0, 500)]
+    assert any(m.startswith("no final retrain: the trials held nothing out") for m in messages), messages
     assert (result["objective"], result["direction"]) == (f"kpi:{suite_id}/composite", "maximize")
     for trial in result["trials"]:
         with Session(service.engine) as session:
@@ -637,6 +661,36 @@ def test_a_kpi_study_can_maximize_its_suites_composite(service: ServiceContext, 
         kpis = {row["name"]: row["value"] for row in report.summary["kpis"]}
         assert trial["value"] == report.summary["composite"] == pytest.approx(kpis["exact"] + 1 / kpis["ppl"])
     assert result["best_value"] == max(t["value"] for t in result["trials"])
+
+
+@pytest.mark.slow
+def test_a_kpi_studys_final_retrain_is_evaluated_on_its_suite_within_the_default_budget(
+        service: ServiceContext, tmp_path: Path) -> None:
+    agent = auth.ensure_local_agent(service.engine, service.settings)
+    suite_id = _kpi_suite(service, agent, tmp_path)
+    # Trials hold a quarter out; the retrain trains on all of it, so its model is not any trial's.
+    template = _template(service, _dataset(service, agent, tmp_path), eval_fraction=0.25, max_steps=4)
+    study_id = _start(service, agent, template=template, search_space=LR, n_trials=2, final_retrain=True,
+                      strategy={"objective": "kpi:facts-kpi/ppl", "sampler": "random", "seed": 4})
+    study = _final(service, agent, study_id)
+    assert study.state == JobState.succeeded, study.error
+    result = study.metrics
+    rows = _trial_jobs(service, study_id)
+    retrain, final_eval = ([j for j in rows if j.kind == kind and j.trial_number is None] for kind in ("train", "eval"))
+    assert len(retrain) == len(final_eval) == 1 and len(rows) == 6  # 2 trials, 2 evals, the retrain and its eval
+    retrain, final_eval = retrain[0], final_eval[0]
+    assert (result["final_job_id"], result["final_model_id"]) == (retrain.id, retrain.model_id)
+    assert study.model_id == retrain.model_id and result["final_eval_job_id"] == final_eval.id
+    assert final_eval.state == JobState.succeeded, final_eval.error
+    with Session(service.engine) as session:
+        report = session.exec(select(EvalReport).where(EvalReport.job_id == final_eval.id)).one()
+    assert report.model_id == retrain.model_id and report.suite_id == suite_id and report.baseline_ref is None
+    assert result["final_value"] == next(k["value"] for k in report.summary["kpis"] if k["name"] == "ppl")
+    # The default budget paid for every trial, the retrain and its eval; the agent is charged once.
+    assert result["stopped_reason"] == "n_trials"
+    used = sum(j.flops_used for j in rows)
+    assert study.flops_used == pytest.approx(used) and used <= study.estimate_flops
+    assert get_quota(service, agent).budget_flops_spent == pytest.approx(used)
 
 
 def test_a_failed_trial_eval_fails_the_trial_with_its_reason_and_settles_what_it_used(
