@@ -127,9 +127,10 @@ def measured_lengths(model_dir: str | Path, datasets: list[tuple[Path, dict[str,
     any (made before 2026-11-27) or the model has no tokenizer to count with."""
     longest: list[tuple[int, int]] = []
     sample: list[tuple[int, int]] = []
+    tokenizer = _tokenizer_files(Path(model_dir))
     for path, report in datasets:
         stats = report.get("stats", {})
-        counted = _counted(str(model_dir), str(path), tuple(stats.get("longest_lines") or ()),
+        counted = _counted(str(model_dir), tokenizer, str(path), tuple(stats.get("longest_lines") or ()),
                            tuple(stats.get("sample_lines") or ()))
         longest += counted[0]
         sample += counted[1]
@@ -145,12 +146,30 @@ Counts = tuple[tuple[int, int], ...]
 """(model tokens, report tokens) of each of some located records."""
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def _tokenizer_files(model_dir: Path) -> tuple[tuple[int, int], ...]:
+    """(modified ns, size) of each file `ModelTokens.load` reads, (0, 0) where there is none: part of
+    the caches' keys, so a directory whose tokenizer or template is replaced is counted afresh."""
+    stamps = []
+    for name in TOKENIZER_FILES:
+        try:
+            stat = (model_dir / name).stat()
+        except OSError:
+            stamps.append((0, 0))
+        else:
+            stamps.append((stat.st_mtime_ns, stat.st_size))
+    return tuple(stamps)
+
+
 @functools.lru_cache(maxsize=256)
-def _counted(model_dir: str, snapshot: str, longest_lines: tuple[int, ...],
+def _counted(model_dir: str, tokenizer: tuple[tuple[int, int], ...], snapshot: str, longest_lines: tuple[int, ...],
              sample_lines: tuple[int, ...]) -> tuple[Counts, Counts]:
     """The counts of a snapshot's located longest and sampled records, read in one pass. Cached:
-    snapshots never change, and every trial of a study is priced with the same model and data."""
-    model = _model_tokens(model_dir)
+    snapshots never change, and every trial of a study is priced with the same model and data;
+    `tokenizer` (`_tokenizer_files`) keys the model directory's version."""
+    model = _model_tokens(model_dir, tokenizer)
     if model is None or not longest_lines:
         return (), ()
     records = records_at(Path(snapshot), {*longest_lines, *sample_lines})
@@ -163,5 +182,5 @@ def _counted(model_dir: str, snapshot: str, longest_lines: tuple[int, ...],
 
 
 @functools.lru_cache(maxsize=8)
-def _model_tokens(model_dir: str) -> ModelTokens | None:
+def _model_tokens(model_dir: str, tokenizer: tuple[tuple[int, int], ...]) -> ModelTokens | None:
     return ModelTokens.load(Path(model_dir))

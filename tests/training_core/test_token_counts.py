@@ -3,6 +3,7 @@ rendered without transformers, give what transformers gives."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,8 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from training_core.token_counts import ModelTokens, record_tokens
+from training_core.data import validate_file
+from training_core.token_counts import ModelTokens, measured_lengths, record_tokens
 
 USER = {"role": "user", "content": "What does a red-drop mean on the north feeder?"}
 ANSWER = {"role": "assistant", "content": "A walk-out: the crew leaves the span."}
@@ -66,3 +68,25 @@ def test_a_template_that_refuses_a_turn_is_counted_as_text(tiny_model: Path, tmp
     assert rendered == model.text(f"user: {USER['content']}{model.special_tokens['eos_token']}"
                                   f"assistant: {ANSWER['content']}{model.special_tokens['eos_token']}")
 
+
+
+def test_a_model_directory_whose_template_changes_is_counted_afresh(tiny_model: Path, tmp_path: Path) -> None:
+    # Counts are cached per model directory; a user's own directory can get a new template in place.
+    model_dir = tmp_path / "mine"
+    shutil.copytree(tiny_model, model_dir)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:1] * 3), encoding="utf-8")
+    report = dataclasses.asdict(validate_file(data))
+    before = measured_lengths(model_dir, [(data, report)])
+    template = model_dir / "chat_template.jinja"
+    preamble = "You answer questions about feeders, spans and crews. " * 8
+    if template.is_file():
+        template.write_text(preamble + template.read_text(encoding="utf-8"), encoding="utf-8")
+    else:
+        config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+        config["chat_template"] = preamble + config["chat_template"]
+        (model_dir / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    after = measured_lengths(model_dir, [(data, report)])
+
+    assert before is not None and after is not None
+    assert after.longest >= before.longest + 40  # the preamble's tokens, not the first count again
