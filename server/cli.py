@@ -257,8 +257,20 @@ def tune(file: Annotated[Path, typer.Argument(help="A YAML or JSON tune_hyperpar
                 break
     if study["error"]:
         console.print(f"error: {study['error']['message']}", style="red", highlight=False)
+    if study.get("model_id"):
+        console.print(_study_model_line(study), highlight=False)
     if study["state"] != "succeeded":
         raise typer.Exit(1)
+
+
+def _study_model_line(study: dict[str, Any]) -> str:
+    """What the study hands over: its model (the final retrain's, else the best trial's), with what it scored."""
+    result = study["metrics"] or {}
+    retrained = result.get("final_job_id") not in (None, result.get("best_job_id"))
+    source = "retrained on all the data" if retrained else f"trial {result.get('best_trial')}"
+    if retrained and result.get("final_value") is not None:
+        source += f", {result['objective']} {result['final_value']:.4g}"
+    return f"model {study['model_id']} ({source}); best parameters {json.dumps(result.get('best_params'))}"
 
 
 def _trials_table(study: dict[str, Any]) -> Table:

@@ -464,6 +464,10 @@ def test_cli_tune_starts_a_study_from_yaml_and_shows_its_trials(
     assert tuned.returncode == 0, tuned.stdout + tuned.stderr
     assert "succeeded" in tuned.stdout and "best" in tuned.stdout and "stopped: n_trials" in tuned.stdout
     assert tuned.stdout.count("complete") >= 2
+    study_id = re.search(r"study (job_\w+): budget", tuned.stdout).group(1)  # type: ignore[union-attr]
+    shown = httpx.get(f"{base}/v1/jobs/{study_id}", headers={"Authorization": f"Bearer {key}"}).json()
+    # What the study hands over, last: no final retrain was asked for, so the best trial's model.
+    assert f"model {shown['model_id']} (trial {shown['metrics']['best_trial']}); best parameters" in tuned.stdout
     refused = subprocess.run([*cli, "tune", str(study), "--no-watch"], env={**env, "WEIGHTSMITH_API_KEY": "nope"},
                              capture_output=True, text=True, check=False)
     assert refused.returncode == 1 and "unauthorized" in refused.stdout
