@@ -61,6 +61,10 @@ trials; median ratio, seeds at <= 0.4, seeds never matched; seeds 0-9 unless sai
 - Every 2nd or 3rd trial drawn at random rather than by TPE, to keep exploring (earlier rungs):
   inf, 3, 5 and 0.80, 2, 4. The learning-rate schedule searched too (cosine, linear or constant;
   earlier rungs): inf, 1, 5.
+- TPE given every trial rather than its Hyperband bracket's (Optuna hands samplers a bracket's
+  trials only, through the study it passes them; a pruner wrapping Hyperband's avoids that):
+  identical ratios on seeds 0-19. Optuna 5's TPE reads the whole study's trials either way, so
+  its proposals are not starved by the brackets.
 - Successive halving (Optuna's asynchronous one, the service's first rung: every trial may be
   pruned at steps 8 and 24, none left unpruned), seeds 0-19: 4.96, 4, 9.
 - Another task, continued pre-training (the same micro Llama pre-trained for 200 steps on
