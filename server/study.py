@@ -17,8 +17,9 @@ itself. The driver loops until the study ends:
   Optuna trial number and its reservation carved out of the study's in one transaction;
 - end: with nothing left to ask and nothing running, optionally retrain the best parameters on
   all the data (with a KPI objective, and evaluate the retrained model on the suite; trials that
-  held nothing out need no retrain: the best one is the final model), then write the result (best parameters and value, best model, trials table,
-  importances, `stopped_reason`) and settle the study's reservation against what its jobs used.
+  held nothing out need no retrain: the best one is the final model), then write the result (best
+  parameters and value, best model, trials table, importances, `stopped_reason`) and settle the
+  study's reservation against what its jobs used.
 
 Restarts: the Optuna study lives in an RDB storage (`Settings.studies_url`) named after the job,
 so a reclaimed study reloads it. A trial that Optuna shows running but that has no job was asked
