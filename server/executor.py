@@ -213,9 +213,11 @@ class LeasedWork:
     def _run(self) -> None:
         raise NotImplementedError
 
-    def _flops_used(self) -> float:
-        """What the job has used, recorded when the lease is given back after an error."""
-        return self.job.flops_used
+    def _flops_used(self) -> float | None:
+        """What the job has used, recorded when the lease is given back after an error; None keeps the
+        total stored with the job, which a child's runner keeps current at every relay (the total the
+        run began with would undo what it relayed since)."""
+        return None
 
     def _release(self) -> None:
         self.executor._done(self.job.id)
@@ -237,12 +239,6 @@ class _Runner(LeasedWork):
     def __init__(self, executor: LocalExecutor, job: Job):
         super().__init__(executor, job)
         self.run_dir = Path(job.run_dir)
-        self._relayed_flops = job.flops_used
-        """The job's total as last relayed, this run's compute so far included."""
-
-    def _flops_used(self) -> float:
-        # Not the total the run began with: a hand-back after an error would undo what it relayed since.
-        return self._relayed_flops
 
     def _run(self) -> None:
         tail = _EventTail(self.run_dir / EVENTS_FILE, self.job.events_offset)
@@ -278,8 +274,6 @@ class _Runner(LeasedWork):
                 # run, and its compute would be neither charged nor taken off the next run's cap.
                 current = jobs.relay(self.engine, job.id, self.epoch, new_events, tail.offset,
                                      {"flops_used": job.flops_used + attempt_flops})
-                if current is not None:
-                    self._relayed_flops = current.flops_used
                 alive = current is not None and jobs.renew_lease(
                     self.engine, job.id, self.executor.owner, self.epoch, self.settings.lease_seconds)
                 last_beat = now
@@ -324,7 +318,7 @@ class _Runner(LeasedWork):
         job = jobs.relay(self.engine, self.job.id, self.epoch, leftover, tail.offset, {"flops_used": flops_used})
         if job is None:
             return False
-        self.job, self._relayed_flops = job, job.flops_used
+        self.job = job
         return True
 
     def _settle_unsettled_result(self) -> bool:
@@ -345,7 +339,7 @@ class _Runner(LeasedWork):
             {"flops_used": self.job.flops_used - relayed})
         if job is None:
             return True  # another worker holds the job now, and settles it
-        self.job, self._relayed_flops = job, job.flops_used
+        self.job = job
         self._settle_run(0, 0.0, 0.0, cancelled=False)
         return True
 

@@ -123,17 +123,20 @@ def finish(engine: Engine, job_id: str, epoch: int, state: str, *, error: dict[s
         return True
 
 
-def expire_lease(engine: Engine, job_id: str, epoch: int, reason: str, flops_used: float,
+def expire_lease(engine: Engine, job_id: str, epoch: int, reason: str, flops_used: float | None,
                  run_seconds: float, handed_back: bool = False) -> None:
     """Give a job back for another run: it resumes from its newest checkpoint when a worker next
-    claims it. `handed_back`: the service is stopping, and this run is not one of the job's crashes."""
+    claims it. `flops_used` None keeps the stored total. `handed_back`: the service is stopping, and
+    this run is not one of the job's crashes."""
     with write_transaction(engine) as session:
         job = session.get(Job, job_id)
         if job is None or job.lease_epoch != epoch:
             return
         job.lease_expires_at = time.time()
         job.handed_back += handed_back
-        job.flops_used, job.run_seconds = flops_used, run_seconds
+        if flops_used is not None:
+            job.flops_used = flops_used
+        job.run_seconds = run_seconds
         _append_event(session, job, "warning", "message", reason, {})
         session.add(job)
 
