@@ -81,6 +81,8 @@ class StudyDriver(LeasedWork):
         """Set for a KPI objective (studies admitted before KPI objectives have no `kpi` at all)."""
         self.eval_flops: float = job.resolved.get("eval_estimate_flops", 0.0)
         """What each trial's eval is priced at; 0 for the eval_loss objective."""
+        self.final_is_best_trial = self.config["final_retrain"] and not final_retrain_trains_more(self._template())
+        """A final retrain was asked for, but the trials held nothing out: the best trial is the final model."""
         self._reported: dict[str, int] = {}
         """Trial job id -> seq of the last metrics event relayed to Optuna."""
         self._written: dict[str, Any] = {}
@@ -250,7 +252,10 @@ class StudyDriver(LeasedWork):
             return True
         stopped = "n_trials" if len(trials) >= self.config["n_trials"] else "budget_spent"
         best = _best(study)
-        if self.config["final_retrain"] and best is not None and final_retrain_trains_more(self._template()):
+        if self.final_is_best_trial and best is not None:
+            self._event(f"no final retrain: the trials held nothing out (eval_fraction 0), so trial {best.number} "
+                        "trained on all the data already; its model is the study's final model")
+        elif self.config["final_retrain"] and best is not None:
             if final is None:
                 final = self._start_final(best.params, left)
             if final is not None and final.state in ACTIVE_STATES:
@@ -259,9 +264,6 @@ class StudyDriver(LeasedWork):
                 final_eval = _final_eval(rows) or self._start_final_eval(final, left)
                 if final_eval is not None and final_eval.state in ACTIVE_STATES:
                     return True
-        elif self.config["final_retrain"] and best is not None:
-            self._event(f"no final retrain: the trials held nothing out (eval_fraction 0), so trial {best.number} "
-                        "trained on all the data already; its model is the study's final model")
         self._finish(study, self._jobs(), stopped)
         return False
 
@@ -452,9 +454,7 @@ class StudyDriver(LeasedWork):
             if final_eval.state in FINAL_STATES:
                 value, why = kpi_objective.kpi_value(self.engine, final_eval, self.kpi.kpi)
                 result.update(final_value=value, **({"final_eval_error": why} if value is None else {}))
-        if (self.config["final_retrain"] and best is not None
-                and not final_retrain_trains_more(self._template())):
-            # Its trials held nothing out: the best one trained on all the data (final_retrain_trains_more).
+        if self.final_is_best_trial and best is not None:
             result.update(final_job_id=result["best_job_id"], final_model_id=result["best_model_id"])
         if final and result["trials_complete"] >= MIN_TRIALS_FOR_IMPORTANCE:
             result["importances"] = optuna.importance.get_param_importances(study)

@@ -3,8 +3,9 @@
 The study is a `tune` job. Its whole budget is reserved when it is admitted, in the same
 transaction that inserts it (the given `budget_flops`, or `n_trials` times the estimate of the
 costliest trial the search space allows, and the final retrain when one is asked for); its trials'
-compute is carved out of that reservation, so the agent is charged once. A study driver in the executor (`server/study.py`) then asks Optuna
-for trials, runs each as a train job and prunes the ones falling behind.
+compute is carved out of that reservation, so the agent is charged once. A study driver in the
+executor (`server/study.py`) then asks Optuna for trials, runs each as a train job and prunes the
+ones falling behind.
 
 The objective is the trial's held-out loss, or a KPI of one of the agent's eval suites
 (`kpi:SUITE/KPI`, see `server/kpi_objective.py`): each trial is then evaluated on the suite once it
