@@ -642,16 +642,24 @@ def test_kpi_study_evaluates_every_trial_and_picks_the_best_kpi_within_one_budge
     assert get_quota(service, agent).budget_flops_spent == pytest.approx(used)
 
 
+def _finished_kpi_study_with_final_retrain(ctx: ServiceContext, tmp_path: Path, kpi: str, eval_fraction: float,
+                                           suite: str = KPI_SUITE) -> tuple[Agent, str, Job]:
+    """A 2-trial random study of suite facts-kpi's `kpi`, asking for a final retrain, run to success."""
+    agent = auth.ensure_local_agent(ctx.engine, ctx.settings)
+    suite_id = _kpi_suite(ctx, agent, tmp_path, suite)
+    template = _template(ctx, _dataset(ctx, agent, tmp_path), eval_fraction=eval_fraction, max_steps=4)
+    study_id = _start(ctx, agent, template=template, search_space=LR, n_trials=2, final_retrain=True,
+                      strategy={"objective": f"kpi:facts-kpi/{kpi}", "sampler": "random", "seed": 4})
+    study = _final(ctx, agent, study_id)
+    assert study.state == JobState.succeeded, study.error
+    return agent, suite_id, study
+
+
 @pytest.mark.slow
 def test_a_kpi_study_can_maximize_its_suites_composite(service: ServiceContext, tmp_path: Path) -> None:
-    agent = auth.ensure_local_agent(service.engine, service.settings)
-    suite_id = _kpi_suite(service, agent, tmp_path, KPI_SUITE + 'composite: "exact + 1 / ppl"\n')
-    template = _template(service, _dataset(service, agent, tmp_path), eval_fraction=0.0, max_steps=4)
-    study_id = _start(service, agent, template=template, search_space=LR, n_trials=2, final_retrain=True,
-                      strategy={"objective": "kpi:facts-kpi/composite", "sampler": "random", "seed": 4})
-    study = _final(service, agent, study_id)
-    assert study.state == JobState.succeeded, study.error
-    result = study.metrics
+    agent, suite_id, study = _finished_kpi_study_with_final_retrain(
+        service, tmp_path, "composite", eval_fraction=0.0, suite=KPI_SUITE + 'composite: "exact + 1 / ppl"\n')
+    study_id, result = study.id, study.metrics
     # The trials held nothing out, so the best of them is the final model: no retrain of the same data.
     assert all(j.trial_number is not None for j in _trial_jobs(service, study_id))
     assert (result["final_job_id"], result["final_model_id"]) == (result["best_job_id"], result["best_model_id"])
@@ -670,16 +678,10 @@ def test_a_kpi_study_can_maximize_its_suites_composite(service: ServiceContext, 
 @pytest.mark.slow
 def test_a_kpi_studys_final_retrain_is_evaluated_on_its_suite_within_the_default_budget(
         service: ServiceContext, tmp_path: Path) -> None:
-    agent = auth.ensure_local_agent(service.engine, service.settings)
-    suite_id = _kpi_suite(service, agent, tmp_path)
     # Trials hold a quarter out; the retrain trains on all of it, so its model is not any trial's.
-    template = _template(service, _dataset(service, agent, tmp_path), eval_fraction=0.25, max_steps=4)
-    study_id = _start(service, agent, template=template, search_space=LR, n_trials=2, final_retrain=True,
-                      strategy={"objective": "kpi:facts-kpi/ppl", "sampler": "random", "seed": 4})
-    study = _final(service, agent, study_id)
-    assert study.state == JobState.succeeded, study.error
+    agent, suite_id, study = _finished_kpi_study_with_final_retrain(service, tmp_path, "ppl", eval_fraction=0.25)
     result = study.metrics
-    rows = _trial_jobs(service, study_id)
+    rows = _trial_jobs(service, study.id)
     retrain, final_eval = ([j for j in rows if j.kind == kind and j.trial_number is None] for kind in ("train", "eval"))
     assert len(retrain) == len(final_eval) == 1 and len(rows) == 6  # 2 trials, 2 evals, the retrain and its eval
     retrain, final_eval = retrain[0], final_eval[0]
