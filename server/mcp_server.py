@@ -47,13 +47,13 @@ from tools.launch_training import (
 from tools.launch_training import (
     launch_training as _launch,
 )
-from tools.methods import MethodName
 from tools.models import ModelList
 from tools.quota import Quota
 from tools.read_eval_report import ReportView
 from tools.run_eval import RunEvalRequest, RunEvalResult
 from tools.tune_hyperparameters import TuneRequest, TuneStarted
 from tools.views import JobView, compact_schema
+from training_core.methods import MethodName
 
 T = TypeVar("T")
 

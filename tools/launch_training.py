@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, ValidationError
 from sqlmodel import Session, select
 
 from server import guardrails
@@ -19,9 +19,8 @@ from server.datasets import resolve_in_roots, sha256_file
 from server.db import owned, write_transaction
 from server.errors import Conflict, InvalidDataset, InvalidRequest
 from server.models import Agent, Dataset, EvalSuite, Job, JobState, Model, Reservation
-from tools import methods
 from tools.views import Compact, JobView, job_view
-from training_core import modelinfo, token_counts
+from training_core import methods, modelinfo, token_counts
 from training_core.spec import Hyperparameters as ResolvedHyperparameters
 from training_core.spec import JobSpec, Limits, LoraSpec
 
@@ -141,7 +140,7 @@ def prepare_train_job(ctx: ServiceContext, agent: Agent, request: LaunchTraining
     A study's trials are built here too."""
     settings = ctx.settings
     method = methods.METHODS[request.method]
-    method_options = methods.validated_options(request.method, request.options)
+    method_options = _validated_options(request.method, request.options)
     with Session(ctx.engine) as session:
         datasets = _owned_datasets(session, agent, request.datasets)
         _check_formats(request.method, datasets)
@@ -416,3 +415,12 @@ def _launched(job: Job) -> LaunchResult:
     """A launched job as the caller sees it, the same for a first launch and a same-key retry."""
     return LaunchResult(admitted=True, dry_run=False, estimate=EstimateView(**job.resolved["estimate"]),
                         job=job_view(job))
+
+
+def _validated_options(method: str, raw: dict[str, Any] | None) -> dict[str, Any]:
+    try:
+        return methods.options_json(methods.options_model(method, raw))
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in ("options", *first["loc"]))
+        raise InvalidRequest(f"{where}: {first['msg']} ({method} options)", param=where) from err

@@ -20,18 +20,13 @@ import traceback
 from pathlib import Path
 
 from training_core.events import EventWriter
+from training_core.methods import METHODS
 from training_core.spec import JobError, JobResult, JobSpec
 
-METHODS = {
-    "pretrain": "training_core.pretrain",
-    "continued_pretrain": "training_core.continued_pretrain",
-    "sft": "training_core.sft",
-    "dpo": "training_core.dpo",
-    "grpo": "training_core.grpo",
-    "synth": "training_core.synthetic",
-    "eval": "training_core.evaluate",
-}
-"""Each method's module exposes `run(spec, events, started) -> JobResult`."""
+JOB_MODULES = {**{name: method.module for name, method in METHODS.items()},
+               "synth": "training_core.synthetic", "eval": "training_core.evaluate"}
+"""Each module exposes `run(spec, events, started) -> JobResult`: the training methods, and the
+job kinds that run a model without training it."""
 
 
 def main(argv: list[str]) -> int:
@@ -83,10 +78,10 @@ def _exit_with_parent() -> None:
 
 
 def _run(spec: JobSpec, events: EventWriter, started: float) -> JobResult:
-    if spec.method not in METHODS:
+    if spec.method not in JOB_MODULES:
         raise JobError("unsupported_method", f"method {spec.method!r} is not supported; use one of "
-                       f"{', '.join(METHODS)}", param="method")
-    return importlib.import_module(METHODS[spec.method]).run(spec, events, started)
+                       f"{', '.join(JOB_MODULES)}", param="method")
+    return importlib.import_module(JOB_MODULES[spec.method]).run(spec, events, started)
 
 
 if __name__ == "__main__":

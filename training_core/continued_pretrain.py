@@ -53,10 +53,7 @@ def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> Job
                     trainer.model, tokenizer, base_texts, block_size))}
 
     before = figures("before")
-    checkpoint = runs.newest_checkpoint(Path(spec.output_dir))
-    if checkpoint is not None:
-        events.message(f"resuming from step {runs.step_of(checkpoint)}", step=runs.step_of(checkpoint))
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    output, _ = runs.train(trainer, spec, events)
 
     metrics: dict[str, Any] = {
         "train_loss": output.training_loss, "block_size": block_size, "train_blocks": len(blocks), **before,

@@ -20,7 +20,6 @@ zero by definition and is not measured.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -58,10 +57,7 @@ def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> Job
         callbacks=[callback], train_dataset=datasets.Dataset.from_list(train_pairs),
         eval_dataset=datasets.Dataset.from_list(eval_pairs) if eval_pairs else None))
 
-    checkpoint = runs.newest_checkpoint(Path(spec.output_dir))
-    if checkpoint is not None:
-        events.message(f"resuming from step {runs.step_of(checkpoint)}", step=runs.step_of(checkpoint))
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    output, _ = runs.train(trainer, spec, events)
 
     metrics: dict[str, Any] = {
         "train_loss": output.training_loss, "beta": config.beta, "loss_type": config.loss_type[0],

@@ -29,7 +29,6 @@ the job `failed` with an error that names the function and what went wrong.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -78,10 +77,7 @@ def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> Job
 
         try:
             before = _heldout_reward(trainer, eval_prompts)
-            checkpoint = runs.newest_checkpoint(Path(spec.output_dir))
-            if checkpoint is not None:
-                events.message(f"resuming from step {runs.step_of(checkpoint)}", step=runs.step_of(checkpoint))
-            output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            output, _ = runs.train(trainer, spec, events)
             metrics: dict[str, Any] = {
                 "train_loss": output.training_loss, "heldout_reward_before": before,
                 "reward": callback.last_logs.get("reward"), "reward_std": callback.last_logs.get("reward_std"),

@@ -67,10 +67,7 @@ def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> Job
         data_collator=default_data_collator, processing_class=tokenizer, callbacks=[callback]))
 
     before = language_modeling.heldout_figures(trainer.model, tokenizer, eval_texts, block_size)
-    checkpoint = runs.newest_checkpoint(Path(spec.output_dir))
-    if checkpoint is not None:
-        events.message(f"resuming from step {runs.step_of(checkpoint)}", step=runs.step_of(checkpoint))
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    output, _ = runs.train(trainer, spec, events)
 
     metrics: dict[str, Any] = {
         "train_loss": output.training_loss, "vocab_size": len(tokenizer), "block_size": block_size,

@@ -1,8 +1,7 @@
 """What every training method's `run` shares: trainer arguments, resuming, and the job's result.
 
     args = TrainingArguments(**runs.common_arguments(spec, device))     # or SFTConfig, DPOConfig, ...
-    checkpoint = runs.newest_checkpoint(Path(spec.output_dir))
-    ...trainer.train(resume_from_checkpoint=...)
+    output, resumed_from = runs.train(trainer, spec, events)            # from the newest checkpoint, if any
     result = runs.outcome(callback, trainer.state, metrics)             # cancelled / capped / succeeded
 
 Each method module stays readable top to bottom; only what would otherwise be written four times
@@ -30,9 +29,11 @@ from transformers import (
     Trainer,
     TrainerState,
 )
+from transformers.trainer_utils import TrainOutput
 
 from training_core import data, hardware
 from training_core.callbacks import JobCallback
+from training_core.events import EventWriter
 from training_core.spec import JobError, JobResult, JobSpec
 
 SAVE_TOTAL_LIMIT = 2
@@ -167,6 +168,17 @@ def save_model(spec: JobSpec, trainer: Trainer, tokenizer: PreTrainedTokenizerBa
     merged.save_pretrained(str(merged_dir))
     tokenizer.save_pretrained(str(merged_dir))
     return model_dir, merged_dir
+
+
+def train(trainer: Trainer, spec: JobSpec, events: EventWriter) -> tuple[TrainOutput, int]:
+    """Train to the end, resuming from the newest complete checkpoint in `output_dir` that a killed
+    run left; (the trainer's output, the step resumed from, 0 for a fresh start)."""
+    checkpoint = newest_checkpoint(Path(spec.output_dir))
+    resumed_from = step_of(checkpoint) if checkpoint else 0
+    if checkpoint is not None:
+        events.message(f"resuming from step {resumed_from}", step=resumed_from, path=str(checkpoint))
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    return output, resumed_from
 
 
 def newest_checkpoint(output_dir: Path) -> Path | None:

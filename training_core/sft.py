@@ -25,7 +25,6 @@ Choices a reader would otherwise have to dig for:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -63,11 +62,7 @@ def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> Job
                              device)
 
     eval_loss_before = _evaluate(trainer, eval_records)
-    checkpoint = runs.newest_checkpoint(Path(spec.output_dir))
-    resumed_from = runs.step_of(checkpoint) if checkpoint else 0
-    if checkpoint is not None:
-        events.message(f"resuming from step {resumed_from}", step=resumed_from, path=str(checkpoint))
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    output, resumed_from = runs.train(trainer, spec, events)
 
     state = trainer.state
     metrics: dict[str, Any] = {

@@ -75,7 +75,7 @@ class Limits:
 class JobSpec:
     job_id: str
     method: str
-    """`pretrain`, `continued_pretrain`, `sft`, `dpo` or `grpo` (see `training_core.__main__.METHODS`)."""
+    """`pretrain`, `continued_pretrain`, `sft`, `dpo` or `grpo` (see `training_core.methods.METHODS`)."""
     run_dir: str
     """Events, the CANCEL flag and result.json."""
     output_dir: str
