@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from server.context import ServiceRef, open_service
-from server.mcp_server import build_mcp_server
+from server.api.mcp import build_mcp_server
 from server.settings import Settings
 from training_core import hardware, modelinfo, presets
 

@@ -8,7 +8,7 @@ sample corpus; ~133k parameters) from scratch on the sample corpus in 64-token b
 steps of `--batch` blocks with warm-up and cosine decay, and minimise the held-out loss over the
 learning rate (log 1e-5..1e-1), the warm-up ratio (0..0.3) and the weight decay (0..0.2). Both
 searches run the same number of trials on the same task; the tuned one uses the service's own
-settings (`server.optuna_study`: TPE for small studies, Hyperband on optimizer steps with a report
+settings (`server.tuning.optuna_study`: TPE for small studies, Hyperband on optimizer steps with a report
 every `--eval-steps`, no pruning before a trial's warm-up ends or at its last step), the baseline a
 seeded random sampler and no pruner.
 
@@ -57,7 +57,7 @@ The stricter ratio stays above 0.4 (median 0.87). At 20 trials a search neither 
 
 The stricter ratio, seed by seed, on the settings of earlier rows (`--trials 20` unless said).
 The service places Hyperband's rungs as Hyperband does, ending at the end of training
-(`server.optuna_study.rungs`): with a report every 6 of 72 steps, at 8 (judged at the first report
+(`server.tuning.optuna_study.rungs`): with a report every 6 of 72 steps, at 8 (judged at the first report
 past it, step 12) and 24, and a third bracket is never pruned. Until 2026-11-27 they began at the
 first report: 6, 18 and 54, the last with a trial three quarters done.
 
@@ -165,7 +165,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedul
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.optuna_study import make_pruner, make_sampler, prunable
+from server.tuning.optuna_study import make_pruner, make_sampler, prunable
 from training_core import presets
 from training_core.shapes import ModelPreset
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
-from server import auth
-from server.db import make_engine, migrate
-from server.executor import LocalExecutor
+from server.store import agents as auth
+from server.store.db import make_engine, migrate
+from server.workers.executor import LocalExecutor
 from server.settings import Settings
 
 

@@ -8,11 +8,11 @@ from typing import Any
 from pydantic import Field
 from sqlmodel import Session, col, select
 
-from server import evaluation
+from server.evaluation import evals as evaluation
 from server.context import ServiceContext
-from server.db import owned
+from server.store.db import owned
 from server.errors import InvalidRequest
-from server.models import Agent, Dataset, EvalReport, Model
+from server.store.tables import Agent, Dataset, EvalReport, Model
 from tools.views import Compact
 from training_core import drift
 

@@ -7,9 +7,9 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, model_validator
 from sqlmodel import Session, col, select
 
-from server import datasets
+from server.admission import datasets
 from server.context import ServiceContext
-from server.models import Agent, Dataset
+from server.store.tables import Agent, Dataset
 from tools.views import Compact, DatasetView, dataset_view
 
 

@@ -8,10 +8,10 @@ from typing import Any
 import yaml
 from sqlmodel import Session, col, select
 
-from server import evaluation
+from server.evaluation import evals as evaluation
 from server.context import ServiceContext
 from server.errors import InvalidRequest
-from server.models import Agent, EvalSuite
+from server.store.tables import Agent, EvalSuite
 from tools.views import Compact
 
 

@@ -19,12 +19,12 @@ import jsonschema
 from pydantic import ConfigDict, Field, ValidationError
 from sqlmodel import Session, select
 
-from server import guardrails
+from server.admission import guardrails
 from server.context import ServiceContext
-from server.datasets import resolve_in_roots
-from server.db import owned, write_transaction
+from server.admission.datasets import resolve_in_roots
+from server.store.db import owned, write_transaction
 from server.errors import InvalidDataset, InvalidRequest
-from server.models import Agent, Dataset, EvalSuite, Job, JobState, Model, Reservation
+from server.store.tables import Agent, Dataset, EvalSuite, Job, JobState, Model, Reservation
 from tools.launch_training import queue_after_snapshot_check
 from tools.views import Compact
 from training_core import data, modelinfo

@@ -9,10 +9,10 @@ from typing import Any, Literal
 import anyio
 from pydantic import Field
 
-from server import jobs
+from server.store import jobs
 from server.context import ServiceContext
 from server.errors import InvalidRequest
-from server.models import FINAL_STATES, Agent
+from server.store.tables import FINAL_STATES, Agent
 from tools.views import Compact, JobView, iso, job_view
 
 WAIT_CAP_SECONDS = 50.0  # clients cut tool calls off near 60 s

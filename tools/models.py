@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlmodel import Session, col, select
 
 from server.context import ServiceContext
-from server.models import Agent, Model
+from server.store.tables import Agent, Model
 from tools.views import Compact, ModelView, model_view
 
 

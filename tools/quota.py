@@ -7,9 +7,9 @@ import time
 from pydantic import Field
 from sqlmodel import Session
 
-from server import guardrails
+from server.admission import guardrails
 from server.context import ServiceContext
-from server.models import Agent
+from server.store.tables import Agent
 from tools.views import Compact
 
 

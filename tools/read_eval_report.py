@@ -7,11 +7,12 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from server import evaluation, report_html
+from server.evaluation import evals as evaluation
+from server.evaluation import report_html
 from server.context import ServiceContext
-from server.db import owned
+from server.store.db import owned
 from server.errors import NotFound
-from server.models import Agent, EvalReport, EvalSuite, Job, JobEvent
+from server.store.tables import Agent, EvalReport, EvalSuite, Job, JobEvent
 from tools.views import Compact
 from training_core import suite
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pydantic import ConfigDict, Field
 from sqlmodel import Session
 
-from server import evaluation, guardrails
+from server.evaluation import evals as evaluation
+from server.admission import guardrails
 from server.context import ServiceContext
 from server.errors import InvalidRequest
-from server.models import Agent
+from server.store.tables import Agent
 from tools.views import Compact
 
 

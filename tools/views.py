@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.models import Dataset, Job, Model
+from server.store.tables import Dataset, Job, Model
 
 
 def _drop_property_titles(schema: dict[str, Any]) -> None:

@@ -79,7 +79,7 @@ def upload_inline(records: list[dict[str, Any]], filename: str) -> dict[str, Any
 async def main(rounds: int, home: Path) -> None:
     env = {**os.environ, "WEIGHTSMITH_HOME": str(home), "WEIGHTSMITH_DATA_ROOTS": json.dumps([str(SAMPLE)]),
            "WEIGHTSMITH_WORKER_SLOTS": "1"}
-    server = StdioServerParameters(command=sys.executable, args=["-m", "server.cli", "serve", "--stdio"], env=env,
+    server = StdioServerParameters(command=sys.executable, args=["-m", "server.cli.main", "serve", "--stdio"], env=env,
                                    cwd=str(ROOT))
     async with Client(server) as client:
         # 1. Data.

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, func, select
 
-from server import auth
+from server.store import agents as auth
 from server.context import ServiceContext
 from server.errors import InvalidDataset, InvalidRequest
-from server.models import Job
+from server.store.tables import Job
 from tests.conftest import chat_records, quick_hyperparameters, write_jsonl
 from tools.datasets import UploadDatasetRequest, upload_dataset
 from tools.launch_training import LaunchTrainingRequest, launch_training
@@ -89,7 +89,7 @@ def test_a_registered_dataset_is_a_snapshot_that_later_edits_cannot_change(servi
     write_jsonl(source, chat_records(9))
     again = upload_dataset(service, agent, UploadDatasetRequest(path=str(source))).dataset
     assert again.id != first.id and again.content_hash != first.content_hash
-    from server import datasets
+    from server.admission import datasets
 
     snapshot = Path(datasets.get(service.engine, agent.id, first.id).path)
     assert snapshot.read_bytes() == original and first.records == 6

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, func, select
 
-from server import auth, jobs
+from server.store import agents as auth
+from server.store import jobs
 from server.context import open_service
 from server.errors import LimitExceeded
-from server.models import Job, JobState, Reservation
+from server.store.tables import Job, JobState, Reservation
 from server.settings import Settings
 from tests import postgres
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl

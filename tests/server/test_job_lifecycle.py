@@ -8,9 +8,11 @@ from pathlib import Path
 
 from sqlmodel import Session, select
 
-from server import auth, guardrails, jobs
+from server.store import agents as auth
+from server.admission import guardrails
+from server.store import jobs
 from server.context import ServiceContext
-from server.models import Checkpoint, JobState, Reservation
+from server.store.tables import Checkpoint, JobState, Reservation
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
 from tools.datasets import UploadDatasetRequest, upload_dataset
 from tools.launch_training import LaunchTrainingRequest, launch_training

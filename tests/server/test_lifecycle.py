@@ -15,7 +15,7 @@ from mcp import Client
 from safetensors.torch import load_file
 
 from server.context import ServiceContext, ServiceRef
-from server.mcp_server import build_mcp_server
+from server.api.mcp import build_mcp_server
 from tests.conftest import CHAT_FACTS, chat_records, write_jsonl
 from tests.server.test_mcp_in_memory import call, wait_final
 

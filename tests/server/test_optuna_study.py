@@ -8,7 +8,7 @@ import warnings
 
 import optuna
 
-from server.optuna_study import make_pruner, make_sampler, prunable, rungs
+from server.tuning.optuna_study import make_pruner, make_sampler, prunable, rungs
 
 
 def _objective(trial: optuna.Trial) -> float:

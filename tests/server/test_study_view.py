@@ -7,9 +7,9 @@ import random
 
 import httpx
 
-from server import auth
-from server.db import make_engine, write_transaction
-from server.models import Job, JobState
+from server.store import agents as auth
+from server.store.db import make_engine, write_transaction
+from server.store.tables import Job, JobState
 from server.settings import Settings
 from tests.server.test_transports import http_service  # noqa: F401 -- the fixture
 from tools.views import TRIALS_SHOWN, job_view

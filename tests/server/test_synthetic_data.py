@@ -18,10 +18,10 @@ import pytest
 from mcp import Client
 from sqlmodel import Session, select
 
-from server import auth
+from server.store import agents as auth
 from server.context import ServiceContext, ServiceRef, open_service
-from server.mcp_server import build_mcp_server
-from server.models import Dataset, Job
+from server.api.mcp import build_mcp_server
+from server.store.tables import Dataset, Job
 from server.settings import Settings, SynthEndpoint
 from tests.conftest import quick_hyperparameters, write_jsonl
 from tests.server.test_mcp_in_memory import call, wait_final
@@ -337,7 +337,7 @@ def test_rest_and_cli_start_synth_jobs_and_refuse_bad_requests_with_the_field(
     request = tmp_path / "synth.json"
     request.write_text(json.dumps(body), encoding="utf-8")
     env = {**os.environ, "WEIGHTSMITH_URL": base, "WEIGHTSMITH_API_KEY": key}
-    priced = subprocess.run([sys.executable, "-m", "server.cli", "synth", str(request), "--dry-run"], env=env,
+    priced = subprocess.run([sys.executable, "-m", "server.cli.main", "synth", str(request), "--dry-run"], env=env,
                             capture_output=True, text=True, check=False, timeout=120)
     assert priced.returncode == 0, priced.stdout + priced.stderr
     assert json.loads(priced.stdout)["admitted"] is True

@@ -19,10 +19,10 @@ import pytest
 import uvicorn
 from mcp import Client, StdioServerParameters
 
-from server import auth
-from server.app import create_app
-from server.db import make_engine, migrate
-from server.mcp_client import http_client
+from server.store import agents as auth
+from server.api.app import create_app
+from server.store.db import make_engine, migrate
+from server.cli.mcp_client import http_client
 from server.settings import Settings
 from tests.conftest import chat_records, quick_hyperparameters, write_jsonl
 from tests.server.test_mcp_in_memory import TOOLS, call, wait_final
@@ -96,7 +96,7 @@ def test_mcp_over_http_refuses_hosts_outside_the_allow_list(http_service) -> Non
 def test_cli_uploads_trains_and_watches_a_job_to_its_end(http_service, settings: Settings, tmp_path: Path) -> None:
     base, key, _ = http_service
     env = {**os.environ, "WEIGHTSMITH_URL": base, "WEIGHTSMITH_API_KEY": key}
-    cli = [sys.executable, "-m", "server.cli"]
+    cli = [sys.executable, "-m", "server.cli.main"]
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(24))
     uploaded = subprocess.run([*cli, "datasets", "upload", str(data)], env=env, capture_output=True, text=True,
                               check=True)
@@ -138,7 +138,7 @@ def test_mcp_over_stdio_serves_the_local_agent(settings: Settings, tmp_path: Pat
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(24))
     env = {**os.environ, "WEIGHTSMITH_HOME": str(settings.home), "WEIGHTSMITH_WORKER_SLOTS": "1",
            "WEIGHTSMITH_DATA_ROOTS": f'["{tmp_path}", "{settings.data_roots[1]}"]'}
-    params = StdioServerParameters(command=sys.executable, args=["-m", "server.cli", "serve", "--stdio"], env=env,
+    params = StdioServerParameters(command=sys.executable, args=["-m", "server.cli.main", "serve", "--stdio"], env=env,
                                    cwd=str(Path(__file__).resolve().parents[2]))
 
     async def main() -> None:
@@ -156,13 +156,13 @@ def test_mcp_over_stdio_serves_the_local_agent(settings: Settings, tmp_path: Pat
 
 def test_cli_adds_an_agent_and_prints_its_key_once(settings: Settings) -> None:
     env = {**os.environ, "WEIGHTSMITH_HOME": str(settings.home)}
-    result = subprocess.run([sys.executable, "-m", "server.cli", "agents", "add", "cli-agent",
+    result = subprocess.run([sys.executable, "-m", "server.cli.main", "agents", "add", "cli-agent",
                              "--max-concurrent-jobs", "2"], env=env, capture_output=True, text=True, check=True)
     key = result.stdout.strip().splitlines()[-1]
     assert key.startswith("ws_")
     engine = make_engine(settings.db_url)
     agent = auth.agent_for_key(engine, key)
     assert agent.name == "cli-agent" and agent.max_concurrent_jobs == 2 and agent.key_hash != key
-    again = subprocess.run([sys.executable, "-m", "server.cli", "agents", "add", "cli-agent"], env=env,
+    again = subprocess.run([sys.executable, "-m", "server.cli.main", "agents", "add", "cli-agent"], env=env,
                            capture_output=True, text=True, check=False)
     assert again.returncode != 0 and "exists" in (again.stdout + again.stderr)

@@ -22,13 +22,15 @@ from mcp import Client
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from server import auth, jobs, kpi_objective
+from server.store import agents as auth
+from server.store import jobs
+from server.tuning import kpi_objective
 from server.context import ServiceContext, ServiceRef, open_service
-from server.db import make_engine, migrate
+from server.store.db import make_engine, migrate
 from server.errors import InvalidRequest, LimitExceeded
-from server.mcp_server import build_mcp_server
-from server.models import Agent, EvalReport, Job, JobState, Reservation
-from server.optuna_study import open_study
+from server.api.mcp import build_mcp_server
+from server.store.tables import Agent, EvalReport, Job, JobState, Reservation
+from server.tuning.optuna_study import open_study
 from server.settings import Settings
 from tests import postgres
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
@@ -305,7 +307,7 @@ def _serve(settings: Settings, log: Path) -> tuple[subprocess.Popen[bytes], str]
            "WEIGHTSMITH_DATA_ROOTS": json.dumps([str(root) for root in settings.data_roots]),
            "WEIGHTSMITH_LEASE_SECONDS": "3", "WEIGHTSMITH_HEARTBEAT_SECONDS": "0.5", "WEIGHTSMITH_WORKER_SLOTS": "1"}
     with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli.main", "serve", "--port", str(port)], env=env,
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
 
@@ -448,7 +450,7 @@ def test_cli_tune_starts_a_study_from_yaml_and_shows_its_trials(
         http_service, settings: Settings, tmp_path: Path) -> None:  # noqa: F811 -- the imported fixture
     base, key, _ = http_service
     env = {**os.environ, "WEIGHTSMITH_URL": base, "WEIGHTSMITH_API_KEY": key, "COLUMNS": "200"}
-    cli = [sys.executable, "-m", "server.cli"]
+    cli = [sys.executable, "-m", "server.cli.main"]
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(24))
     uploaded = subprocess.run([*cli, "datasets", "upload", str(data)], env=env, capture_output=True, text=True,
                               check=True)
@@ -499,7 +501,7 @@ def test_a_slow_step_of_the_study_driver_keeps_its_lease(service: ServiceContext
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # Queueing a trial hashes its dataset snapshots, seconds for a multi-GB file: here, twice the lease.
     # Renewed only between steps of its loop, the lease expired and the service took the study over again.
-    from server import study as driver_module
+    from server.tuning import driver as driver_module
 
     def slow_queue(*args: Any, **kwargs: Any) -> None:
         time.sleep(2 * service.settings.lease_seconds)

@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 from sqlmodel import Session, col, select
 
-from server import auth, executor, jobs
+from server.store import agents as auth
+from server.workers import executor
+from server.store import jobs
 from server.context import ServiceContext, open_service
-from server.db import write_transaction
-from server.executor import claim
-from server.models import Agent, Dataset, Job, JobState, Reservation
+from server.store.db import write_transaction
+from server.workers.executor import claim
+from server.store.tables import Agent, Dataset, Job, JobState, Reservation
 from server.settings import Settings
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
 from tools.datasets import UploadDatasetRequest, upload_dataset
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     env = {**os.environ, "WEIGHTSMITH_HOME": str(settings.home), "WEIGHTSMITH_LEASE_SECONDS": "3",
            "WEIGHTSMITH_HEARTBEAT_SECONDS": "0.5", "WEIGHTSMITH_WORKER_SLOTS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=env, cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "server.cli.main", "worker"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -1,7 +1,7 @@
-"""Alembic environment: runs on the connection `server.db.migrate` hands it.
+"""Alembic environment: runs on the connection `server.store.db.migrate` hands it.
 
-New revision after a change to server/models.py:
-    WEIGHTSMITH_HOME=/tmp/ws-migrate .venv/bin/alembic -c server/alembic.ini revision --autogenerate -m "..."
+New revision after a change to server/store/tables.py:
+    WEIGHTSMITH_HOME=/tmp/ws-migrate .venv/bin/alembic -c server/store/alembic.ini revision --autogenerate -m "..."
 
 Our revision is kept in `weightsmith_schema_version`, and autogenerate compares our tables only:
 the Optuna studies share the database, with their own tables and their own `alembic_version`.
@@ -10,15 +10,15 @@ the Optuna studies share the database, with their own tables and their own `alem
 from alembic import context
 from sqlmodel import SQLModel
 
-import server.models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from server.db import VERSION_TABLE, is_ours
+import server.store.tables  # noqa: F401  (registers the tables on SQLModel.metadata)
+from server.store.db import VERSION_TABLE, is_ours
 
 target_metadata = SQLModel.metadata
 connection = context.config.attributes.get("connection")
 
 if connection is None:
-    # Command-line use (`alembic -c server/alembic.ini ...`): connect with the service settings.
-    from server.db import make_engine
+    # Command-line use (`alembic -c server/store/alembic.ini ...`): connect with the service settings.
+    from server.store.db import make_engine
     from server.settings import Settings
 
     engine = make_engine(Settings().db_url)

@@ -20,9 +20,9 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from server.db import owned, write_transaction
+from server.store.db import owned, write_transaction
 from server.errors import InvalidRequest
-from server.models import Dataset
+from server.store.tables import Dataset
 from server.settings import Settings
 from training_core import data
 

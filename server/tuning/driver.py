@@ -41,14 +41,16 @@ import optuna
 from optuna.trial import TrialState
 from sqlmodel import Session, col, select
 
-from server import guardrails, jobs, kpi_objective
+from server.admission import guardrails
+from server.store import jobs
+from server.tuning import kpi_objective
 from server.context import ServiceContext
-from server.db import without_password, write_transaction
+from server.store.db import without_password, write_transaction
 from server.errors import WeightsmithError
-from server.executor import LeasedWork
-from server.kpi_objective import KpiObjective
-from server.models import ACTIVE_STATES, FINAL_STATES, Agent, Job, JobState, Reservation
-from server.optuna_study import StudyStoreMoved, distributions, open_study, prunable
+from server.workers.executor import LeasedWork
+from server.tuning.kpi_objective import KpiObjective
+from server.store.tables import ACTIVE_STATES, FINAL_STATES, Agent, Job, JobState, Reservation
+from server.tuning.optuna_study import StudyStoreMoved, distributions, open_study, prunable
 from tools.launch_training import LaunchTrainingRequest, prepare_train_job, queue_after_snapshot_check
 from tools.tune_hyperparameters import (
     final_retrain_request,
@@ -59,7 +61,7 @@ from tools.tune_hyperparameters import (
 from tools.views import ENDED_TRIAL_STATES
 
 if TYPE_CHECKING:
-    from server.executor import LocalExecutor
+    from server.workers.executor import LocalExecutor
 
 log = logging.getLogger("weightsmith.study")
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -1,6 +1,6 @@
 """The HTTP service: REST under /v1, MCP (streamable HTTP) at /mcp, OpenAPI docs at /docs.
 
-    weightsmith serve            # or: uvicorn --factory server.app:create_app
+    weightsmith serve            # or: uvicorn --factory server.api.app:create_app
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server import auth
+from server.store import agents as auth
 from server.context import ServiceRef, open_service
 from server.errors import Unauthorized, WeightsmithError
-from server.mcp_server import build_mcp_server
-from server.rest import error_handler, router
+from server.api.mcp import build_mcp_server
+from server.api.rest import error_handler, router
 from server.settings import Settings
 
 

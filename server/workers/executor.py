@@ -31,14 +31,17 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, and_, or_
 from sqlmodel import col, select
 
-from server import datasets, evaluation, guardrails, jobs
-from server.db import is_sqlite, write_transaction
-from server.models import FINAL_STATES, Job, JobState, Model
+from server.admission import datasets
+from server.evaluation import evals as evaluation
+from server.admission import guardrails
+from server.store import jobs
+from server.store.db import is_sqlite, write_transaction
+from server.store.tables import FINAL_STATES, Job, JobState, Model
 from server.settings import Settings
 from training_core.spec import CANCEL_FILE, EVENTS_FILE, JobResult, write_json_atomic
 
 if TYPE_CHECKING:
-    from server.study import StudyDriver
+    from server.tuning.driver import StudyDriver
 
 log = logging.getLogger("weightsmith.executor")
 
@@ -388,7 +391,7 @@ class _Runner(LeasedWork):
 def _study_driver(executor: LocalExecutor, job: Job) -> StudyDriver:
     # Imported here: the driver prices trials with launch_training's code, which imports the
     # service context, which imports this module.
-    from server.study import StudyDriver
+    from server.tuning.driver import StudyDriver
 
     return StudyDriver(executor, job)
 

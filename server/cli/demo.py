@@ -21,10 +21,10 @@ from typing import Any
 import uvicorn
 from rich.console import Console
 
-from server import auth
-from server.app import create_app
-from server.db import make_engine, migrate
-from server.mcp_client import http_client
+from server.store import agents as auth
+from server.api.app import create_app
+from server.store.db import make_engine, migrate
+from server.cli.mcp_client import http_client
 from server.settings import Settings
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "examples" / "sample_corpus"

@@ -49,7 +49,7 @@ def serve(stdio: Annotated[bool, typer.Option("--stdio", help="MCP over stdin/st
         import anyio
 
         from server.context import ServiceRef, open_service
-        from server.mcp_server import build_mcp_server
+        from server.api.mcp import build_mcp_server
 
         async def run() -> None:
             with open_service(settings) as ctx:
@@ -59,7 +59,7 @@ def serve(stdio: Annotated[bool, typer.Option("--stdio", help="MCP over stdin/st
         return
     import uvicorn
 
-    from server.app import create_app
+    from server.api.app import create_app
 
     uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
 
@@ -90,8 +90,8 @@ def agents_add(name: str,
                max_dataset_bytes: int | None = None, budget_flops: float | None = None,
                budget_window_seconds: float | None = None, max_concurrent_jobs: int | None = None) -> None:
     """Create an agent and print its API key (shown once, stored hashed)."""
-    from server import auth
-    from server.db import make_engine, migrate
+    from server.store import agents as auth
+    from server.store.db import make_engine, migrate
 
     settings = Settings()
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -111,9 +111,9 @@ def agents_list() -> None:
     """Agents and their limits."""
     from sqlmodel import Session, select
 
-    from server.auth import LIMIT_FIELDS
-    from server.db import make_engine, migrate
-    from server.models import Agent
+    from server.store.agents import LIMIT_FIELDS
+    from server.store.db import make_engine, migrate
+    from server.store.tables import Agent
 
     settings = Settings()
     engine = make_engine(settings.db_url)
@@ -336,7 +336,7 @@ def jobs_watch(job_id: str) -> None:
 @app.command()
 def demo() -> None:
     """Train on the bundled sample corpus through the real MCP client, end to end."""
-    from server.demo import run_demo
+    from server.cli.demo import run_demo
 
     sys.exit(run_demo(console))
 

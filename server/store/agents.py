@@ -12,9 +12,9 @@ import secrets
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from server.db import write_transaction
+from server.store.db import write_transaction
 from server.errors import Conflict, Unauthorized
-from server.models import Agent
+from server.store.tables import Agent
 from server.settings import Settings
 
 LIMIT_FIELDS = (

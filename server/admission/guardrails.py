@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, func, update
 from sqlmodel import Session, col, select
 
-from server.db import is_sqlite
+from server.store.db import is_sqlite
 from server.errors import LimitExceeded
-from server.models import ACTIVE_STATES, Agent, Job, Reservation
+from server.store.tables import ACTIVE_STATES, Agent, Job, Reservation
 
 
 @dataclass(frozen=True)

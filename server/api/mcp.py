@@ -18,10 +18,10 @@ from mcp_types import Tool as MCPTool
 from mcp_types import ToolAnnotations
 from starlette.requests import Request
 
-from server import auth
+from server.store import agents as auth
 from server.context import ServiceRef
 from server.errors import WeightsmithError
-from server.models import Agent
+from server.store.tables import Agent
 from tools import check_drift as drift_tool
 from tools import datasets as dataset_tools
 from tools import eval_suites as eval_suite_tools

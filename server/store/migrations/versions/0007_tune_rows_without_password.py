@@ -11,7 +11,7 @@ URL and compares only the masked form, so the stored one can lose its password.
 import sqlalchemy as sa
 from alembic import op
 
-from server.db import without_password
+from server.store.db import without_password
 
 revision = "0007"
 down_revision = "0006"

@@ -12,8 +12,8 @@ from typing import Any
 
 import optuna
 
-from server.db import without_password
-from server.models import Job
+from server.store.db import without_password
+from server.store.tables import Job
 from tools.tune_hyperparameters import ParamSpace
 
 

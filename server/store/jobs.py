@@ -13,9 +13,9 @@ from typing import Any
 from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
-from server import guardrails
-from server.db import owned, write_transaction
-from server.models import (
+from server.admission import guardrails
+from server.store.db import owned, write_transaction
+from server.store.tables import (
     ACTIVE_STATES,
     FINAL_STATES,
     Checkpoint,
