@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
+from server.settings import Settings
 from server.store import agents as auth
 from server.store.db import make_engine, migrate
 from server.workers.executor import LocalExecutor
-from server.settings import Settings
 
 
 @dataclass

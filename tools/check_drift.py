@@ -8,10 +8,10 @@ from typing import Any
 from pydantic import Field
 from sqlmodel import Session, col, select
 
-from server.evaluation import evals as evaluation
 from server.context import ServiceContext
-from server.store.db import owned
 from server.errors import InvalidRequest
+from server.evaluation import evals as evaluation
+from server.store.db import owned
 from server.store.tables import Agent, Dataset, EvalReport, Model
 from tools.views import Compact
 from training_core import drift

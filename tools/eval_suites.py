@@ -8,9 +8,9 @@ from typing import Any
 import yaml
 from sqlmodel import Session, col, select
 
-from server.evaluation import evals as evaluation
 from server.context import ServiceContext
 from server.errors import InvalidRequest
+from server.evaluation import evals as evaluation
 from server.store.tables import Agent, EvalSuite
 from tools.views import Compact
 

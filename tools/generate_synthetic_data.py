@@ -20,10 +20,10 @@ from pydantic import ConfigDict, Field, ValidationError
 from sqlmodel import Session, select
 
 from server.admission import guardrails
-from server.context import ServiceContext
 from server.admission.datasets import resolve_in_roots
-from server.store.db import owned, write_transaction
+from server.context import ServiceContext
 from server.errors import InvalidDataset, InvalidRequest
+from server.store.db import owned, write_transaction
 from server.store.tables import Agent, Dataset, EvalSuite, Job, JobState, Model, Reservation
 from tools.launch_training import queue_after_snapshot_check
 from tools.views import Compact

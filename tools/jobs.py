@@ -9,9 +9,9 @@ from typing import Any, Literal
 import anyio
 from pydantic import Field
 
-from server.store import jobs
 from server.context import ServiceContext
 from server.errors import InvalidRequest
+from server.store import jobs
 from server.store.tables import FINAL_STATES, Agent
 from tools.views import Compact, JobView, iso, job_view
 

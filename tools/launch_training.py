@@ -14,10 +14,10 @@ from pydantic import ConfigDict, Field, ValidationError
 from sqlmodel import Session, select
 
 from server.admission import guardrails
-from server.context import ServiceContext
 from server.admission.datasets import resolve_in_roots, sha256_file
-from server.store.db import owned, write_transaction
+from server.context import ServiceContext
 from server.errors import Conflict, InvalidDataset, InvalidRequest
+from server.store.db import owned, write_transaction
 from server.store.tables import Agent, Dataset, EvalSuite, Job, JobState, Model, Reservation
 from tools.views import Compact, JobView, job_view
 from training_core import methods, modelinfo, token_counts

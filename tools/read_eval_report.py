@@ -7,11 +7,11 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
+from server.context import ServiceContext
+from server.errors import NotFound
 from server.evaluation import evals as evaluation
 from server.evaluation import report_html
-from server.context import ServiceContext
 from server.store.db import owned
-from server.errors import NotFound
 from server.store.tables import Agent, EvalReport, EvalSuite, Job, JobEvent
 from tools.views import Compact
 from training_core import suite

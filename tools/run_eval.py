@@ -5,10 +5,10 @@ from __future__ import annotations
 from pydantic import ConfigDict, Field
 from sqlmodel import Session
 
-from server.evaluation import evals as evaluation
 from server.admission import guardrails
 from server.context import ServiceContext
 from server.errors import InvalidRequest
+from server.evaluation import evals as evaluation
 from server.store.tables import Agent
 from tools.views import Compact
 

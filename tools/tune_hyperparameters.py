@@ -30,12 +30,12 @@ from pydantic import ConfigDict, Field, ValidationError
 from sqlmodel import Session, select
 
 from server.admission import guardrails
-from server.tuning import kpi_objective
 from server.context import ServiceContext
-from server.store.db import without_password, write_transaction
 from server.errors import Conflict, InvalidRequest, LimitExceeded, WeightsmithError
-from server.tuning.kpi_objective import KpiObjective
+from server.store.db import without_password, write_transaction
 from server.store.tables import Agent, Job, JobState, Reservation
+from server.tuning import kpi_objective
+from server.tuning.kpi_objective import KpiObjective
 from tools.launch_training import Hyperparameters, LaunchTrainingRequest, LoraOptions, prepare_train_job
 from tools.views import Compact
 

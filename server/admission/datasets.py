@@ -20,10 +20,10 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from server.store.db import owned, write_transaction
 from server.errors import InvalidRequest
-from server.store.tables import Dataset
 from server.settings import Settings
+from server.store.db import owned, write_transaction
+from server.store.tables import Dataset
 from training_core import data
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, func, update
 from sqlmodel import Session, col, select
 
-from server.store.db import is_sqlite
 from server.errors import LimitExceeded
+from server.store.db import is_sqlite
 from server.store.tables import ACTIVE_STATES, Agent, Job, Reservation
 
 

@@ -14,12 +14,12 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.store import agents as auth
-from server.context import ServiceRef, open_service
-from server.errors import Unauthorized, WeightsmithError
 from server.api.mcp import build_mcp_server
 from server.api.rest import error_handler, router
+from server.context import ServiceRef, open_service
+from server.errors import Unauthorized, WeightsmithError
 from server.settings import Settings
+from server.store import agents as auth
 
 
 def create_app(settings: Settings | None = None, *, workers: bool = True) -> FastAPI:

@@ -18,9 +18,9 @@ from mcp_types import Tool as MCPTool
 from mcp_types import ToolAnnotations
 from starlette.requests import Request
 
-from server.store import agents as auth
 from server.context import ServiceRef
 from server.errors import WeightsmithError
+from server.store import agents as auth
 from server.store.tables import Agent
 from tools import check_drift as drift_tool
 from tools import datasets as dataset_tools

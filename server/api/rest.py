@@ -8,9 +8,9 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
-from server.store import agents as auth
 from server.context import ServiceContext, ServiceRef
 from server.errors import WeightsmithError
+from server.store import agents as auth
 from server.store.tables import Agent
 from tools import datasets as dataset_tools
 from tools import eval_suites

@@ -21,11 +21,11 @@ from typing import Any
 import uvicorn
 from rich.console import Console
 
-from server.store import agents as auth
 from server.api.app import create_app
-from server.store.db import make_engine, migrate
 from server.cli.mcp_client import http_client
 from server.settings import Settings
+from server.store import agents as auth
+from server.store.db import make_engine, migrate
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "examples" / "sample_corpus"
 DEMO_QUESTION = "What does red-drop mean on the Nightwatch desk?"

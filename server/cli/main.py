@@ -48,8 +48,8 @@ def serve(stdio: Annotated[bool, typer.Option("--stdio", help="MCP over stdin/st
     if stdio:
         import anyio
 
-        from server.context import ServiceRef, open_service
         from server.api.mcp import build_mcp_server
+        from server.context import ServiceRef, open_service
 
         async def run() -> None:
             with open_service(settings) as ctx:

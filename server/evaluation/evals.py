@@ -24,12 +24,12 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from server.admission import guardrails
-from server.store import jobs
 from server.admission.datasets import resolve_in_roots, sha256_file
-from server.store.db import owned, write_transaction
 from server.errors import InvalidDataset, InvalidRequest
-from server.store.tables import Agent, Dataset, EvalReport, EvalSuite, Job, JobState, Model, Reservation
 from server.settings import Settings
+from server.store import jobs
+from server.store.db import owned, write_transaction
+from server.store.tables import Agent, Dataset, EvalReport, EvalSuite, Job, JobState, Model, Reservation
 from training_core import data, drift, gate, modelinfo, suite
 from training_core.spec import Hyperparameters, JobResult, JobSpec, Limits
 

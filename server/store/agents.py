@@ -12,10 +12,10 @@ import secrets
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from server.store.db import write_transaction
 from server.errors import Conflict, Unauthorized
-from server.store.tables import Agent
 from server.settings import Settings
+from server.store.db import write_transaction
+from server.store.tables import Agent
 
 LIMIT_FIELDS = (
     "max_request_flops", "max_request_seconds", "max_request_params", "max_request_tokens",

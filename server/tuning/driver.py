@@ -42,15 +42,15 @@ from optuna.trial import TrialState
 from sqlmodel import Session, col, select
 
 from server.admission import guardrails
-from server.store import jobs
-from server.tuning import kpi_objective
 from server.context import ServiceContext
-from server.store.db import without_password, write_transaction
 from server.errors import WeightsmithError
-from server.workers.executor import LeasedWork
-from server.tuning.kpi_objective import KpiObjective
+from server.store import jobs
+from server.store.db import without_password, write_transaction
 from server.store.tables import ACTIVE_STATES, FINAL_STATES, Agent, Job, JobState, Reservation
+from server.tuning import kpi_objective
+from server.tuning.kpi_objective import KpiObjective
 from server.tuning.optuna_study import StudyStoreMoved, distributions, open_study, prunable
+from server.workers.executor import LeasedWork
 from tools.launch_training import LaunchTrainingRequest, prepare_train_job, queue_after_snapshot_check
 from tools.tune_hyperparameters import (
     final_retrain_request,

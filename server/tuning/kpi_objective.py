@@ -21,9 +21,9 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
-from server.evaluation import evals as evaluation
 from server.admission import guardrails
 from server.errors import InvalidRequest
+from server.evaluation import evals as evaluation
 from server.store.tables import Agent, EvalReport, EvalSuite, Job, JobState, Model
 
 PREFIX = "kpi:"

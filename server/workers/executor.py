@@ -31,13 +31,12 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, and_, or_
 from sqlmodel import col, select
 
-from server.admission import datasets
+from server.admission import datasets, guardrails
 from server.evaluation import evals as evaluation
-from server.admission import guardrails
+from server.settings import Settings
 from server.store import jobs
 from server.store.db import is_sqlite, write_transaction
 from server.store.tables import FINAL_STATES, Job, JobState, Model
-from server.settings import Settings
 from training_core.spec import CANCEL_FILE, EVENTS_FILE, JobResult, write_json_atomic
 
 if TYPE_CHECKING:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, func, select
 
-from server.store import agents as auth
 from server.context import ServiceContext
 from server.errors import InvalidDataset, InvalidRequest
+from server.store import agents as auth
 from server.store.tables import Job
 from tests.conftest import chat_records, quick_hyperparameters, write_jsonl
 from tools.datasets import UploadDatasetRequest, upload_dataset

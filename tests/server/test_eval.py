@@ -17,11 +17,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from mcp import Client
 
-from server.store import agents as auth
-from server.context import ServiceContext, ServiceRef
-from server.errors import WeightsmithError
 from server.api.mcp import build_mcp_server
 from server.api.rest import error_handler, router
+from server.context import ServiceContext, ServiceRef
+from server.errors import WeightsmithError
+from server.store import agents as auth
 from tests.conftest import CHAT_FACTS, chat_records, quick_hyperparameters, write_jsonl
 from tests.server.test_mcp_in_memory import call, wait_final
 

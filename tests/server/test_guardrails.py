@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, func, select
 
-from server.store import agents as auth
-from server.store import jobs
 from server.context import open_service
 from server.errors import LimitExceeded
-from server.store.tables import Job, JobState, Reservation
 from server.settings import Settings
+from server.store import agents as auth
+from server.store import jobs
+from server.store.tables import Job, JobState, Reservation
 from tests import postgres
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
 from tools.datasets import UploadDatasetRequest, upload_dataset

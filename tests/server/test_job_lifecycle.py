@@ -8,10 +8,10 @@ from pathlib import Path
 
 from sqlmodel import Session, select
 
-from server.store import agents as auth
 from server.admission import guardrails
-from server.store import jobs
 from server.context import ServiceContext
+from server.store import agents as auth
+from server.store import jobs
 from server.store.tables import Checkpoint, JobState, Reservation
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
 from tools.datasets import UploadDatasetRequest, upload_dataset

@@ -14,8 +14,8 @@ import torch
 from mcp import Client
 from safetensors.torch import load_file
 
-from server.context import ServiceContext, ServiceRef
 from server.api.mcp import build_mcp_server
+from server.context import ServiceContext, ServiceRef
 from tests.conftest import CHAT_FACTS, chat_records, write_jsonl
 from tests.server.test_mcp_in_memory import call, wait_final
 

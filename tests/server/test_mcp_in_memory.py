@@ -10,9 +10,9 @@ import anyio
 from mcp import Client
 from safetensors.torch import load_file
 
-from server.store import agents as auth
-from server.context import ServiceContext, ServiceRef
 from server.api.mcp import build_mcp_server
+from server.context import ServiceContext, ServiceRef
+from server.store import agents as auth
 from tests.conftest import chat_records, quick_hyperparameters, write_jsonl
 
 TOOLS = {"launch_training", "get_job", "wait_for_job", "list_jobs", "cancel_job", "get_job_events",

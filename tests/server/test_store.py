@@ -18,13 +18,13 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, column, inspect, table, text
 from sqlmodel import Session, SQLModel, func, select
 
+from server.context import open_service
+from server.settings import Settings
 from server.store import agents as auth
 from server.store import jobs
-from server.context import open_service
 from server.store.db import LEGACY_VERSION_TABLE, VERSION_TABLE, alembic_config, make_engine, migrate
 from server.store.tables import Job, JobEvent, JobState
 from server.tuning.optuna_study import studies_storage
-from server.settings import Settings
 from tests import postgres
 
 

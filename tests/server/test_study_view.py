@@ -7,10 +7,10 @@ import random
 
 import httpx
 
+from server.settings import Settings
 from server.store import agents as auth
 from server.store.db import make_engine, write_transaction
 from server.store.tables import Job, JobState
-from server.settings import Settings
 from tests.server.test_transports import http_service  # noqa: F401 -- the fixture
 from tools.views import TRIALS_SHOWN, job_view
 

@@ -18,11 +18,11 @@ import pytest
 from mcp import Client
 from sqlmodel import Session, select
 
-from server.store import agents as auth
-from server.context import ServiceContext, ServiceRef, open_service
 from server.api.mcp import build_mcp_server
-from server.store.tables import Dataset, Job
+from server.context import ServiceContext, ServiceRef, open_service
 from server.settings import Settings, SynthEndpoint
+from server.store import agents as auth
+from server.store.tables import Dataset, Job
 from tests.conftest import quick_hyperparameters, write_jsonl
 from tests.server.test_mcp_in_memory import call, wait_final
 from tests.server.test_transports import http_service  # noqa: F401 -- a fixture

@@ -19,11 +19,11 @@ import pytest
 import uvicorn
 from mcp import Client, StdioServerParameters
 
-from server.store import agents as auth
 from server.api.app import create_app
-from server.store.db import make_engine, migrate
 from server.cli.mcp_client import http_client
 from server.settings import Settings
+from server.store import agents as auth
+from server.store.db import make_engine, migrate
 from tests.conftest import chat_records, quick_hyperparameters, write_jsonl
 from tests.server.test_mcp_in_memory import TOOLS, call, wait_final
 

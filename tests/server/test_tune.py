@@ -22,16 +22,16 @@ from mcp import Client
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
+from server.api.mcp import build_mcp_server
+from server.context import ServiceContext, ServiceRef, open_service
+from server.errors import InvalidRequest, LimitExceeded
+from server.settings import Settings
 from server.store import agents as auth
 from server.store import jobs
-from server.tuning import kpi_objective
-from server.context import ServiceContext, ServiceRef, open_service
 from server.store.db import make_engine, migrate
-from server.errors import InvalidRequest, LimitExceeded
-from server.api.mcp import build_mcp_server
 from server.store.tables import Agent, EvalReport, Job, JobState, Reservation
+from server.tuning import kpi_objective
 from server.tuning.optuna_study import open_study
-from server.settings import Settings
 from tests import postgres
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
 from tests.server.test_eval import eval_records

@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 from sqlmodel import Session, col, select
 
-from server.store import agents as auth
-from server.workers import executor
-from server.store import jobs
 from server.context import ServiceContext, open_service
-from server.store.db import write_transaction
-from server.workers.executor import claim
-from server.store.tables import Agent, Dataset, Job, JobState, Reservation
 from server.settings import Settings
+from server.store import agents as auth
+from server.store import jobs
+from server.store.db import write_transaction
+from server.store.tables import Agent, Dataset, Job, JobState, Reservation
+from server.workers import executor
+from server.workers.executor import claim
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
 from tools.datasets import UploadDatasetRequest, upload_dataset
 from tools.launch_training import LaunchTrainingRequest, launch_training, prepare_train_job

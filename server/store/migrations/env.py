@@ -18,8 +18,8 @@ connection = context.config.attributes.get("connection")
 
 if connection is None:
     # Command-line use (`alembic -c server/store/alembic.ini ...`): connect with the service settings.
-    from server.store.db import make_engine
     from server.settings import Settings
+    from server.store.db import make_engine
 
     engine = make_engine(Settings().db_url)
     connection = engine.connect()
