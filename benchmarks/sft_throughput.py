@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from server.api.mcp import build_mcp_server
-from server.context import ServiceRef, open_service
+from server.context import ServiceRef
+from server.service import open_service
 from server.settings import Settings
 from training_core import hardware, modelinfo, presets
 

@@ -1,47 +1,38 @@
-"""The service's long-lived resources, opened once by a lifespan and passed to every tool."""
+"""The service's long-lived resources, opened once (`server.service.open_service`) and passed to
+every tool and core function that needs them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from sqlalchemy import Engine
 
 from server.settings import Settings
-from server.store import agents as auth
-from server.store.db import make_engine, migrate
-from server.workers.executor import LocalExecutor
+
+
+class Workers(Protocol):
+    """What the rest of the service needs of an executor (local child processes, or Ray)."""
+
+    owner: str
+
+    def wake(self) -> None:
+        """Look for work now rather than at the next poll (a job was just queued)."""
+
+    def max_devices(self) -> int:
+        """The most devices (GPUs, or CPU processes where there are none) one job can be given."""
 
 
 @dataclass
 class ServiceContext:
     settings: Settings
     engine: Engine
-    executor: LocalExecutor | None
+    executor: Workers | None = None
+    """None where this process runs no workers (a second API process; tests of the store)."""
 
     def wake_workers(self) -> None:
         if self.executor is not None:
             self.executor.wake()
-
-
-@contextmanager
-def open_service(settings: Settings, *, workers: bool = True) -> Iterator[ServiceContext]:
-    """Migrate the store, make the home's folders, start the embedded workers; undo on exit."""
-    for directory in (settings.home, settings.datasets_dir, settings.runs_dir, settings.models_dir):
-        directory.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.db_url)
-    migrate(engine)
-    auth.ensure_local_agent(engine, settings)
-    executor = LocalExecutor(engine, settings) if workers and settings.worker_slots > 0 else None
-    if executor is not None:
-        executor.start()
-    try:
-        yield ServiceContext(settings=settings, engine=engine, executor=executor)
-    finally:
-        if executor is not None:
-            executor.stop()
-        engine.dispose()
 
 
 class ServiceRef:

@@ -1,12 +1,18 @@
 """One error base and a few subclasses. Every message tells the caller what to change.
 
-Transports map them: MCP raises `ToolError(str(err))`, REST answers `http_status` with
-`{"error": {"code", "message", "param"}}`.
+The transports map them in one place (`server/api/errors.py`): MCP answers a tool error whose text
+starts with the code, REST answers `http_status` with `{"error": {"code", "message", "param"}}`,
+the OpenAI-compatible endpoint answers OpenAI's error shape. A request with several problems lists
+every one in `problems` (`[{"param", "message"}]`), the first also as `param`.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
+
+from pydantic import ValidationError
 
 
 class WeightsmithError(Exception):
@@ -30,6 +36,13 @@ class WeightsmithError(Exception):
 class InvalidRequest(WeightsmithError):
     code = "invalid_request"
     http_status = 422
+
+    @classmethod
+    def of(cls, problems: Sequence[tuple[str, str]]) -> InvalidRequest:
+        """Every problem of a request at once, each `(param, message)`; the first names `param`."""
+        listed = "; ".join(f"{param}: {message}" if param else message for param, message in problems)
+        return cls(listed, param=problems[0][0] or None,
+                   details={"problems": [{"param": p, "message": m} for p, m in problems]} if len(problems) > 1 else {})
 
 
 class InvalidDataset(WeightsmithError):
@@ -57,3 +70,95 @@ class LimitExceeded(WeightsmithError):
 class Unauthorized(WeightsmithError):
     code = "unauthorized"
     http_status = 401
+
+
+def problems_of(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    """pydantic's errors in our words: `(param, what to change)`, no library boilerplate or links."""
+    return problems_from(err.errors(include_url=False), prefix)
+
+
+def problems_from(errors: Sequence[Any], prefix: str = "") -> list[tuple[str, str]]:
+    """The same for errors already listed (FastAPI's request validation lists them this way)."""
+    found = []
+    for error in errors:
+        where = ".".join(_part(part) for part in error["loc"] if not _is_union_branch(part))
+        where = where.replace(".[", "[")
+        found.append(((prefix + where) if where else prefix.rstrip("."), _message(error)))
+    return _merged(found)
+
+
+def invalid_request(err: ValidationError, prefix: str = "") -> InvalidRequest:
+    return InvalidRequest.of(problems_of(err, prefix))
+
+
+def _part(part: str | int) -> str:
+    return f"[{part}]" if isinstance(part, int) else str(part)
+
+
+def _is_union_branch(part: str | int) -> bool:
+    # pydantic names the branch of a union it tried ("int", "literal['auto']", "function-after[...]").
+    return isinstance(part, str) and (part in {"int", "float", "str", "bool", "list", "dict"} or "[" in part
+                                      or part.startswith(("constrained-", "json-or-python")))
+
+
+def _merged(found: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A value refused by every branch of a union ("a number or auto") is one problem, not one a branch."""
+    merged: dict[str, list[str]] = {}
+    for param, message in found:
+        messages = merged.setdefault(param, [])
+        if message not in messages:
+            messages.append(message)
+    return [(param, " or ".join(messages)) for param, messages in merged.items()]
+
+
+_WORDS = {
+    "missing": "is required",
+    "extra_forbidden": "is not a field here; remove it (check the spelling against the tool's schema)",
+    "int_type": "must be an integer", "int_parsing": "must be an integer",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number", "float_parsing": "must be a number",
+    "finite_number": "must be a finite number (not NaN or Infinity)",
+    "bool_type": "must be true or false", "bool_parsing": "must be true or false",
+    "string_type": "must be a string", "list_type": "must be a list", "dict_type": "must be an object",
+    "model_type": "must be an object", "model_attributes_type": "must be an object",
+    "url_parsing": "must be a URL", "datetime_parsing": "must be an ISO 8601 time",
+    "datetime_from_date_parsing": "must be an ISO 8601 time",
+}
+
+
+def _message(error: dict[str, Any]) -> str:
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind in ("literal_error", "enum"):
+        text = f"must be one of {ctx.get('expected', '')}".replace("'", "")
+    elif kind in _WORDS:
+        text = _WORDS[kind]
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        sign = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(ctx.values()), "")
+        text = f"must be {sign} {bound}"
+    elif kind in ("too_short", "too_long"):
+        text = (f"needs at least {ctx.get('min_length')} item(s)" if kind == "too_short"
+                else f"takes at most {ctx.get('max_length')} item(s)")
+    elif kind in ("string_too_short", "string_too_long"):
+        text = (f"needs at least {ctx.get('min_length')} character(s)" if kind == "string_too_short"
+                else f"takes at most {ctx.get('max_length')} characters")
+    elif kind == "value_error":
+        text = str(ctx.get("error", error["msg"]))
+    elif kind == "json_invalid":
+        return f"is not valid JSON ({ctx.get('error', 'cannot be parsed')}); send a JSON object"
+    else:
+        text = error["msg"].replace("Input should be", "must be").replace("Value error, ", "")
+    if kind not in ("missing", "extra_forbidden") and "input" in error:
+        text += f" (got {_shown(error['input'])})"
+    return text
+
+
+def _shown(value: Any) -> str:
+    """A short, always encodable picture of what was sent (NaN as NaN, long values cut)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value).replace("inf", "Infinity").replace("nan", "NaN")
+    if isinstance(value, (dict, list)):
+        return type(value).__name__
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from server.context import ServiceContext, open_service
+from server.context import ServiceContext
+from server.service import open_service
 from server.settings import Settings
 
 CHAT_FACTS = [

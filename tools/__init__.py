@@ -1,8 +1,38 @@
-"""The agent-facing operations. MCP, REST and the CLI all call these plain functions.
+"""The agent-facing operations, one module per tool; `TOOLS` is the one list MCP, REST and the CLI
+are registered from (see `tools/base.py`)."""
 
-`launch_training` has a module of its own; the small read-and-control tools that share one
-object (jobs, datasets, models, quota) sit one module per object, so their views stay together.
-Every function takes the `ServiceContext`, the calling `Agent`, and a pydantic request, and
-returns a pydantic result; errors are `server.errors.WeightsmithError`s whose message says what
-to change.
-"""
+from __future__ import annotations
+
+from tools import (
+    cancel_job,
+    check_drift,
+    create_eval_suite,
+    generate_synthetic_data,
+    get_job,
+    get_job_events,
+    get_metric_history,
+    get_model,
+    get_quota,
+    launch_training,
+    list_datasets,
+    list_eval_suites,
+    list_jobs,
+    list_models,
+    read_eval_report,
+    run_eval,
+    tune_hyperparameters,
+    upload_dataset,
+    validate_dataset,
+    wait_for_job,
+)
+from tools.base import Tool
+
+TOOLS: tuple[Tool, ...] = (
+    upload_dataset.TOOL, validate_dataset.TOOL, list_datasets.TOOL,
+    launch_training.TOOL, get_job.TOOL, wait_for_job.TOOL, list_jobs.TOOL, cancel_job.TOOL,
+    get_job_events.TOOL, get_metric_history.TOOL,
+    list_models.TOOL, get_model.TOOL, get_quota.TOOL,
+    generate_synthetic_data.TOOL, tune_hyperparameters.TOOL,
+    create_eval_suite.TOOL, list_eval_suites.TOOL, run_eval.TOOL, read_eval_report.TOOL, check_drift.TOOL,
+)
+BY_NAME = {tool.name: tool for tool in TOOLS}

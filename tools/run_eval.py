@@ -1,57 +1,54 @@
-"""run_eval: evaluate a model on a suite, against a baseline, within the agent's limits."""
+"""run_eval: evaluate a model on a suite, gated against a baseline, within the agent's limits."""
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field
-from sqlmodel import Session
+from pydantic import Field
 
 from server.admission import guardrails
 from server.context import ServiceContext
-from server.errors import InvalidRequest
-from server.evaluation import evals as evaluation
+from server.evaluation import jobs as eval_jobs
 from server.store.tables import Agent
-from tools.views import Compact
+from tools.base import Command, Route, Tool, ToolRequest, ToolResult
+from tools.views import JobView, job_view
 
 
-class RunEvalRequest(Compact):
-    model_config = ConfigDict(extra="forbid")
-    model: str = Field(description="Model id (mdl_...) or a local model directory in a data root.")
-    suite_id: str
-    baseline: str | None = Field(None, description="Model id or directory; default: the model's parent. "
-                                 "'none' for no gate.")
-    max_seconds: float | None = Field(None, gt=0)
-    dry_run: bool = False
+class RunEvalRequest(ToolRequest):
+    model: str = Field(description="A model id (mdl_...), alias:NAME, or a model directory in a data root.")
+    suite_id: str = Field(description="The eval suite (suite_...).")
+    baseline: str | None = Field(None, description="Model to gate against; default the model's parent; none: "
+                                 "no gate.")
+    max_seconds: float | None = Field(None, gt=0, description="Wall-clock cap.")
+    dry_run: bool = Field(False, description="Price it; start nothing.")
 
 
-class RunEvalResult(Compact):
+class RunEvalResult(ToolResult):
     admitted: bool
     estimate_flops: float
-    models_to_run: list[str]
-    job_id: str = ""
-    refusal: str = ""
+    models_to_run: list[str] = Field(description="The candidate, and the baseline if it has no report yet.")
+    refusal: str | None = None
+    job: JobView | None = Field(None, description="The eval job; read_eval_report with its id when it ends.")
+
+    def summary(self) -> str:
+        if self.job is None:
+            return f"dry run: {self.estimate_flops:.3g} FLOPs; " + ("fits" if self.admitted else f"{self.refusal}")
+        return f"{self.job.id} {self.job.state}: evaluates {', '.join(self.models_to_run)}"
 
 
 def run_eval(ctx: ServiceContext, agent: Agent, request: RunEvalRequest) -> RunEvalResult:
-    with Session(ctx.engine) as session:
-        suite_row = evaluation.owned_suite(session, agent.id, request.suite_id)
-        candidate = evaluation.resolve_target(session, ctx.settings, agent.id, request.model, "model")
-        baseline_ref = candidate.parent_ref if request.baseline is None else request.baseline
-        baseline = None
-        if baseline_ref and baseline_ref != "none":
-            baseline = evaluation.resolve_target(session, ctx.settings, agent.id, baseline_ref, "baseline")
-            if baseline.ref == candidate.ref:
-                raise InvalidRequest("baseline is the model itself; name another model or 'none'", param="baseline")
-        has_report = baseline is not None and evaluation.latest_report(
-            session, agent.id, suite_row.id, baseline.ref) is not None
-    runs = [candidate.ref] + ([baseline.ref] if baseline and not has_report else [])
+    plan = eval_jobs.plan_eval(ctx, agent.id, request.model, request.suite_id, request.baseline, request.max_seconds)
     if request.dry_run:
-        targets = [candidate] + ([baseline] if baseline and not has_report else [])
-        price = evaluation.estimate(ctx.engine, suite_row, [t.parameters for t in targets], request.max_seconds)
-        with Session(ctx.engine) as session:
-            verdict = guardrails.admit(session, ctx.engine, agent.id, price)
-        return RunEvalResult(admitted=verdict.admitted, refusal=verdict.message or "", estimate_flops=price.flops,
-                             models_to_run=runs)
-    job = evaluation.queue_eval(ctx.engine, ctx.settings.runs_dir, agent, suite_row, candidate, baseline,
-                                max_seconds=request.max_seconds, request=request.model_dump(mode="json"))
+        verdict, _ = guardrails.dry_run(ctx.engine, agent.id, plan.price)
+        return RunEvalResult(admitted=verdict.admitted, refusal=verdict.message, estimate_flops=plan.price.flops,
+                             models_to_run=plan.runs)
+    job = eval_jobs.queue_eval(ctx.engine, ctx.settings.runs_dir, agent, plan.suite_row, plan.candidate,
+                               plan.baseline, max_seconds=request.max_seconds,
+                               request=request.model_dump(mode="json", exclude={"dry_run"}))
     ctx.wake_workers()
-    return RunEvalResult(admitted=True, estimate_flops=job.estimate_flops, models_to_run=runs, job_id=job.id)
+    return RunEvalResult(admitted=True, estimate_flops=job.estimate_flops, models_to_run=plan.runs, job=job_view(job))
+
+
+TOOL = Tool(
+    name="run_eval", request=RunEvalRequest, result=RunEvalResult, function=run_eval, access="write",
+    description="Evaluate a model on an eval suite (an eval job), gated against a baseline with paired "
+                "statistics; then read_eval_report with the job id.",
+    route=Route("POST", "/evals"), command=Command(("eval", "run"), args=("model", "suite_id")))

@@ -1,348 +1,58 @@
-"""tune_hyperparameters: an Optuna study over a train request, whose trials are ordinary train jobs.
-
-The study is a `tune` job. Its whole budget is reserved when it is admitted, in the same
-transaction that inserts it (the given `budget_flops`, or `n_trials` times the estimate of the
-costliest trial the search space allows, and the final retrain when one is asked for); its trials'
-compute is carved out of that reservation, so the agent is charged once. A study driver in the
-executor (`server/study.py`) then asks Optuna for trials, runs each as a train job and prunes the
-ones falling behind.
-
-The objective is the trial's held-out loss, or a KPI of one of the agent's eval suites
-(`kpi:SUITE/KPI`, see `server/kpi_objective.py`): each trial is then evaluated on the suite once it
-has trained, within the study's budget (each trial is priced with its eval), and the direction is
-the KPI's own. Trials report only their held-out loss while they train, which is not the KPI, so a
-KPI study does not prune.
-
-Parameter names in the search space are the `hyperparameters` fields of launch_training
-(`learning_rate`, `max_steps`, `warmup_ratio`, ...) or `lora.<field>` (`lora.r`, `lora.alpha`,
-`lora.dropout`).
-"""
+"""tune_hyperparameters: an Optuna study over a train request, whose trials are ordinary train jobs."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import time
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import ConfigDict, Field, ValidationError
-from sqlmodel import Session, select
+from pydantic import Field
 
-from server.admission import guardrails
 from server.context import ServiceContext
-from server.errors import Conflict, InvalidRequest, LimitExceeded, WeightsmithError
-from server.store.db import without_password, write_transaction
-from server.store.tables import Agent, Job, JobState, Reservation
-from server.tuning import kpi_objective
-from server.tuning.kpi_objective import KpiObjective
-from tools.launch_training import Hyperparameters, LaunchTrainingRequest, LoraOptions, prepare_train_job
-from tools.views import Compact
-
-COST_PARAMETERS = ("max_steps", "epochs", "per_device_batch_size", "gradient_accumulation_steps", "max_seq_length")
-"""Hyperparameters a trial's compute grows with: the study is priced at their upper bounds."""
-EVALUATIONS_PER_TRIAL = 6
-"""With eval_steps auto, a trial reports its held-out loss about this often: enough rungs for
-Hyperband to prune at, few enough that evaluating costs little next to training."""
+from server.errors import InvalidRequest
+from server.store import jobs
+from server.store.tables import Agent
+from server.tuning.admission import TuneRequest, admit_tune
+from tools.base import Command, Route, Tool, ToolResult
 
 
-class ParamSpace(Compact):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = Field(False, description="Sample on a log scale (low > 0).")
-    choices: list[str | int | float | bool] | None = Field(None, description="For categorical.")
+class TuneHyperparametersRequest(TuneRequest):
+    idempotency_key: str | None = Field(None, max_length=200, description="A retry with the same key returns "
+                                        "the same study.")
 
 
-class Strategy(Compact):
-    model_config = ConfigDict(extra="forbid")
-    sampler: Literal["tpe", "random", "cmaes", "gp"] = "tpe"
-    pruner: Literal["hyperband", "median", "successive_halving", "none"] | None = Field(
-        None, description="Default: hyperband; none for a KPI objective.")
-    objective: str = Field("eval_loss", description="eval_loss (held-out loss), or kpi:SUITE/KPI (an eval suite's "
-                           "id or name, a KPI of it or composite).")
-    direction: Literal["minimize", "maximize"] | None = Field(None, description="Default: the objective's own.")
-    eval_steps: int | Literal["auto"] = Field("auto", ge=1, description="Held-out loss interval, for pruning.")
-    seed: int | None = None
-
-
-class TuneRequest(Compact):
-    model_config = ConfigDict(extra="forbid")
-    template: dict[str, Any] = Field(description="A launch_training request; search_space values replace its own.")
-    search_space: dict[str, ParamSpace] = Field(min_length=1, max_length=16)
-    n_trials: int = Field(10, ge=1, le=200)
-    n_parallel: int = Field(1, ge=1, le=16)
-    budget_flops: float | None = Field(
-        None, gt=0, description="Default: n_trials x the costliest trial, and the final retrain (and its eval, "
-        "for a KPI objective) if asked for.")
-    strategy: Strategy = Strategy()
-    final_retrain: bool = Field(False, description="Retrain the best parameters on all the data at the end (with a "
-                                "KPI objective, evaluated on the suite too); none if the trials held nothing out.")
-    idempotency_key: str | None = Field(None, max_length=200)
-
-
-class TuneStarted(Compact):
-    study_id: str
+class TuneStarted(ToolResult):
+    study_id: str = Field(description="The study's tune job: get_job shows its trials and best so far.")
     state: str
-    budget_flops: float
-    trial_estimate_flops: float
-    """One trial's training at the search space's upper bounds."""
-    eval_estimate_flops: float = 0.0
-    """The eval each trial adds with a KPI objective (0 for the held-out loss); a trial costs both."""
+    budget_flops: float = Field(description="Reserved whole now; trials are carved out of it.")
+    trial_estimate_flops: float = Field(description="One trial at the search space's upper bounds.")
+    eval_estimate_flops: float = Field(0.0, description="Each trial's eval, for a KPI objective.")
+
+    def summary(self) -> str:
+        return (f"{self.study_id} {self.state}: budget {self.budget_flops:.3g} FLOPs, a trial up to "
+                f"{self.trial_estimate_flops + self.eval_estimate_flops:.3g}")
 
 
-def tune_hyperparameters(ctx: ServiceContext, agent: Agent, request: TuneRequest) -> TuneStarted:
-    """Validate the search space and template, price the study, reserve its budget and queue it."""
-    request_hash = hashlib.sha256(json.dumps(
-        request.model_dump(mode="json", exclude={"idempotency_key"}), sort_keys=True).encode("utf-8")).hexdigest()
-    if request.idempotency_key:
-        with Session(ctx.engine) as session:
-            existing = _existing(session, agent, request.idempotency_key, request_hash)
-        if existing is not None:
-            return _started(existing)
-    template = _template(request.template)
-    with Session(ctx.engine) as session:
-        strategy, kpi = resolve_strategy(session, agent, request.strategy, template)
-    check_search_space(request.search_space, template)
-
-    upper_bounds = _upper_bounds(request.search_space)
-    costliest = trial_request(template, upper_bounds)
-    try:
-        _, estimate, _ = prepare_train_job(ctx, agent, costliest)
-    except WeightsmithError as err:
-        err.param = f"template.{err.param}" if err.param else "template"
-        raise
-    guardrails.raise_if_refused(guardrails.check_request(agent, estimate), estimate)
-    eval_flops = _eval_flops(ctx, agent, kpi, estimate.parameters) if kpi else 0.0
-    trial_flops = estimate.flops + eval_flops
-    retrain = request.final_retrain and final_retrain_trains_more(template)
-    budget = request.budget_flops or request.n_trials * trial_flops + (
-        _final_retrain_flops(ctx, agent, template, upper_bounds) + eval_flops if retrain else 0.0)
-    if budget < trial_flops:
-        with_eval = f" and {eval_flops:.3g} for its eval" if kpi else ""
-        raise InvalidRequest(f"budget_flops {budget:.3g} does not pay for one trial ({estimate.flops:.3g} FLOPs at "
-                             f"the search space's upper bounds{with_eval}): raise it, or lower those bounds",
-                             param="budget_flops")
-    eval_steps = (request.strategy.eval_steps if request.strategy.eval_steps != "auto"
-                  else max(1, round(estimate.max_steps / EVALUATIONS_PER_TRIAL)))
-
-    job = Job(agent_id=agent.id, kind="tune", method=f"{strategy['sampler']}+{strategy['pruner']}",
-              state=JobState.queued, request=request.model_dump(mode="json"),
-              idempotency_key=request.idempotency_key, request_hash=request_hash, estimate_flops=budget)
-    job.resolved = {
-        "template": template_json(template),
-        "search_space": {name: space.model_dump(mode="json") for name, space in request.search_space.items()},
-        "strategy": strategy, "kpi": kpi.as_json() if kpi else None, "n_trials": request.n_trials,
-        "n_parallel": request.n_parallel, "budget_flops": budget, "trial_estimate_flops": estimate.flops,
-        "eval_estimate_flops": eval_flops,
-        "max_steps": estimate.max_steps, "eval_steps": eval_steps, "final_retrain": request.final_retrain,
-        # Where the study is, to check on every start of its driver that it is still there (the
-        # driver connects with the service's own URL): not the password, which job rows never hold.
-        "studies_url": without_password(ctx.settings.studies_url)}
-    with write_transaction(ctx.engine) as session:
-        if request.idempotency_key:  # checked again under the write lock: two retries may race here
-            existing = _existing(session, agent, request.idempotency_key, request_hash)
-            if existing is not None:
-                return _started(existing)
-        _admit(session, ctx, agent, budget, trial_flops, request.n_parallel)
-        session.add(job)
-        session.flush()
-        session.add(Reservation(agent_id=agent.id, job_id=job.id, flops_reserved=budget))
-    ctx.wake_workers()
-    return _started(job)
-
-
-def trial_request(template: LaunchTrainingRequest, params: dict[str, Any]) -> LaunchTrainingRequest:
-    """The template with a trial's parameter values put in, validated as a launch_training request."""
-    raw = template_json(template)
-    for name, value in params.items():
-        section, field = name.split(".", 1) if "." in name else ("hyperparameters", name)
-        raw.setdefault(section, {})[field] = value
-    return LaunchTrainingRequest.model_validate(raw)
-
-
-def final_retrain_trains_more(template: LaunchTrainingRequest) -> bool:
-    """Whether the final retrain would train on more than the trials did. Trials of a template that
-    holds nothing out (`eval_fraction` 0, as a KPI objective allows) trained on all the data already:
-    a retrain with the best parameters would train the best trial's model again, so there is none,
-    and the best trial's model is the study's final model."""
-    return template.hyperparameters.eval_fraction > 0
-
-
-def final_retrain_request(template: LaunchTrainingRequest, params: dict[str, Any]) -> LaunchTrainingRequest:
-    """The study's last step: `params` trained on all the data, without a held-out part."""
-    request = trial_request(template, params)
-    hyper = request.hyperparameters.model_copy(update={"eval_fraction": 0.0})
-    return request.model_copy(update={"hyperparameters": hyper})
-
-
-def template_json(template: LaunchTrainingRequest) -> dict[str, Any]:
-    # Defaults left out: a field's "auto" default does not validate again when given explicitly
-    # (pydantic applies the number's bound to the string).
-    return template.model_dump(mode="json", exclude={"idempotency_key", "dry_run"}, exclude_defaults=True)
-
-
-def check_search_space(space: dict[str, ParamSpace], template: LaunchTrainingRequest) -> None:
-    """Every malformed parameter at once, each named, with what to change."""
-    problems = []
-    for name, param in space.items():
-        problem = _param_problem(name, param, template)
-        if problem:
-            problems.append(f"search_space.{name}: {problem}")
-    if problems:
-        first = problems[0].split(":", 1)[0]
-        raise InvalidRequest("; ".join(problems), param=first)
-
-
-def _param_problem(name: str, param: ParamSpace, template: LaunchTrainingRequest) -> str | None:
-    section, field = name.split(".", 1) if "." in name else ("hyperparameters", name)
-    fields = {"hyperparameters": Hyperparameters.model_fields, "lora": LoraOptions.model_fields}.get(section, {})
-    if field not in fields:
-        return (f"unknown parameter; use a hyperparameters field ({', '.join(Hyperparameters.model_fields)}) "
-                f"or lora.<{'|'.join(LoraOptions.model_fields)}>")
-    if field == "eval_fraction":
-        return "the objective is the loss on the held-out split, so every trial must hold out the same records"
-    if param.type == "categorical":
-        if not param.choices or param.low is not None or param.high is not None:
-            return "a categorical parameter takes a non-empty `choices` list and no low/high"
-        values = list(param.choices)
-    else:
-        if param.choices is not None or param.low is None or param.high is None:
-            return f"a {param.type} parameter takes `low` and `high` (no choices)"
-        if param.low >= param.high:
-            return f"low ({param.low:g}) must be below high ({param.high:g})"
-        if param.log and param.low <= 0:
-            return f"log scale needs low > 0 (got {param.low:g})"
-        if param.type == "int" and not (param.low.is_integer() and param.high.is_integer()):
-            return "an int parameter takes whole-number bounds"
-        values = [int(param.low), int(param.high)] if param.type == "int" else [param.low, param.high]
-    for value in values:
-        try:
-            trial_request(template, {name: value})
-        except ValidationError as err:
-            return f"{value!r} is not a valid {name}: {err.errors()[0]['msg']}"
-        except TypeError:  # "auto" where the field takes "auto" only as its default
-            return f"{value!r} is not a valid {name}: give numbers"
-    return None
-
-
-def _upper_bounds(space: dict[str, ParamSpace]) -> dict[str, Any]:
-    bounds: dict[str, Any] = {}
-    for name, param in space.items():
-        if name not in COST_PARAMETERS:
-            continue
-        if param.type == "categorical":
-            numbers = [c for c in param.choices or () if isinstance(c, (int, float)) and not isinstance(c, bool)]
-            if numbers:
-                bounds[name] = max(numbers)
-        else:
-            bounds[name] = int(param.high) if param.type == "int" else param.high  # type: ignore[arg-type]
-    return bounds
-
-
-def _template(raw: dict[str, Any]) -> LaunchTrainingRequest:
-    try:
-        template = LaunchTrainingRequest.model_validate({**raw, "dry_run": False, "idempotency_key": None})
-    except ValidationError as err:
-        problems = "; ".join(f"template.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        first = err.errors()[0]["loc"]
-        raise InvalidRequest(f"{problems} (template is a launch_training request)",
-                             param="template." + ".".join(map(str, first))) from err
-    if template.eval_suite:
-        # Each trial would queue its own eval against its parent, outside the study's budget and
-        # not stopped with it; a KPI objective evaluates every trial within the budget instead.
-        raise InvalidRequest(f"a study's template takes no eval_suite: rank the trials by the suite with "
-                             f"strategy.objective \"kpi:{template.eval_suite}/<KPI>\", or run_eval the study's "
-                             "best_model_id when it ends", param="template.eval_suite")
-    return template
-
-
-def resolve_strategy(session: Session, agent: Agent, strategy: Strategy, template: LaunchTrainingRequest
-                     ) -> tuple[dict[str, Any], KpiObjective | None]:
-    """The strategy as the study runs it, every default made explicit (objective, direction,
-    pruner), and the KPI objective if it is one."""
-    resolved = strategy.model_dump(mode="json")
-    if strategy.objective.startswith(kpi_objective.PREFIX):
-        kpi = kpi_objective.resolve(session, agent.id, strategy.objective)
-        objective, direction = kpi.objective, kpi.direction
-        own = (f"the {kpi.kpi} of suite {kpi.suite} is a score, maximized" if kpi.kpi == kpi_objective.COMPOSITE
-               else f"KPI {kpi.kpi} of suite {kpi.suite} is {direction}d, as the suite declares")
-        if strategy.pruner not in (None, "none"):
-            raise InvalidRequest(f"pruner {strategy.pruner} would compare the trials' held-out losses, which are not "
-                                 f"the KPI {kpi.kpi} (known only once a trial is evaluated): leave pruner out or "
-                                 "give none", param="strategy.pruner")
-        pruner = "none"
-    elif strategy.objective == "eval_loss":
-        kpi, objective, direction, own = None, "eval_loss", "minimize", "eval_loss is a loss: it is minimized"
-        if template.hyperparameters.eval_fraction == 0:
-            raise InvalidRequest("the eval_loss objective needs held-out records: set eval_fraction above 0 "
-                                 "(final_retrain trains on all the data at the end)",
-                                 param="template.hyperparameters.eval_fraction")
-        pruner = strategy.pruner or "hyperband"
-    else:
-        raise InvalidRequest(f"unknown objective {strategy.objective!r}; use eval_loss or kpi:SUITE/KPI",
-                             param="strategy.objective")
-    if strategy.direction not in (None, direction):
-        raise InvalidRequest(f"direction {strategy.direction} contradicts the objective: {own}; leave direction "
-                             "out", param="strategy.direction")
-    return {**resolved, "objective": objective, "direction": direction, "pruner": pruner}, kpi
-
-
-def _eval_flops(ctx: ServiceContext, agent: Agent, kpi: KpiObjective, parameters: int) -> float:
-    """A trial's eval, priced and checked against the per-request limits it will run under."""
-    price = kpi_objective.eval_price(ctx.engine, kpi.suite_id, parameters)
-    verdict = guardrails.check_request(agent, price)
-    if not verdict.admitted:
-        raise LimitExceeded(f"each trial's eval on suite {kpi.suite} would be refused: {verdict.message}",
-                            param="strategy.objective", details={"limit": verdict.limit})
-    return price.flops
-
-
-def _final_retrain_flops(ctx: ServiceContext, agent: Agent, template: LaunchTrainingRequest,
-                         upper_bounds: dict[str, Any]) -> float:
-    """The final retrain at the search space's upper bounds."""
-    _, estimate, _ = prepare_train_job(ctx, agent, final_retrain_request(template, upper_bounds))
-    return estimate.flops
-
-
-def _admit(session: Session, ctx: ServiceContext, caller: Agent, budget: float, trial_flops: float,
-           n_parallel: int) -> None:
-    """The study and its trials at once must fit the agent's job limit; its budget, what is left."""
-    agent = guardrails.lock_agent(session, ctx.engine, caller.id)
-    active = guardrails.active_job_count(session, agent)
-    if active + 1 + n_parallel > agent.max_concurrent_jobs:
-        fit = agent.max_concurrent_jobs - active - 1
-        raise LimitExceeded(
-            f"a study with n_parallel={n_parallel} holds {1 + n_parallel} of your {agent.max_concurrent_jobs} jobs at "
-            f"once and you have {active} active: " + (f"n_parallel <= {fit} fits" if fit >= 1 else
-                                                      "wait for a job to finish (wait_for_job) or cancel one"),
-            param="n_parallel")
-    left = agent.budget_flops - guardrails.budget_spent(session, agent, time.time())
-    if budget > left:
-        trials = int(max(left, 0) // trial_flops)
-        raise LimitExceeded(
-            f"the study's budget of {budget:.3g} FLOPs is over what is left of your budget ({max(left, 0):.3g} of "
-            f"{agent.budget_flops:.3g}); " + (f"budget_flops <= {left:.3g} (about {trials} trials) fits" if trials
-                                              else "not even one trial fits: wait for the window to roll over"),
-            param="budget_flops", details={"limit": "budget_flops", "max_trials_that_fit": trials})
-
-
-def _existing(session: Session, agent: Agent, key: str, request_hash: str) -> Job | None:
-    existing = session.exec(select(Job).where(Job.agent_id == agent.id, Job.idempotency_key == key)).first()
-    if existing is not None and existing.request_hash != request_hash:
-        raise Conflict(f"idempotency_key was used for a different request (job {existing.id}); "
-                       "use a new key for a new request", param="idempotency_key")
-    return existing
-
-
-def _started(job: Job) -> TuneStarted:
+def tune_hyperparameters(ctx: ServiceContext, agent: Agent, request: TuneHyperparametersRequest) -> TuneStarted:
+    tune = TuneRequest.model_validate(request.model_dump(include=set(TuneRequest.model_fields)))
+    job = admit_tune(ctx, agent, tune, request.idempotency_key)
     return TuneStarted(study_id=job.id, state=job.state, budget_flops=job.resolved["budget_flops"],
-                      trial_estimate_flops=job.resolved["trial_estimate_flops"],
-                      eval_estimate_flops=job.resolved.get("eval_estimate_flops", 0.0))
+                       trial_estimate_flops=job.resolved["trial_estimate_flops"],
+                       eval_estimate_flops=job.resolved.get("eval_estimate_flops", 0.0))
 
 
-def objective_value(metrics: dict[str, Any]) -> float | None:
-    """A succeeded trial's objective (the held-out loss after training), or None if it has none."""
-    value = metrics.get("eval_loss_after")
-    return float(value) if value is not None and math.isfinite(value) else None
+TOOL = Tool(
+    name="tune_hyperparameters", request=TuneHyperparametersRequest, result=TuneStarted,
+    function=tune_hyperparameters, access="write",
+    description="Start an Optuna study (a tune job, returned at once) whose trials are train jobs made from "
+                "template. Objective: held-out eval_loss (pruned with hyperband) or kpi:SUITE/KPI (each trial "
+                "evaluated on your suite). Its whole budget is reserved now. get_job shows trials and the best.",
+    route=Route("POST", "/studies"), command=Command(("tune",)))
+
+
+def study_trials(ctx: ServiceContext, agent: Agent, study_id: str) -> list[dict[str, Any]]:
+    """A study's whole trials table (get_job shows the best and newest of a large one): the MCP
+    resource weightsmith://studies/{id}/trials and GET /v1/studies/{id}/trials."""
+    job = jobs.get(ctx.engine, agent.id, study_id)
+    if job.kind != "tune":
+        raise InvalidRequest(f"job {study_id} is a {job.kind} job, not a study (tune_hyperparameters)",
+                             param="study_id")
+    return list(job.metrics.get("trials") or [])

@@ -1,6 +1,7 @@
-"""Result models shared by several tools: what an agent sees of a job, a dataset, a model.
+"""What an agent sees of a job, a dataset, a model: shared by several tools' results.
 
-Kept compact on purpose: a default tool result stays under about 1,000 tokens.
+Kept compact on purpose: a default tool result stays well under 2,000 tokens. A list shows a short
+summary of each object; the get tools show one object whole.
 """
 
 from __future__ import annotations
@@ -8,62 +9,32 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from server.store.tables import Dataset, Job, Model
+from server.tuning.admission import ENDED_TRIAL_STATES
+from tools.base import ToolResult
 
-
-def _drop_property_titles(schema: dict[str, Any]) -> None:
-    # Pydantic titles every property with its own name, restated: pure noise in a model's context.
-    schema.pop("title", None)
-    for prop in schema.get("properties", {}).values():
-        prop.pop("title", None)
-
-
-class Compact(BaseModel):
-    """Base of every tool request and result model: its JSON schema carries no restated titles."""
-
-    model_config = ConfigDict(json_schema_extra=_drop_property_titles)
-
-
-def compact_schema(node: Any) -> Any:
-    """A JSON schema as a model should read it: no restated titles, no `default: null`, and
-    `anyOf [X, null]` written as `type: [X, "null"]`. The meaning is unchanged; the tool list is
-    about a third shorter, and it must fit in an agent's context next to its work."""
-    if isinstance(node, list):
-        return [compact_schema(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if key == "properties" and isinstance(value, dict):
-            out[key] = {name: compact_schema(prop) for name, prop in value.items()}
-        elif key == "title" and isinstance(value, str):
-            continue
-        elif key == "default" and (value is None or isinstance(value, dict)):
-            continue  # null says nothing; a nested model's defaults are in its own schema
-        else:
-            out[key] = compact_schema(value)
-    options = out.get("anyOf")
-    if isinstance(options, list) and len(options) == 2 and {"type": "null"} in options:
-        other = next(option for option in options if option != {"type": "null"})
-        if isinstance(other.get("type"), str):
-            out.pop("anyOf")
-            out.update({**other, "type": [other["type"], "null"]})
-    return out
+TRIALS_SHOWN = 10
+"""A study's view lists at most this many trials; the whole table is one request away."""
 
 
 def iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
-class JobError(Compact):
+def scalars(values: dict[str, Any]) -> dict[str, Any]:
+    """The plain values of a metrics dict (numbers, strings, flags): nested tables stay out of views."""
+    return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+class JobError(ToolResult):
     code: str
     message: str
     param: str | None = None
 
 
-class Progress(Compact):
+class Progress(ToolResult):
     step: int | None = None
     max_steps: int | None = None
     loss: float | None = None
@@ -72,9 +43,9 @@ class Progress(Compact):
     eta_seconds: float | None = None
 
 
-class JobView(Compact):
+class JobView(ToolResult):
     id: str
-    kind: str
+    kind: str = Field(description="train, tune, synth, eval or pipeline")
     method: str
     state: str = Field(description="validating, queued, running, cancelling, succeeded, failed or cancelled")
     created_at: str | None
@@ -89,6 +60,21 @@ class JobView(Compact):
     flops_used: float = 0.0
     attempts: int = 0
 
+    def summary(self) -> str:
+        line = f"{self.id}  {self.kind}/{self.method}  {self.state}"
+        if self.progress.step is not None:
+            line += f"  step {self.progress.step}/{self.progress.max_steps}"
+            if self.progress.loss is not None:
+                line += f"  loss {self.progress.loss:.4g}"
+        if self.model_id:
+            line += f"  model {self.model_id}"
+        if self.error:
+            line += f"\n  error {self.error.code}: {self.error.message}"
+        shown = {k: v for k, v in self.metrics.items() if not isinstance(v, (list, dict))}
+        if shown:
+            line += "\n  " + "  ".join(f"{k}={_short(v)}" for k, v in list(shown.items())[:12])
+        return line
+
 
 def job_view(job: Job) -> JobView:
     keys = Progress.model_fields
@@ -97,16 +83,34 @@ def job_view(job: Job) -> JobView:
         started_at=iso(job.started_at), finished_at=iso(job.finished_at),
         progress=Progress(**{k: v for k, v in job.progress.items() if k in keys}),
         error=JobError(**job.error) if job.error else None, model_id=job.model_id,
-        metrics=study_digest(job) if job.kind == "tune" else {
-            k: v for k, v in job.metrics.items() if isinstance(v, (int, float, str)) or v is None},
+        metrics=study_digest(job) if job.kind == "tune" else scalars(job.metrics),
         hyperparameters=job.resolved.get("hyperparameters", {}), estimate_flops=job.estimate_flops,
         flops_used=job.flops_used, attempts=job.attempts)
 
 
-TRIALS_SHOWN = 10
-"""A study's view lists at most this many trials; the whole table is one request away."""
-ENDED_TRIAL_STATES = ("complete", "pruned", "fail")
-"""States of a row of a study's trials table once Optuna has been told how the trial ended."""
+class JobSummary(ToolResult):
+    """A job as a list shows it; get_job has the rest."""
+
+    id: str
+    kind: str
+    method: str
+    state: str
+    created_at: str | None
+    step: int | None = None
+    max_steps: int | None = None
+    model_id: str | None = None
+    error: str | None = Field(None, description="The error's code, when failed.")
+
+    def summary(self) -> str:
+        step = f"{self.step}/{self.max_steps}" if self.step is not None else "-"
+        return f"{self.id}  {self.kind:<8} {self.method:<18} {self.state:<10} {step:>9}  " \
+               f"{self.model_id or self.error or ''}"
+
+
+def job_summary(job: Job) -> JobSummary:
+    return JobSummary(id=job.id, kind=job.kind, method=job.method, state=job.state, created_at=iso(job.created_at),
+                      step=job.progress.get("step"), max_steps=job.progress.get("max_steps"),
+                      model_id=job.model_id, error=(job.error or {}).get("code"))
 
 
 def study_digest(job: Job) -> dict[str, Any]:
@@ -130,7 +134,7 @@ def study_digest(job: Job) -> dict[str, Any]:
             "all_trials": f"weightsmith://studies/{job.id}/trials (REST GET /v1/studies/{job.id}/trials)"}
 
 
-class DatasetView(Compact):
+class DatasetView(ToolResult):
     id: str
     name: str
     content_hash: str
@@ -138,36 +142,63 @@ class DatasetView(Compact):
     format: str | None
     records: int
     bytes: int
-    valid: bool
-    source: str
+    source: str = Field(description="upload, the path it was registered from, or synth:JOB_ID.")
     created_at: str | None
+    lineage: dict[str, Any] | None = Field(None, description="How a generated dataset was made: its job, task, "
+                                           "generator, seed, sources and what it was decontaminated against, "
+                                           "by id and hash.")
+
+    def summary(self) -> str:
+        return f"{self.id}  {self.name}  {self.format}  {self.records} records  {self.bytes:,} bytes  {self.source}"
 
 
-def dataset_view(dataset: Dataset) -> DatasetView:
+def dataset_view(dataset: Dataset, lineage: bool = True) -> DatasetView:
     return DatasetView(id=dataset.id, name=dataset.name, content_hash=dataset.content_hash,
                        file_type=dataset.file_type, format=dataset.format, records=dataset.records,
-                       bytes=dataset.bytes, valid=dataset.valid, source=dataset.source,
-                       created_at=iso(dataset.created_at))
+                       bytes=dataset.bytes, source=dataset.source, created_at=iso(dataset.created_at),
+                       lineage=lineage_digest(dataset.lineage) if lineage and dataset.lineage else None)
 
 
-class ModelView(Compact):
+def lineage_digest(lineage: dict[str, Any]) -> dict[str, Any]:
+    """A generated dataset's lineage without its bulky parts (templates, prompts): what made it and
+    from what, every input by id and hash."""
+    keep = ("job_id", "task", "generator", "seed", "records", "sources", "decontaminated_against")
+    digest = {k: lineage[k] for k in keep if k in lineage}
+    if isinstance(digest.get("generator"), dict):
+        digest["generator"] = digest["generator"].get("describe") or digest["generator"].get("type")
+    return digest
+
+
+class ModelView(ToolResult):
     id: str
     name: str
-    path: str = Field(description="Hugging Face directory (the adapter, for LoRA models).")
-    merged_path: str | None = None
-    adapter: str
-    base_model: str
+    adapter: str = Field(description="full weights, or a lora adapter (on base_model).")
+    base_model: str = Field(description="The parent model id, a base directory, or scratch:PRESET.")
     parent_model_id: str | None
     job_id: str | None
     dataset_hashes: list[str]
     parameters: int
-    metrics: dict[str, Any]
+    aliases: list[str] = Field(default_factory=list, description="Your aliases that point at it.")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="Its job's headline metrics.")
     created_at: str | None
 
+    def summary(self) -> str:
+        aliases = f"  [{', '.join(self.aliases)}]" if self.aliases else ""
+        return f"{self.id}  {self.name}  {self.adapter}  {self.parameters:,} params  from {self.base_model}{aliases}"
 
-def model_view(model: Model) -> ModelView:
-    return ModelView(id=model.id, name=model.name, path=model.path, merged_path=model.merged_path,
-                     adapter=model.adapter, base_model=model.base_model, parent_model_id=model.parent_model_id,
-                     job_id=model.job_id, dataset_hashes=model.dataset_hashes, parameters=model.parameters,
-                     metrics={k: v for k, v in model.metrics.items() if isinstance(v, (int, float, str))},
+
+HEADLINE_METRICS = ("eval_loss_before", "eval_loss_after", "heldout_after_perplexity", "train_loss",
+                    "tokens_per_second", "mfu", "reward", "heldout_reward_after", "eval_accuracy_after")
+
+
+def model_view(model: Model, aliases: list[str]) -> ModelView:
+    return ModelView(id=model.id, name=model.name, adapter=model.adapter, base_model=model.base_model,
+                     parent_model_id=model.parent_model_id, job_id=model.job_id,
+                     dataset_hashes=model.dataset_hashes, parameters=model.parameters, aliases=aliases,
+                     metrics={k: _short(model.metrics[k]) for k in HEADLINE_METRICS
+                              if model.metrics.get(k) is not None},
                      created_at=iso(model.created_at))
+
+
+def _short(value: Any) -> Any:
+    return round(value, 5) if isinstance(value, float) else value

@@ -133,6 +133,8 @@ class Method:
     adapters: tuple[str, ...] = ("full", "lora")
     packed: bool = False
     """Cuts the corpus into full blocks rather than train a record to a sequence."""
+    reports_eval_loss: bool = False
+    """Reports the held-out loss after training (`eval_loss_after`): a study can minimize it."""
 
 
 METHODS: dict[str, Method] = {
@@ -142,9 +144,9 @@ METHODS: dict[str, Method] = {
     "continued_pretrain": Method("more text of a new domain into base_model", ContinuedPretrainOptions, ("text",),
                                  "training_core.continued_pretrain", default_adapter="full", packed=True),
     "sft": Method("supervised fine-tuning on text, prompt/completion or messages records", SftOptions,
-                  ("text", "prompt_completion", "messages"), "training_core.sft"),
+                  ("text", "prompt_completion", "messages"), "training_core.sft", reports_eval_loss=True),
     "dpo": Method("preference optimisation on prompt/chosen/rejected records", DpoOptions, ("preference",),
-                  "training_core.dpo", flops_per_parameter_token=8.0),
+                  "training_core.dpo", flops_per_parameter_token=8.0, reports_eval_loss=True),
     "grpo": Method("reinforcement learning on prompt records scored by rewards", GrpoOptions, ("prompt_only",),
                    "training_core.grpo", flops_per_parameter_token=8.0),
 }

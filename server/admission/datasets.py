@@ -2,7 +2,8 @@
 
 A dataset is the bytes it had when registered: they are copied to HOME/datasets/<sha256>/ and
 never touched again, so a later edit of the source cannot change what a past job trained on.
-Registering the same bytes twice returns the dataset already there.
+Registering the same bytes twice returns the dataset already there. Bytes that fail validation are
+not stored at all: the caller gets the report, with every problem and its line, and nothing else.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +50,27 @@ def resolve_in_roots(settings: Settings, raw: str, param: str) -> Path:
     return real
 
 
-def register_path(engine: Engine, settings: Settings, agent_id: str, path: str, name: str | None) -> Dataset:
+@dataclass(frozen=True)
+class Registered:
+    """A registration's outcome: the dataset (None when its bytes failed validation) and the report."""
+
+    dataset: Dataset | None
+    report: data.DatasetReport
+
+
+def register_path(engine: Engine, settings: Settings, agent_id: str, path: str, name: str | None) -> Registered:
     source = resolve_in_roots(settings, path, "path")
     if not source.is_file():
         raise InvalidRequest(f"{path!r} is not a file", param="path")
     _check_file_type(source.name, "path")
-    with tempfile.NamedTemporaryFile(dir=_staging(settings), delete=False) as staged, source.open("rb") as src:
+    with _staged(_staging(settings), source.name) as staged, source.open("rb") as src:
         shutil.copyfileobj(src, staged)
     return _register(engine, settings.datasets_dir, settings.max_record_bytes, agent_id, Path(staged.name),
                      source.name, name or source.name, str(source))
 
 
 def upload(engine: Engine, settings: Settings, agent_id: str, filename: str, content: str,
-           encoding: str, name: str | None) -> Dataset:
+           encoding: str, name: str | None) -> Registered:
     """Register inline content: `encoding` is `utf-8` (text as given) or `base64` (Parquet, say)."""
     _check_file_type(filename, "filename")
     if encoding == "base64":
@@ -73,14 +83,14 @@ def upload(engine: Engine, settings: Settings, agent_id: str, filename: str, con
     if len(payload) > settings.max_upload_bytes:
         raise InvalidRequest(f"upload is {len(payload):,} bytes; the cap is {settings.max_upload_bytes:,}: "
                              "register a file inside a data root instead", param="content")
-    with tempfile.NamedTemporaryFile(dir=_staging(settings), delete=False) as staged:
+    with _staged(_staging(settings), filename) as staged:
         staged.write(payload)
     return _register(engine, settings.datasets_dir, settings.max_record_bytes, agent_id, Path(staged.name),
                      Path(filename).name, name or filename, "upload")
 
 
 def register_generated(engine: Engine, datasets_dir: Path, max_record_bytes: int, agent_id: str, produced: Path,
-                       name: str, source: str, lineage: dict[str, Any]) -> Dataset:
+                       name: str, source: str, lineage: dict[str, Any]) -> Registered:
     """Register a file a job produced (a synth job's dataset) the way uploads are, with its lineage.
 
     Takes the home's datasets folder rather than the settings: job handlers run in the executor,
@@ -88,7 +98,7 @@ def register_generated(engine: Engine, datasets_dir: Path, max_record_bytes: int
     """
     staging = datasets_dir / ".staging"
     staging.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=staging, delete=False) as staged, produced.open("rb") as src:
+    with _staged(staging, produced.name) as staged, produced.open("rb") as src:
         shutil.copyfileobj(src, staged)
     return _register(engine, datasets_dir, max_record_bytes, agent_id, Path(staged.name), produced.name, name,
                      source, lineage)
@@ -100,7 +110,11 @@ def get(engine: Engine, agent_id: str, dataset_id: str) -> Dataset:
 
 
 def _register(engine: Engine, datasets_dir: Path, max_record_bytes: int, agent_id: str, staged: Path, filename: str,
-              name: str, source: str, lineage: dict[str, Any] | None = None) -> Dataset:
+              name: str, source: str, lineage: dict[str, Any] | None = None) -> Registered:
+    report = data.validate_file(staged, max_record_bytes=max_record_bytes)
+    if not report.ok:
+        staged.unlink()
+        return Registered(None, report)
     digest = sha256_file(staged)
     snapshot = datasets_dir / digest / filename
     if snapshot.exists():
@@ -109,7 +123,6 @@ def _register(engine: Engine, datasets_dir: Path, max_record_bytes: int, agent_i
         snapshot.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, snapshot)
         snapshot.chmod(0o444)
-    report = data.validate_file(snapshot, max_record_bytes=max_record_bytes)
     dataset = Dataset(
         agent_id=agent_id, name=name, content_hash=digest, path=str(snapshot), source=source,
         file_type=report.file_type, format=report.format, records=report.records,
@@ -118,9 +131,14 @@ def _register(engine: Engine, datasets_dir: Path, max_record_bytes: int, agent_i
         existing = session.exec(select(Dataset).where(
             Dataset.agent_id == agent_id, Dataset.content_hash == digest)).first()
         if existing is not None:
-            return existing
+            return Registered(existing, report)
         session.add(dataset)
-    return dataset
+    return Registered(dataset, report)
+
+
+def _staged(folder: Path, filename: str) -> Any:
+    # The suffix tells the validator the file's type (.jsonl, .csv, .parquet, .txt).
+    return tempfile.NamedTemporaryFile(dir=folder, delete=False, suffix=Path(filename).suffix)
 
 
 def _check_file_type(filename: str, param: str) -> None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, func, update
-from sqlmodel import Session, col, select
+from sqlalchemy import Engine
+from sqlmodel import Session
 
 from server.errors import LimitExceeded
-from server.store.db import is_sqlite
-from server.store.tables import ACTIVE_STATES, Agent, Job, Reservation
+from server.store import reservations
+from server.store.tables import Agent
 
 
 @dataclass(frozen=True)
@@ -101,41 +101,16 @@ def _over(limit: str, estimate: str, value: str, fit: int, unit: str = "max_step
     return Verdict(False, limit, f"estimate {estimate} is over {limit} ({value}); {advice}", fit)
 
 
-def budget_spent(session: Session, agent: Agent, now: float) -> float:
-    """Compute charged in the rolling window: what settled jobs used, what open ones reserved.
 
-    A study's trials are left out: their compute is carved out of the study's own reservation."""
-    charged = func.coalesce(Reservation.flops_used, Reservation.flops_reserved)
-    window_start = now - agent.budget_window_seconds
-    total = session.exec(
-        select(func.coalesce(func.sum(charged), 0.0)).where(
-            Reservation.agent_id == agent.id, Reservation.created_at >= window_start,
-            col(Reservation.within_job_id).is_(None))
-    ).one()
-    return float(total)
-
-
-def active_job_count(session: Session, agent: Agent) -> int:
-    return session.exec(
-        select(func.count()).select_from(Job).where(Job.agent_id == agent.id, col(Job.state).in_(ACTIVE_STATES))
-    ).one()
-
-
-def lock_agent(session: Session, engine: Engine, agent_id: str) -> Agent:
-    """Re-read the agent inside the admission transaction, serialising its admissions."""
-    query = select(Agent).where(Agent.id == agent_id)
-    if not is_sqlite(engine):  # SQLite already holds the database write lock (BEGIN IMMEDIATE)
-        query = query.with_for_update()
-    return session.exec(query).one()
 
 
 def admit(session: Session, engine: Engine, agent_id: str, estimate: Estimate) -> Verdict:
     """Run inside `write_transaction`: the verdict holds until that transaction commits."""
-    agent = lock_agent(session, engine, agent_id)
+    agent = reservations.lock_agent(session, engine, agent_id)
     verdict = check_request(agent, estimate)
     if not verdict.admitted:
         return verdict
-    return check_budget(agent, estimate, budget_spent(session, agent, time.time()), active_job_count(session, agent))
+    return check_budget(agent, estimate, reservations.budget_spent(session, agent, time.time()), reservations.active_job_count(session, agent))
 
 
 def raise_if_refused(verdict: Verdict, estimate: Estimate) -> None:
@@ -145,12 +120,18 @@ def raise_if_refused(verdict: Verdict, estimate: Estimate) -> None:
             "max_steps_that_fit": verdict.max_steps_that_fit})
 
 
-def settle(session: Session, job_id: str, flops_used: float) -> bool:
-    """Charge a job's reservation with what it used. Only the first call for a job has any effect."""
-    result = session.execute(
-        update(Reservation)
-        .where(col(Reservation.job_id) == job_id, col(Reservation.settled_at).is_(None))
-        .values(flops_used=flops_used, settled_at=time.time())
-    )
-    return result.rowcount == 1
 
+def estimate_json(estimate: Estimate) -> dict[str, float | int]:
+    """What a job keeps of its price (and what a dry run shows)."""
+    return {"parameters": estimate.parameters, "tokens": estimate.tokens, "flops": estimate.flops,
+            "max_steps": estimate.max_steps, "tokens_per_step": estimate.tokens_per_step}
+
+
+def dry_run(engine: Engine, agent_id: str, estimate: Estimate) -> tuple[Verdict, float]:
+    """The verdict a launch would get now, and the agent's rolling budget left; starts nothing."""
+    with Session(engine) as session:
+        verdict = admit(session, engine, agent_id, estimate)
+        agent = session.get(Agent, agent_id)
+        assert agent is not None
+        left = agent.budget_flops - reservations.budget_spent(session, agent, time.time())
+    return verdict, max(left, 0.0)

@@ -6,26 +6,32 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from mcp.server.transport_security import TransportSecuritySettings
+from pydantic import ValidationError
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.api.mcp import build_mcp_server
-from server.api.rest import error_handler, router
-from server.context import ServiceRef, open_service
+from server.api import auth
+from server.api.errors import as_weightsmith, rest_body
+from server.api.mcp import DEFAULT_TOOLSETS, build_mcp_server
+from server.api.rest import build_router
+from server.context import ServiceRef
 from server.errors import Unauthorized, WeightsmithError
+from server.service import open_service
 from server.settings import Settings
-from server.store import agents as auth
 
 
-def create_app(settings: Settings | None = None, *, workers: bool = True) -> FastAPI:
+def create_app(settings: Settings | None = None, *, workers: bool = True,
+               toolsets: Sequence[str] = DEFAULT_TOOLSETS) -> FastAPI:
     settings = settings or Settings()
     service = ServiceRef()
-    mcp = build_mcp_server(service)
+    mcp = build_mcp_server(service, toolsets=toolsets)
     mcp_app = mcp.streamable_http_app(
         streamable_http_path="/mcp", host=settings.host,
         transport_security=TransportSecuritySettings(allowed_hosts=settings.allowed_hosts,
@@ -40,13 +46,21 @@ def create_app(settings: Settings | None = None, *, workers: bool = True) -> Fas
             service.ctx = None
 
     app = FastAPI(title="weightsmith", version="0.1.0", lifespan=lifespan,
-                  description="Train and own domain models. MCP at /mcp; REST below.")
+                  description="Train and own domain models. MCP at /mcp; REST below. Every error is "
+                              '{"error": {"code", "message", "param"}}.')
     app.state.service = service
-    app.include_router(router)
-    app.add_exception_handler(WeightsmithError, error_handler)
+    app.include_router(build_router())
+    for kind in (WeightsmithError, ValidationError, RequestValidationError, Exception):
+        app.add_exception_handler(kind, error_handler)
     # Last, so /v1 and /docs match first; the MCP app answers /mcp itself.
     app.router.routes.append(Mount("/", app=_RequireKey(mcp_app, service)))
     return app
+
+
+async def error_handler(_request: Request, err: Exception) -> JSONResponse:
+    error = as_weightsmith(err)
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, Unauthorized) else None
+    return JSONResponse(status_code=error.http_status, content=rest_body(error), headers=headers)
 
 
 class _RequireKey:
@@ -58,14 +72,13 @@ class _RequireKey:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/mcp"):
             headers = dict(scope.get("headers") or [])
-            bearer = headers.get(b"authorization", b"").decode("latin-1").removeprefix("Bearer ").strip()
+            header = headers.get(b"authorization", b"").decode("latin-1") or None
             try:
-                auth.agent_for_key(self.service.get().engine, bearer or None)
+                auth.agent_for_header(self.service.get(), header)
             except Unauthorized as err:
-                body = json.dumps({"error": err.to_dict()}).encode("utf-8")
+                body = json.dumps(rest_body(err)).encode("utf-8")
                 await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"www-authenticate", b"Bearer")]})
+                            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)

@@ -27,7 +27,7 @@ from server.settings import Settings
 from server.store import agents as auth
 from server.store.db import make_engine, migrate
 
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "examples" / "sample_corpus"
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "sample_corpus"
 DEMO_QUESTION = "What does red-drop mean on the Nightwatch desk?"
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from server.errors import Conflict, Unauthorized
+from server.errors import Conflict, NotFound, Unauthorized
 from server.settings import Settings
 from server.store.db import write_transaction
 from server.store.tables import Agent
@@ -53,11 +54,38 @@ def ensure_local_agent(engine: Engine, settings: Settings) -> Agent:
     return agent
 
 
-def agent_for_key(engine: Engine, key: str | None) -> Agent:
-    if not key:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' (weightsmith agents add NAME)")
+def agent_for_key(engine: Engine, key: str) -> Agent:
+    """The key's agent, read on every call, so a revoked or rotated key is refused at once."""
     with Session(engine, expire_on_commit=False) as session:
         agent = session.exec(select(Agent).where(Agent.key_hash == hash_key(key))).first()
     if agent is None:
-        raise Unauthorized("unknown API key; create one with 'weightsmith agents add NAME'")
+        raise Unauthorized("unknown or revoked API key; an operator issues one with 'weightsmith agents add NAME' "
+                           "or 'weightsmith agents rotate NAME'")
+    return agent
+
+
+def rotate_key(engine: Engine, name: str) -> tuple[Agent, str]:
+    """A new key for the agent; its old key is refused from now on."""
+    key = "ws_" + secrets.token_urlsafe(32)
+    with write_transaction(engine) as session:
+        agent = _named(session, name)
+        agent.key_hash, agent.revoked_at = hash_key(key), None
+        session.add(agent)
+    return agent, key
+
+
+def revoke_key(engine: Engine, name: str) -> Agent:
+    """Refuse the agent's key from now on; its jobs, models and data stay (rotate_key issues a new key)."""
+    with write_transaction(engine) as session:
+        agent = _named(session, name)
+        agent.key_hash, agent.revoked_at = None, time.time()
+        session.add(agent)
+    return agent
+
+
+def _named(session: Session, name: str) -> Agent:
+    agent = session.exec(select(Agent).where(Agent.name == name)).first()
+    if agent is None:
+        known = ", ".join(a.name for a in session.exec(select(Agent))) or "none"
+        raise NotFound(f"no agent named {name!r}; agents: {known}", param="name")
     return agent

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
-from server.admission import guardrails
+from server.store import reservations
 from server.store.db import owned, write_transaction
 from server.store.tables import (
     ACTIVE_STATES,
@@ -46,13 +46,34 @@ def list_for_agent(engine: Engine, agent_id: str, *, states: Sequence[str] = (),
 
 
 def events(engine: Engine, agent_id: str, job_id: str, after_seq: int = 0, limit: int = 50,
-           type_: str | None = None) -> list[JobEvent]:
+           types: Sequence[str] = ()) -> list[JobEvent]:
     get(engine, agent_id, job_id)
     query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
-    if type_:
-        query = query.where(JobEvent.type == type_)
+    if types:
+        query = query.where(col(JobEvent.type).in_(types))
     with Session(engine) as session:
         return list(session.exec(query.order_by(col(JobEvent.seq)).limit(limit)))
+
+
+def metric_series(engine: Engine, agent_id: str, job_id: str, metric: str) -> tuple[list[tuple[int, float]], list[str]]:
+    """One metric by step, one value a step: a run resumed from a checkpoint computes the steps after
+    it again, and the newest value of a step is the one the model went on from. And every metric
+    name the job reported."""
+    by_step: dict[int, float] = {}
+    names: set[str] = set()
+    after = 0
+    while True:
+        rows = events(engine, agent_id, job_id, after, 1000, ("metrics",))
+        for event in rows:
+            names.update(k for k, v in event.data.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+            value = event.data.get(metric)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                by_step[int(event.data.get("step", 0))] = float(value)
+        if len(rows) < 1000:
+            break
+        after = rows[-1].seq
+    names -= {"step", "max_steps"}
+    return sorted(by_step.items()), sorted(names)
 
 
 def checkpoints(engine: Engine, job_id: str) -> list[Checkpoint]:
@@ -68,11 +89,11 @@ def request_cancel(engine: Engine, agent_id: str, job_id: str) -> Job:
         if job.state in (JobState.validating, JobState.queued):
             job.state, job.finished_at = JobState.cancelled, time.time()
             job.error = {"code": "cancelled", "message": "cancelled before it started", "param": None}
-            guardrails.settle(session, job.id, 0.0)
+            reservations.settle(session, job.id, 0.0)
         elif job.state == JobState.running:
             job.state, job.cancel_requested = JobState.cancelling, True
         session.add(job)
-        _append_event(session, job, "info", "message", f"cancel requested; state {job.state}", {})
+        append_event(session, job, "info", "message", f"cancel requested; state {job.state}", {})
         session.flush()
         session.refresh(job)
         return job
@@ -87,7 +108,7 @@ def relay(engine: Engine, job_id: str, epoch: int, new_events: list[dict[str, An
             return None
         for event in new_events:
             data = event.get("data") or {}
-            _append_event(session, job, event.get("level", "info"), event.get("type", "message"),
+            append_event(session, job, event.get("level", "info"), event.get("type", "message"),
                           event.get("message", ""), data, event.get("time"))
             if event.get("type") == "metrics":
                 job.progress = {**job.progress, **data}
@@ -116,10 +137,10 @@ def finish(engine: Engine, job_id: str, epoch: int, state: str, *, error: dict[s
         job.metrics = {**job.metrics, **(metrics or {})}
         job.lease_owner, job.lease_expires_at = None, None
         message = f"job {state}" + (f": {error['message']}" if error else "")
-        _append_event(session, job, "error" if state == JobState.failed else "info", "message", message,
+        append_event(session, job, "error" if state == JobState.failed else "info", "message", message,
                       {"state": state, **({"error": error} if error else {})})
         session.add(job)
-        guardrails.settle(session, job.id, job.flops_used)
+        reservations.settle(session, job.id, job.flops_used)
         return True
 
 
@@ -137,7 +158,7 @@ def expire_lease(engine: Engine, job_id: str, epoch: int, reason: str, flops_use
         if flops_used is not None:
             job.flops_used = flops_used
         job.run_seconds = run_seconds
-        _append_event(session, job, "warning", "message", reason, {})
+        append_event(session, job, "warning", "message", reason, {})
         session.add(job)
 
 
@@ -155,7 +176,7 @@ def cancel_requested(engine: Engine, job_id: str) -> bool:
         return bool(session.exec(select(Job.cancel_requested).where(Job.id == job_id)).one())
 
 
-def _append_event(session: Session, job: Job, level: str, type_: str, message: str, data: dict[str, Any],
+def append_event(session: Session, job: Job, level: str, type_: str, message: str, data: dict[str, Any],
                   when: float | None = None) -> None:
     job.event_seq += 1
     session.add(JobEvent(job_id=job.id, seq=job.event_seq, time=when or time.time(), level=level, type=type_,

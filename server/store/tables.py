@@ -37,7 +37,9 @@ class Agent(SQLModel, table=True):
     id: str = Field(default_factory=lambda: new_id("agt"), primary_key=True)
     name: str = Field(unique=True, index=True)
     key_hash: str | None = Field(default=None, unique=True, index=True)
-    """SHA-256 of the API key; the key itself is shown once and never stored."""
+    """SHA-256 of the API key; the key itself is shown once and never stored. None once revoked."""
+    revoked_at: float | None = None
+    """When the agent's key was revoked (`weightsmith agents revoke`); a new one can be issued."""
     created_at: float = Field(default_factory=time.time)
     max_request_flops: float
     max_request_seconds: float
@@ -209,4 +211,33 @@ class EvalReport(SQLModel, table=True):
     """KPI values, the gate per KPI, the composite, drift findings, decoding settings."""
     results_path: str = ""
     """Per-item prompts, references, outputs and scores (JSONL) under HOME/runs."""
+    created_at: float = Field(default_factory=time.time, index=True)
+
+
+class Alias(SQLModel, table=True):
+    """A name an agent gives one of its models (`production`, `staging`, ...): `alias:NAME` is accepted
+    wherever a model id is. Moving it is a promotion, recorded in `AliasEvent`."""
+
+    __table_args__ = (UniqueConstraint("agent_id", "name"),)
+    id: int | None = Field(default=None, primary_key=True)
+    agent_id: str = Field(foreign_key="agent.id", index=True)
+    name: str
+    model_id: str = Field(foreign_key="model.id")
+    updated_at: float = Field(default_factory=time.time)
+
+
+class AliasEvent(SQLModel, table=True):
+    """One move of an alias: who moved it, when, from which model to which, on which eval report."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    agent_id: str = Field(foreign_key="agent.id", index=True)
+    alias: str = Field(index=True)
+    action: str = "promote"
+    """`promote` or `rollback`."""
+    model_id: str
+    previous_model_id: str | None = None
+    report_id: str | None = None
+    moved_by: str = ""
+    """The agent's name, or the schedule or pipeline job that moved it."""
+    reason: str = ""
     created_at: float = Field(default_factory=time.time, index=True)

@@ -1,8 +1,8 @@
 """The study driver: runs one `tune` job's Optuna study inside the service, its trials as train jobs.
 
 The executor claims a tune job with the same lease as any job (owner, expiry, epoch as the fencing
-token) and hands it to a `StudyDriver` thread instead of a child process: a study trains nothing
-itself. The driver loops until the study ends:
+token) and hands the lease to a `StudyDriver`, run in a thread instead of a child process: a study
+trains nothing itself. The driver loops until the study ends:
 
 - follow: relay each trial's held-out losses (`eval_loss` metrics events at its evaluation steps)
   to `trial.report(value, step)`, prune a trial when `trial.should_prune()` says so (its job is
@@ -33,35 +33,32 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 from sqlmodel import Session, col, select
 
-from server.admission import guardrails
+from server.admission import guardrails, snapshots
+from server.admission.train import TrainRequest, build_train_job
 from server.context import ServiceContext
 from server.errors import WeightsmithError
 from server.store import jobs
 from server.store.db import without_password, write_transaction
+from server.store.leases import Lease, LeaseKeeper
 from server.store.tables import ACTIVE_STATES, FINAL_STATES, Agent, Job, JobState, Reservation
 from server.tuning import kpi_objective
-from server.tuning.kpi_objective import KpiObjective
-from server.tuning.optuna_study import StudyStoreMoved, distributions, open_study, prunable
-from server.workers.executor import LeasedWork
-from tools.launch_training import LaunchTrainingRequest, prepare_train_job, queue_after_snapshot_check
-from tools.tune_hyperparameters import (
+from server.tuning.admission import (
+    ENDED_TRIAL_STATES,
     final_retrain_request,
     final_retrain_trains_more,
     objective_value,
     trial_request,
 )
-from tools.views import ENDED_TRIAL_STATES
-
-if TYPE_CHECKING:
-    from server.workers.executor import LocalExecutor
+from server.tuning.kpi_objective import KpiObjective
+from server.tuning.optuna_study import StudyStoreMoved, distributions, open_study, prunable
 
 log = logging.getLogger("weightsmith.study")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -70,14 +67,13 @@ POLL_SECONDS = 0.5
 MIN_TRIALS_FOR_IMPORTANCE = 4
 
 
-class StudyDriver(LeasedWork):
+class StudyDriver:
     """Drives one claimed tune job until it ends, its lease is lost, or the service stops."""
 
-    thread_prefix = "study"
-    failure_reason = "study driver error; the study resumes"
-
-    def __init__(self, executor: LocalExecutor, job: Job):
-        super().__init__(executor, job)
+    def __init__(self, lease: Lease, job: Job, wake: Callable[[], None]):
+        self.lease, self.job, self.wake = lease, job, wake
+        """`wake` tells the workers a trial (or an eval) was just queued."""
+        self.engine, self.settings, self.epoch = lease.engine, lease.settings, lease.epoch
         self.config = job.resolved
         self.kpi = KpiObjective(**job.resolved["kpi"]) if job.resolved.get("kpi") else None
         """Set for a KPI objective (studies admitted before KPI objectives have no `kpi` at all)."""
@@ -89,31 +85,29 @@ class StudyDriver(LeasedWork):
         """Trial job id -> seq of the last metrics event relayed to Optuna."""
         self._written: dict[str, Any] = {}
 
-    def _flops_used(self) -> float:
+    def flops_used(self) -> float:
+        """What the study's jobs have used: recorded when the study is given back after an error."""
         return self._used()
 
-    def _release(self) -> None:
-        self.executor._study_done(self.job.id)
-
-    def _run(self) -> None:
+    def run(self) -> None:
         try:
             study = open_study(self.job, self.settings.studies_url, self.job.attempts)
         except StudyStoreMoved as moved:
             self._fail(str(moved), "studies_database_url", "studies_database_moved")
             return
         space = distributions(self.config["search_space"])
-        lease = _LeaseKeeper(self)
+        keeper = self.lease.keep_alive()
         try:
-            self._drive(study, space, lease)
+            self._drive(study, space, keeper)
         finally:
-            lease.stop()
+            keeper.stop()
 
-    def _drive(self, study: optuna.Study, space: dict[str, Any], lease: _LeaseKeeper) -> None:
+    def _drive(self, study: optuna.Study, space: dict[str, Any], lease: LeaseKeeper) -> None:
         while True:
-            if self._abandon_reason:
+            if self.lease.stop_reason:
                 lease.stop()  # before the hand-back, which a late renewal would undo
-                jobs.expire_lease(self.engine, self.job.id, self.epoch, self._abandon_reason, self._used(),
-                                  self.job.run_seconds, handed_back=True)
+                self.lease.give_back(self.lease.stop_reason, flops_used=self._used(),
+                                     run_seconds=self.job.run_seconds, handed_back=True)
                 return
             if lease.lost.is_set():
                 return  # another driver holds the study now: write nothing more
@@ -171,7 +165,7 @@ class StudyDriver(LeasedWork):
         evaluation's step) are passed over."""
         newest = None
         while True:
-            events = jobs.events(self.engine, row.agent_id, row.id, self._reported.get(row.id, 0), 500, "metrics")
+            events = jobs.events(self.engine, row.agent_id, row.id, self._reported.get(row.id, 0), 500, ("metrics",))
             for event in events:
                 value, step = event.data.get("eval_loss"), int(event.data.get("step") or 0)
                 # Step 0 is the untrained model, the same for every trial.
@@ -191,12 +185,12 @@ class StudyDriver(LeasedWork):
                 return
             job.metrics = {**job.metrics, "pruned": True, "pruned_at_step": step}
             job.state, job.cancel_requested = JobState.cancelling, True
-            jobs._append_event(session, job, "info", "message",
+            jobs.append_event(session, job, "info", "message",
                                f"pruned by study {self.job.id} at step {step}: its held-out loss trails the "
                                "other trials'", {"pruned": True, "step": step})
             session.add(job)
         self._event(f"trial {row.trial_number} pruned at step {step}")
-        self.executor.wake()
+        self.wake()
 
     def _tell(self, study: optuna.Study, number: int, row: Job) -> None:
         value = objective_value(row.metrics) if row.state == JobState.succeeded else None
@@ -318,16 +312,18 @@ class StudyDriver(LeasedWork):
         if not self._insert_carved(job, price.flops):
             return None
         self._event(f"final retrain trained; its eval started as {job.id}", job_id=job.id)
-        self.executor.wake()
+        self.wake()
         return job
 
-    def _insert(self, request: LaunchTrainingRequest, left: float, number: int | None, options: dict[str, Any]) -> Job | None:
+    def _insert(self, request: TrainRequest, left: float, number: int | None, options: dict[str, Any]) -> Job | None:
         """Insert a trial (or the final retrain) with its reservation carved out of the study's;
         None if it cannot be (the study then ends with the reason)."""
-        ctx = ServiceContext(settings=self.settings, engine=self.engine, executor=self.executor)
+        # No executor here: the template's devices were checked when the study was admitted.
+        ctx = ServiceContext(settings=self.settings, engine=self.engine)
         agent = self._agent()
         try:
-            job, estimate, datasets = prepare_train_job(ctx, agent, request, options=options)
+            built = build_train_job(ctx, agent, request, extra_options=options)
+            job, estimate = built.job, built.estimate
             guardrails.raise_if_refused(guardrails.check_request(agent, estimate), estimate)
         except WeightsmithError as err:
             self._fail(f"could not start {'trial ' + str(number) if number is not None else 'the final retrain'}: "
@@ -342,8 +338,8 @@ class StudyDriver(LeasedWork):
         limits["max_flops"] = min(limits["max_flops"], left)  # a trial can never spend past the study's budget
         if not self._insert_carved(job, estimate.flops):
             return None
-        queue_after_snapshot_check(ctx, job, datasets)
-        self.executor.wake()
+        snapshots.queue_after_check(self.engine, job, built.datasets)
+        self.wake()
         return job
 
     def _start_eval(self, study: optuna.Study, number: int, row: Job) -> bool:
@@ -363,7 +359,7 @@ class StudyDriver(LeasedWork):
         if not self._insert_carved(job, price.flops):
             return False
         self._event(f"trial {number} trained; its eval started as {job.id}", trial=number, job_id=job.id)
-        self.executor.wake()
+        self.wake()
         return True
 
     def _insert_carved(self, job: Job, flops: float) -> bool:
@@ -383,7 +379,7 @@ class StudyDriver(LeasedWork):
         for row in rows:
             if row.state in (JobState.validating, JobState.queued, JobState.running):
                 jobs.request_cancel(self.engine, row.agent_id, row.id)
-        self.executor.wake()
+        self.wake()
 
     def _finish(self, study: optuna.Study, rows: list[Job], stopped: str) -> None:
         result = self._result(study, rows, final=True)
@@ -475,8 +471,8 @@ class StudyDriver(LeasedWork):
 
     # Small helpers.
 
-    def _template(self) -> LaunchTrainingRequest:
-        return LaunchTrainingRequest.model_validate(self.config["template"])
+    def _template(self) -> TrainRequest:
+        return TrainRequest.model_validate(self.config["template"])
 
     def _used(self) -> float:
         return sum(r.flops_used for r in self._jobs())
@@ -491,37 +487,6 @@ class StudyDriver(LeasedWork):
         jobs.relay(self.engine, self.job.id, self.epoch,
                    [{"type": "message", "level": level, "message": message, "data": data}], 0)
 
-
-class _LeaseKeeper:
-    """Renews a driver's lease every `heartbeat_seconds` from a thread of its own, so that a slow step
-    of the driver's loop (pricing a trial, hashing a multi-GB dataset snapshot before queueing it)
-    never lets the lease expire and another worker take the study over. `lost` is set once a renewal
-    fails: the study has another driver, or has ended."""
-
-    def __init__(self, driver: StudyDriver):
-        self.driver = driver
-        self.lost = threading.Event()
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._renew, name=f"lease-{driver.job.id}", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
-
-    def _renew(self) -> None:
-        driver = self.driver
-        while not self._stopped.wait(driver.settings.heartbeat_seconds):
-            try:
-                renewed = jobs.renew_lease(driver.engine, driver.job.id, driver.executor.owner, driver.epoch,
-                                           driver.settings.lease_seconds)
-            except Exception:  # the database went away for a moment: try again at the next beat
-                log.exception("renewing the lease of study %s failed", driver.job.id)
-                continue
-            if not renewed:
-                self.lost.set()
-                return
 
 
 def _trials(rows: list[Job]) -> dict[int, Job]:

@@ -23,7 +23,9 @@ from sqlmodel import Session, col, select
 
 from server.admission import guardrails
 from server.errors import InvalidRequest
-from server.evaluation import evals as evaluation
+from server.evaluation import jobs as eval_jobs
+from server.evaluation.suites import owned_suite
+from server.evaluation.targets import target_for_model
 from server.store.tables import Agent, EvalReport, EvalSuite, Job, JobState, Model
 
 PREFIX = "kpi:"
@@ -107,7 +109,7 @@ def eval_price(engine: Engine, suite_id: str, parameters: int) -> guardrails.Est
     with Session(engine) as session:
         suite_row = session.get(EvalSuite, suite_id)
     assert suite_row is not None
-    return evaluation.estimate(engine, suite_row, [parameters], None)
+    return eval_jobs.estimate(engine, suite_row, [parameters], None)
 
 
 def trial_eval_job(engine: Engine, runs_dir: Path, agent: Agent, objective: KpiObjective, trial: Job,
@@ -116,11 +118,11 @@ def trial_eval_job(engine: Engine, runs_dir: Path, agent: Agent, objective: KpiO
     no trial number), linked to its study and trial, its compute capped at `max_flops` (what is left
     of the study's budget); the caller inserts it."""
     with Session(engine) as session:
-        suite_row = evaluation.owned_suite(session, agent.id, objective.suite_id, "strategy.objective")
+        suite_row = owned_suite(session, agent.id, objective.suite_id, "strategy.objective")
         model = session.get(Model, trial.model_id)
         assert model is not None, f"succeeded trial {trial.id} has no model"
-        candidate = evaluation.target_for_model(session, model)
-    job, price = evaluation.prepare_eval_job(engine, runs_dir, agent, suite_row, candidate, None, request={
+        candidate = target_for_model(session, model)
+    job, price = eval_jobs.prepare_eval_job(engine, runs_dir, agent, suite_row, candidate, None, request={
         "model": model.id, "suite_id": suite_row.id, "study_job_id": trial.study_job_id,
         "trial": trial.trial_number})
     guardrails.raise_if_refused(guardrails.check_request(agent, price), price)

@@ -14,7 +14,7 @@ import optuna
 
 from server.store.db import without_password
 from server.store.tables import Job
-from tools.tune_hyperparameters import ParamSpace
+from server.tuning.admission import ParamSpace
 
 
 @functools.cache

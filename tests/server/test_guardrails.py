@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, func, select
 
-from server.context import open_service
 from server.errors import LimitExceeded
+from server.service import open_service
 from server.settings import Settings
 from server.store import agents as auth
 from server.store import jobs

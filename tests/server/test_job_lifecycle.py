@@ -8,10 +8,9 @@ from pathlib import Path
 
 from sqlmodel import Session, select
 
-from server.admission import guardrails
 from server.context import ServiceContext
 from server.store import agents as auth
-from server.store import jobs
+from server.store import jobs, reservations
 from server.store.tables import Checkpoint, JobState, Reservation
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
 from tools.datasets import UploadDatasetRequest, upload_dataset
@@ -71,7 +70,7 @@ def test_sigkilled_training_process_resumes_from_its_checkpoint_and_settles_once
     reservation = _reservation(service, job_id)
     assert reservation.settled_at is not None and reservation.flops_used == job.flops_used > 0
     with Session(service.engine) as session:
-        assert not guardrails.settle(session, job_id, 0.0), "a second settlement must change nothing"
+        assert not reservations.settle(session, job_id, 0.0), "a second settlement must change nothing"
         session.commit()
     assert _reservation(service, job_id).flops_used == reservation.flops_used
 

@@ -104,7 +104,7 @@ def test_agent_uploads_launches_lora_sft_follows_it_and_gets_a_model_that_genera
 
 def test_retry_with_same_key_returns_same_job_and_a_changed_request_is_refused(
         settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from server.context import open_service
+    from server.service import open_service
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(24))
 

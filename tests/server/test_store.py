@@ -18,7 +18,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, column, inspect, table, text
 from sqlmodel import Session, SQLModel, func, select
 
-from server.context import open_service
+from server.service import open_service
 from server.settings import Settings
 from server.store import agents as auth
 from server.store import jobs

@@ -19,7 +19,8 @@ from mcp import Client
 from sqlmodel import Session, select
 
 from server.api.mcp import build_mcp_server
-from server.context import ServiceContext, ServiceRef, open_service
+from server.context import ServiceContext, ServiceRef
+from server.service import open_service
 from server.settings import Settings, SynthEndpoint
 from server.store import agents as auth
 from server.store.tables import Dataset, Job

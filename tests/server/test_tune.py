@@ -21,10 +21,18 @@ import yaml
 from mcp import Client
 from sqlalchemy import Engine
 from sqlmodel import Session, select
+from tools.tune_hyperparameters import (
+    Strategy,
+    TuneRequest,
+    final_retrain_request,
+    resolve_strategy,
+    tune_hyperparameters,
+)
 
 from server.api.mcp import build_mcp_server
-from server.context import ServiceContext, ServiceRef, open_service
+from server.context import ServiceContext, ServiceRef
 from server.errors import InvalidRequest, LimitExceeded
+from server.service import open_service
 from server.settings import Settings
 from server.store import agents as auth
 from server.store import jobs
@@ -41,13 +49,6 @@ from tools.datasets import UploadDatasetRequest, upload_dataset
 from tools.eval_suites import create_eval_suite
 from tools.launch_training import LaunchTrainingRequest, prepare_train_job
 from tools.quota import get_quota
-from tools.tune_hyperparameters import (
-    Strategy,
-    TuneRequest,
-    final_retrain_request,
-    resolve_strategy,
-    tune_hyperparameters,
-)
 from tools.views import job_view
 
 FINAL = (JobState.succeeded, JobState.failed, JobState.cancelled)

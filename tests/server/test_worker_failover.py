@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from sqlmodel import Session, col, select
 
-from server.context import ServiceContext, open_service
+from server.context import ServiceContext
+from server.service import open_service
 from server.settings import Settings
 from server.store import agents as auth
 from server.store import jobs

@@ -1,5 +1,5 @@
-"""Evaluation in the service: store suites, price and queue eval jobs, and turn their results into
-reports with the regression gate, KPI drift and data drift.
+"""Eval jobs: price and queue them, and turn their results into reports with the regression gate,
+KPI drift and data drift.
 
 An eval job evaluates the candidate and, when the baseline has no report on the suite yet, the
 baseline too, in one child process (`training_core.evaluate`): one admission, one reservation,
@@ -13,123 +13,36 @@ are short next to training, and a half-scored set would pair badly with its base
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from server.admission import guardrails
-from server.admission.datasets import resolve_in_roots, sha256_file
+from server.admission.datasets import sha256_file
+from server.context import ServiceContext
 from server.errors import InvalidDataset, InvalidRequest
-from server.settings import Settings
+from server.evaluation.data_drift import data_drift_for
+from server.evaluation.reports import (
+    gate_rows,
+    kpi_drift,
+    latest_report,
+    next_steps,
+    overall_verdict,
+    read_results,
+)
+from server.evaluation.suites import owned_suite
+from server.evaluation.targets import EvalTarget, resolve_target, target_for_model
 from server.store import jobs
-from server.store.db import owned, write_transaction
+from server.store.db import write_transaction
 from server.store.tables import Agent, Dataset, EvalReport, EvalSuite, Job, JobState, Model, Reservation
-from training_core import data, drift, gate, modelinfo, suite
+from training_core import suite
 from training_core.spec import Hyperparameters, JobResult, JobSpec, Limits
 
-EVAL_FORMATS = ("prompt_completion", "messages")
-HISTORY_REPORTS = 50
-DRIFT_READ_RECORDS = 20_000
-
-
-@dataclass(frozen=True)
-class EvalTarget:
-    """A model as an eval job loads it, and what the report needs to know of its lineage."""
-
-    ref: str
-    """The registered model id, or the local directory."""
-    path: str
-    base_path: str | None
-    """The base a LoRA adapter (at `path`) is loaded onto; None for full weights."""
-    parameters: int
-    family: str
-    model_id: str | None = None
-    parent_ref: str | None = None
-    dataset_hashes: list[str] = field(default_factory=list)
-
-
-# ---- suites --------------------------------------------------------------------------------------
-
-def create_suite(engine: Engine, agent_id: str, raw: dict[str, Any]) -> EvalSuite:
-    """Validate and store a suite; the same definition on the same data returns the stored one."""
-    found = suite.problems(raw)
-    if found:
-        listed = "; ".join(f"{where}: {message}" for where, message in found)
-        raise InvalidRequest(f"the suite has {len(found)} problem(s): {listed}", param=found[0][0],
-                             details={"problems": [{"field": w, "message": m} for w, m in found]})
-    definition = suite.SuiteDefinition.model_validate(raw)
-    with Session(engine) as session:
-        dataset = owned(session, Dataset, definition.dataset, agent_id, "dataset")
-    if not dataset.valid or dataset.format not in EVAL_FORMATS:
-        why = "failed validation" if not dataset.valid else f"holds {dataset.format} records"
-        raise InvalidRequest(f"dataset {dataset.id} {why}; eval items need valid prompt_completion or "
-                             "messages records (the completion or last assistant turn is the reference)",
-                             param="dataset")
-    canonical = definition.model_dump(mode="json")
-    content_hash = hashlib.sha256(json.dumps([canonical, dataset.content_hash], sort_keys=True)
-                                  .encode("utf-8")).hexdigest()
-    with write_transaction(engine) as session:
-        existing = session.exec(select(EvalSuite).where(EvalSuite.agent_id == agent_id,
-                                                        EvalSuite.content_hash == content_hash)).first()
-        if existing is not None:
-            return existing
-        row = EvalSuite(agent_id=agent_id, name=definition.name, definition=canonical, dataset_id=dataset.id,
-                        content_hash=content_hash, items=min(dataset.records, definition.max_items or dataset.records))
-        session.add(row)
-        return row
-
-
-def owned_suite(session: Session, agent_id: str, suite_id: str, param: str = "suite_id") -> EvalSuite:
-    return owned(session, EvalSuite, suite_id, agent_id, param)
-
-
-# ---- models --------------------------------------------------------------------------------------
-
-def resolve_target(session: Session, settings: Settings, agent_id: str, ref: str, param: str) -> EvalTarget:
-    """A registered model of the agent's, or a model directory inside a data root."""
-    if ref.startswith("mdl_"):
-        return target_for_model(session, owned(session, Model, ref, agent_id, param))
-    directory = resolve_in_roots(settings, ref, param)
-    if not (directory / "config.json").is_file():
-        raise InvalidRequest(f"{ref!r} is not a Hugging Face model directory (no config.json)", param=param)
-    return EvalTarget(ref=str(directory), path=str(directory), base_path=None,
-                      parameters=modelinfo.count_parameters(directory), family=str(directory))
-
-
-def target_for_model(session: Session, model: Model) -> EvalTarget:
-    base_dir = model.config.get("spec", {}).get("base_model")
-    lora_only = model.adapter == "lora" and not model.merged_path
-    parent_ref = model.parent_model_id or base_dir
-    return EvalTarget(ref=model.id, model_id=model.id, path=model.merged_path or model.path,
-                      base_path=base_dir if lora_only else None, parameters=model.parameters,
-                      family=_family(session, model), parent_ref=parent_ref, dataset_hashes=model.dataset_hashes)
-
-
-def _family(session: Session, model: Model) -> str:
-    """The first base model of the lineage: every fine-tune of one base is one family."""
-    seen = {model.id}
-    while model.parent_model_id and model.parent_model_id not in seen:
-        parent = session.get(Model, model.parent_model_id)
-        if parent is None:
-            break
-        seen.add(parent.id)
-        model = parent
-    return model.config.get("spec", {}).get("base_model") or model.base_model
-
-
-def latest_report(session: Session, agent_id: str, suite_id: str, model_ref: str) -> EvalReport | None:
-    return session.exec(select(EvalReport).where(
-        EvalReport.agent_id == agent_id, EvalReport.suite_id == suite_id, EvalReport.model_ref == model_ref,
-    ).order_by(col(EvalReport.created_at).desc())).first()
-
-
-# ---- eval jobs -----------------------------------------------------------------------------------
 
 def estimate(engine: Engine, suite_row: EvalSuite, model_parameters: list[int],
              max_seconds: float | None) -> guardrails.Estimate:
@@ -233,11 +146,9 @@ def _note(engine: Engine, job_id: str, level: str, message: str, data_: dict[str
     with write_transaction(engine) as session:
         row = session.get(Job, job_id)
         assert row is not None
-        jobs._append_event(session, row, level, "message", message, data_)
+        jobs.append_event(session, row, level, "message", message, data_)
         session.add(row)
 
-
-# ---- reports -------------------------------------------------------------------------------------
 
 def finish_eval_job(engine: Engine, job: Job, epoch: int, result: JobResult) -> None:
     """ON_SUCCESS["eval"]: store a report per model run, then end the job under its epoch."""
@@ -298,112 +209,33 @@ def _report(engine: Engine, job: Job, suite_row: EvalSuite, definition: suite.Su
     return report
 
 
-def read_results(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+@dataclass(frozen=True)
+class EvalPlan:
+    """An eval asked for, resolved: the suite, the candidate, the baseline it is gated against (None:
+    no gate), the models the job will run (a baseline with a report on the suite is not run again),
+    and the price."""
+
+    suite_row: EvalSuite
+    candidate: EvalTarget
+    baseline: EvalTarget | None
+    runs: list[str]
+    price: guardrails.Estimate
 
 
-def gate_rows(definition: suite.SuiteDefinition, candidate: list[dict[str, Any]],
-              baseline: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The gate per KPI over the items both reports scored, paired by item."""
-    base_by_index = {item["index"]: item for item in baseline}
-    paired = [(item, base_by_index[item["index"]]) for item in candidate if item["index"] in base_by_index]
-    if not paired:
-        return {}
-    clusters = [c["cluster"] for c, _ in paired]
-    rows = {}
-    for kpi in definition.kpis:
-        result = gate.compare([c["scores"][kpi.name] for c, _ in paired], [b["scores"][kpi.name] for _, b in paired],
-                              pass_fail=kpi.pass_fail, direction=kpi.direction, aggregation=kpi.aggregation,
-                              allowed_regression=kpi.allowed_regression, clusters=clusters)
-        rows[kpi.name] = result.to_dict()
-    return rows
-
-
-def overall_verdict(rows: list[dict[str, Any]], has_baseline: bool) -> str:
-    """fail: a threshold missed or a gate failed; pass: every threshold met and, with a baseline,
-    every gate passed; inconclusive otherwise (or when nothing was declared to judge by)."""
-    thresholds = [r["threshold_met"] for r in rows if r["threshold_met"] is not None]
-    gates = [r["gate"]["verdict"] for r in rows if r["gate"]]
-    if False in thresholds or "fail" in gates:
-        return "fail"
-    if not thresholds and not gates:
-        return "inconclusive"
-    if has_baseline and any(v != "pass" for v in gates):
-        return "inconclusive"
-    return "pass"
-
-
-def next_steps(rows: list[dict[str, Any]], found_drift: dict[str, Any], verdict: str) -> list[str]:
-    """What to try next, most useful first; short, for an agent to act on."""
-    steps = []
-    for row in rows:
-        gate_row = row["gate"] or {}
-        if gate_row.get("verdict") == "fail":
-            steps.append(f"{row['name']} regressed ({gate_row['delta']:+.3g} vs baseline): read the worst items, "
-                         "then retrain with data like them, fewer steps or a lower learning rate")
-        elif row["threshold_met"] is False:
-            steps.append(f"{row['name']} = {row['value']:.3g} misses its threshold {row['threshold']:g}: add "
-                         "training data like the failing items or train longer")
-        if gate_row.get("items_needed"):
-            steps.append(f"{row['name']}: the suite is too small to detect a regression of "
-                         f"{row['allowed_regression']:g}; about {gate_row['items_needed']} items would")
-    data_drift = found_drift.get("data") or {}
-    if data_drift.get("drifted"):
-        steps.append("the suite's items are unlike the model's training data (drift): train on data like them")
-    if any((d or {}).get("drifted") for d in (found_drift.get("kpi") or {}).values()):
-        steps.append("a KPI left its usual range over this family's reports: compare with the last good model")
-    if verdict == "inconclusive" and not steps:
-        steps.append("declare thresholds or allowed_regression, or add items, to get a verdict")
-    return steps[:5]
-
-
-def kpi_drift(engine: Engine, report: EvalReport, values: dict[str, float]) -> dict[str, Any]:
-    """Each KPI against its mean +- 3 sd over the family's earlier reports on this suite."""
-    with Session(engine) as session:
-        earlier = session.exec(select(EvalReport).where(
-            EvalReport.suite_id == report.suite_id, EvalReport.model_family == report.model_family,
-            EvalReport.agent_id == report.agent_id, EvalReport.created_at < report.created_at,
-        ).order_by(col(EvalReport.created_at).desc()).limit(HISTORY_REPORTS)).all()
-    found = {}
-    for name, value in values.items():
-        history = [r.summary["kpis"][i]["value"] for r in reversed(earlier)
-                   for i, row in enumerate(r.summary["kpis"]) if row["name"] == name]
-        found[name] = drift.kpi_drift(history, value)
-    return found
-
-
-def data_drift_for(engine: Engine, agent_id: str, dataset_hashes: list[str],
-                   suite_row: EvalSuite) -> dict[str, Any] | None:
-    """Drift between the suite's data and the data the model was trained on; None when the model
-    has no training data on record (a base directory) or either side is too small."""
-    training = training_texts(engine, agent_id, dataset_hashes)
-    with Session(engine) as session:
-        suite_data = session.get(Dataset, suite_row.dataset_id)
-    current = dataset_texts([suite_data] if suite_data else [])
-    if len(training) < drift.FOLDS or len(current) < drift.FOLDS:
-        return None
-    return drift.data_drift(training, current)
-
-
-def training_texts(engine: Engine, agent_id: str, dataset_hashes: list[str]) -> list[str]:
-    if not dataset_hashes:
-        return []
-    with Session(engine) as session:
-        datasets = session.exec(select(Dataset).where(Dataset.agent_id == agent_id,
-                                                      col(Dataset.content_hash).in_(dataset_hashes))).all()
-    return dataset_texts(datasets)
-
-
-def dataset_texts(datasets: list[Dataset]) -> list[str]:
-    """The records' text, at most DRIFT_READ_RECORDS a dataset: drift samples 2,000 a side anyway,
-    and a report must not wait on reading a multi-gigabyte training set (the cost: a file sorted by
-    topic is judged by its first part)."""
-    texts: list[str] = []
-    for dataset in datasets:
-        for count, (_, record) in enumerate(data.read_records(Path(dataset.path))):
-            if count >= DRIFT_READ_RECORDS:
-                break
-            if isinstance(record, dict):
-                texts.append(data.record_text(record))
-    return texts
+def plan_eval(ctx: ServiceContext, agent_id: str, model: str, suite_id: str, baseline: str | None,
+              max_seconds: float | None = None) -> EvalPlan:
+    """`baseline` None: the model's parent; "none": no gate."""
+    with Session(ctx.engine) as session:
+        suite_row = owned_suite(session, agent_id, suite_id)
+        candidate = resolve_target(session, ctx.settings, agent_id, model, "model")
+        baseline_ref = candidate.parent_ref if baseline is None else baseline
+        baseline_target = None
+        if baseline_ref and baseline_ref != "none":
+            baseline_target = resolve_target(session, ctx.settings, agent_id, baseline_ref, "baseline")
+            if baseline_target.ref == candidate.ref:
+                raise InvalidRequest("baseline is the model itself; name another model or 'none'", param="baseline")
+        has_report = baseline_target is not None and latest_report(
+            session, agent_id, suite_row.id, baseline_target.ref) is not None
+    targets = [candidate] + ([baseline_target] if baseline_target and not has_report else [])
+    price = estimate(ctx.engine, suite_row, [t.parameters for t in targets], max_seconds)
+    return EvalPlan(suite_row, candidate, baseline_target, [t.ref for t in targets], price)

@@ -1,0 +1,50 @@
+"""The one mapping from what went wrong to what a caller reads, for every transport.
+
+Any invalid call (a pydantic ValidationError from a tool's request model, FastAPI's
+RequestValidationError from a REST route) becomes `invalid_request` listing every problem with its
+field; our own errors keep their code. REST answers `{"error": {code, message, param, problems?}}`
+with the error's status; MCP a tool error whose text starts with the code (its structure too); the
+OpenAI-compatible endpoint OpenAI's `{"error": {message, type, param, code}}`. Anything else is a
+bug: it is logged with its traceback and the caller gets `internal_error` without details.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from server.errors import InvalidRequest, WeightsmithError, invalid_request, problems_from
+
+log = logging.getLogger("weightsmith.api")
+
+
+class InternalError(WeightsmithError):
+    code = "internal_error"
+    http_status = 500
+
+
+def as_weightsmith(err: Exception) -> WeightsmithError:
+    if isinstance(err, WeightsmithError):
+        return err
+    if isinstance(err, ValidationError):
+        return invalid_request(err)
+    if isinstance(err, RequestValidationError):
+        # FastAPI says where a value came from first (body, query, path): the field's name is what matters.
+        errors = [{**e, "loc": tuple(e["loc"][1:]) or ("body",)} for e in err.errors()]
+        return InvalidRequest.of(problems_from(errors) or [("", "the request is not valid")])
+    log.error("internal error", exc_info=err)
+    return InternalError("the service failed on this request; it is logged. Try again, and report it if it "
+                         "persists")
+
+
+def rest_body(err: WeightsmithError) -> dict[str, Any]:
+    return {"error": err.to_dict()}
+
+
+def openai_body(err: WeightsmithError) -> dict[str, Any]:
+    kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
+            500: "server_error"}.get(err.http_status, "invalid_request_error")
+    return {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}
