@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
 
+from server.api.app import create_app
 from server.context import ServiceContext
 from server.service import open_service
 from server.settings import Settings
+from server.store import agents as auth
+from server.store.db import make_engine, migrate
 
 CHAT_FACTS = [
     ("What is a red-drop?", "A red-drop is a customer whose light level is under -27 dBm."),
@@ -83,3 +89,25 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     os.environ.pop("WEIGHTSMITH_DATABASE_URL", None)
+
+@pytest.fixture
+def http_service(settings: Settings) -> Iterator[tuple[str, str, str]]:
+    """A real uvicorn server on a free port; yields (base url, key of agent A, key of agent B)."""
+    engine = make_engine(settings.db_url)
+    migrate(engine)
+    _, key_a = auth.create_agent(engine, settings, "http-a")
+    _, key_b = auth.create_agent(engine, settings, "http-b")
+    engine.dispose()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", key_a, key_b
+    server.should_exit = True
+    thread.join(30)

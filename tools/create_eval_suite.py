@@ -52,4 +52,5 @@ TOOL = Tool(
     description="Store an eval suite (the same definition on the same data returns the same suite); then "
                 "run_eval, or launch_training with eval_suite.",
     route=Route("POST", "/eval-suites"),
-    command=Command(("eval", "suite"), args=("file",), inputs={"file": "The suite's YAML or JSON file."}, prepare=_from_file))
+    command=Command(("eval", "suite"), args=("file",), inputs={"file": "The suite's YAML or JSON file."},
+                    prepare=_from_file))

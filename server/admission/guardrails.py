@@ -110,7 +110,8 @@ def admit(session: Session, engine: Engine, agent_id: str, estimate: Estimate) -
     verdict = check_request(agent, estimate)
     if not verdict.admitted:
         return verdict
-    return check_budget(agent, estimate, reservations.budget_spent(session, agent, time.time()), reservations.active_job_count(session, agent))
+    spent = reservations.budget_spent(session, agent, time.time())
+    return check_budget(agent, estimate, spent, reservations.active_job_count(session, agent))
 
 
 def raise_if_refused(verdict: Verdict, estimate: Estimate) -> None:

@@ -270,7 +270,8 @@ def _check(request: SynthRequest, ctx: ServiceContext) -> None:
     if task == "preferences" and opts.rejected == "model" and not opts.rejected_model:
         problems.append(("options.rejected_model", 'rejected="model" needs rejected_model (a weaker model)'))
     if task == "preferences" and opts.rejected == "model" and isinstance(gen, TemplateGenerator):
-        problems.append(("options.rejected", 'templates make rejected answers by corruption; use rejected="corruption"'))
+        problems.append(("options.rejected",
+                         'templates make rejected answers by corruption; use rejected="corruption"'))
     score = request.filters.score
     if score is not None and (score.python is None) == (score.judge is None):
         problems.append(("filters.score", "give exactly one of python (a sandboxed function) or judge (a model)"))
@@ -294,7 +295,8 @@ def _template_problems(task: str, gen: TemplateGenerator, has_seeds: bool) -> li
         wanted = TEMPLATE_FIELDS[task]
         if not any(all(k in template for k in fields) for fields in wanted):
             shown = " or ".join("+".join(fields) for fields in wanted)
-            problems.append((where, f"a {task} template needs the fields {shown}; it has {', '.join(template) or 'none'}"))
+            has = ", ".join(template) or "none"
+            problems.append((where, f"a {task} template needs the fields {shown}; it has {has}"))
         missing = slots_in(template) - set(gen.slots) - builtin
         if missing:
             problems.append((where, f"uses slots {', '.join(sorted(missing))} that generator.slots does not define"
@@ -317,7 +319,8 @@ def _tool_problems(tools: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 
-def _resolved_generator(session: Session, ctx: ServiceContext, agent: Agent, raw: dict[str, Any], param: str) -> dict[str, Any]:
+def _resolved_generator(session: Session, ctx: ServiceContext, agent: Agent, raw: dict[str, Any],
+                        param: str) -> dict[str, Any]:
     """The generator as the child runs it: a model's directory and size, an endpoint's settings (no key)."""
     if raw["type"] == "template":
         return {**raw, "describe": "template"}

@@ -204,7 +204,8 @@ def build_train_job(ctx: ServiceContext, agent: Agent, request: TrainRequest, re
         "estimate": guardrails.estimate_json(estimate),
         # A pretrained model starts from nothing but its shape: say so in its lineage.
         "base_model": (parent.id if parent else request.base_model) or (
-            "scratch:model_config" if method_options.get("model_config") else f"scratch:{method_options.get('preset')}"),
+            "scratch:model_config" if method_options.get("model_config")
+            else f"scratch:{method_options.get('preset')}"),
         "parent_model_id": parent.id if parent else None,
         "dataset_ids": [d.id for d in datasets], "dataset_hashes": [d.content_hash for d in datasets],
         "model_name": request.model_name, "eval_suite": request.eval_suite}

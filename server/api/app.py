@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,6 +46,14 @@ def create_app(settings: Settings | None = None, *, workers: bool = True,
                 yield
             service.ctx = None
 
+    app = rest_app(service, lifespan=lifespan)
+    # Last, so /v1 and /docs match first; the MCP app answers /mcp itself.
+    app.router.routes.append(Mount("/", app=_RequireKey(mcp_app, service)))
+    return app
+
+
+def rest_app(service: ServiceRef, lifespan: Any = None) -> FastAPI:
+    """The REST API alone, over a service opened elsewhere (by `create_app`'s lifespan, or a test's)."""
     app = FastAPI(title="weightsmith", version="0.1.0", lifespan=lifespan,
                   description="Train and own domain models. MCP at /mcp; REST below. Every error is "
                               '{"error": {"code", "message", "param"}}.')
@@ -52,8 +61,6 @@ def create_app(settings: Settings | None = None, *, workers: bool = True,
     app.include_router(build_router())
     for kind in (WeightsmithError, ValidationError, RequestValidationError, Exception):
         app.add_exception_handler(kind, error_handler)
-    # Last, so /v1 and /docs match first; the MCP app answers /mcp itself.
-    app.router.routes.append(Mount("/", app=_RequireKey(mcp_app, service)))
     return app
 
 

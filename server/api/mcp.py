@@ -82,7 +82,7 @@ class WeightsmithMCP(MCPServer):
             return CallToolResult(content=[TextContent(type="text", text=str(error))],
                                   structured_content={"error": error.to_dict()}, is_error=True)
         return CallToolResult(content=[TextContent(type="text", text=result.compact_json())],
-                              structured_content=result.model_dump(mode="json", exclude_none=True))
+                              structured_content=result.model_dump(mode="json"))
 
     def caller(self, ctx: ServiceContext, context: Context | None) -> Agent:
         request = context.request_context.request if context is not None else None

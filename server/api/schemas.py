@@ -41,9 +41,8 @@ def _compact(node: Any) -> Any:
             continue  # null says nothing; a nested model's defaults are in its own schema
         elif key == "additionalProperties" and isinstance(value, bool):
             continue  # true is the default; unknown fields are refused by name anyway
-        elif key in BOUNDS or key == "discriminator":  # the discriminator's mapping points into $defs
-            continue
-        elif key == "type" and value == "string" and "const" in node:  # the const says it
+        elif key in BOUNDS or key == "discriminator" or (key == "type" and value == "string" and "const" in node):
+            # (a discriminator's mapping points into $defs; a const says its own type)
             continue
         else:
             out[key] = _compact(value)

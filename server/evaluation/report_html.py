@@ -97,7 +97,8 @@ def line_plot(points: list[tuple[float, float]], x_label: str, y_label: str, ban
         return (f"{60 + (px - x_low) / (x_high - x_low) * (WIDTH - 80):.1f},"
                 f"{height - 30 - (py - y_low) / (y_high - y_low) * (height - 50):.1f}")
 
-    out = [_svg_open(height), f"<line x1='60' y1='{height - 30}' x2='{WIDTH - 20}' y2='{height - 30}' stroke='{GREY}'/>",
+    out = [_svg_open(height),
+           f"<line x1='60' y1='{height - 30}' x2='{WIDTH - 20}' y2='{height - 30}' stroke='{GREY}'/>",
            f"<line x1='60' y1='20' x2='60' y2='{height - 30}' stroke='{GREY}'/>",
            _text(WIDTH / 2, height - 8, x_label), _text(4, 16, f"{y_label} {y_high:.3g}"),
            _text(4, height - 34, f"{y_low:.3g}")]

@@ -84,8 +84,9 @@ class TuneRequest(RequestModel):
         None, gt=0, description="Default: n_trials x the costliest trial, and the final retrain (and its eval, "
         "for a KPI objective) if asked for.")
     strategy: Strategy = Field(default_factory=Strategy, description="Sampler, pruner, objective, direction.")
-    final_retrain: StrictBool = Field(False, description="Retrain the best parameters on all the data at the end (with a "
-                                "KPI objective, evaluated on the suite too); none if the trials held nothing out.")
+    final_retrain: StrictBool = Field(False, description=(
+        "Retrain the best parameters on all the data at the end (with a KPI objective, evaluated on the suite "
+        "too); none if the trials held nothing out."))
 
 
 def admit_tune(ctx: ServiceContext, agent: Agent, request: TuneRequest, idempotency_key: str | None = None) -> Job:

@@ -248,7 +248,8 @@ def test_a_null_in_a_parquet_text_column_has_the_wrong_type(tmp_path: Path) -> N
 
 
 def test_metadata_that_is_not_an_object_is_a_problem(tmp_path: Path) -> None:
-    path = write(tmp_path, "d.jsonl", jsonl({"text": "a", "metadata": {"source": "wiki"}}, {"text": "b", "metadata": 7}))
+    path = write(tmp_path, "d.jsonl", jsonl({"text": "a", "metadata": {"source": "wiki"}},
+                                            {"text": "b", "metadata": 7}))
     problem = only_problem(validate_file(path))
     assert (problem.line, problem.field) == (2, "metadata")
     assert '"metadata" must be a JSON object, got a number (7)' in problem.message
@@ -432,7 +433,8 @@ def test_preference_records_standard_conversational_and_hosted_import(tmp_path: 
     user, good, bad = ({"role": "user", "content": "Is it up?"}, {"role": "assistant", "content": "Yes."},
                        {"role": "assistant", "content": "No idea."})
     standard = write(tmp_path, "s.jsonl", jsonl({"prompt": "Is it up?", "chosen": "Yes.", "rejected": "No idea."}))
-    assert load_examples(standard) == ("preference", [{"prompt": "Is it up?", "chosen": "Yes.", "rejected": "No idea."}])
+    assert load_examples(standard) == ("preference",
+                                       [{"prompt": "Is it up?", "chosen": "Yes.", "rejected": "No idea."}])
     hosted = write(tmp_path, "h.jsonl", jsonl({"input": {"messages": [user], "tools": []},
                                                "preferred_output": [good], "non_preferred_output": [bad]}))
     assert load_examples(hosted) == ("preference", [{"prompt": [user], "chosen": [good], "rejected": [bad]}])

@@ -42,7 +42,8 @@ def test_a_python_reward_that_misbehaves_fails_naming_the_function(source: str, 
 @needs_sandbox
 def test_a_python_reward_sees_the_dataset_columns_but_not_trainer_objects() -> None:
     source = ("def r(prompts, completions, **kw):\n"
-              "    return [float(sorted(kw) == ['reference'] and c == ref) for c, ref in zip(completions, kw['reference'])]\n")
+              "    return [float(sorted(kw) == ['reference'] and c == ref)\n"
+              "            for c, ref in zip(completions, kw['reference'])]\n")
     with contextlib.ExitStack() as stack:
         reward = grpo._reward_function({"type": "python", "source": source, "function": "r"}, 0, stack)
         assert reward(prompts=["a", "b"], completions=["x", "z"], reference=["x", "y"], trainer_state=object(),

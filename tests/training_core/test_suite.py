@@ -58,7 +58,8 @@ def test_tool_call_grader_matches_name_and_arguments() -> None:
 
 @pytest.mark.skipif(not available_isolation(), reason="no sandbox isolation on this machine")
 def test_python_grader_runs_agent_code_in_the_sandbox() -> None:
-    code = "def score(outputs, references, prompts):\n    return [len(o) > len(r) for o, r in zip(outputs, references)]\n"
+    code = ("def score(outputs, references, prompts):\n"
+            "    return [len(o) > len(r) for o, r in zip(outputs, references)]\n")
     definition = _suite([{"name": "longer", "grader": {"type": "python", "code": code, "pass_fail": True}}])
     assert _score(definition, ITEMS, OUTPUTS, None)["longer"] == [0.0, 1.0, 1.0, 1.0]
     assert definition.kpis[0].pass_fail
@@ -81,8 +82,8 @@ def test_malformed_suites_are_refused_field_by_field() -> None:
     assert "'accuracy', which is no KPI" in missing["composite"]
 
 
-@pytest.mark.parametrize("formula", ["__import__('os').system('true')", "a.real", "a ** 2", "[a]", "'a'", "a if a else 1",
-                                     "lambda: 1", "min(a, key=abs)"])
+@pytest.mark.parametrize("formula", ["__import__('os').system('true')", "a.real", "a ** 2", "[a]", "'a'",
+                                     "a if a else 1", "lambda: 1", "min(a, key=abs)"])
 def test_composite_formulas_beyond_arithmetic_are_refused_and_never_evaluated(formula: str) -> None:
     with pytest.raises(ValueError, match="composite"):
         suite.parse_formula(formula, {"a"})
@@ -96,7 +97,8 @@ def test_without_a_formula_the_composite_is_the_weighted_mean_of_higher_is_bette
 
 
 def test_composite_formula_arithmetic_and_undefined_values() -> None:
-    assert suite.evaluate_formula("-(a - 2 * b) / 4 + min(a, b, 0.5)", {"a": 1.0, "b": 0.25}) == pytest.approx(-0.125 + 0.25)
+    value = suite.evaluate_formula("-(a - 2 * b) / 4 + min(a, b, 0.5)", {"a": 1.0, "b": 0.25})
+    assert value == pytest.approx(-0.125 + 0.25)
     assert suite.evaluate_formula("a / b", {"a": 1.0, "b": 0.0}) is None
 
 

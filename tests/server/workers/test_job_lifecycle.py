@@ -13,8 +13,8 @@ from server.store import agents as auth
 from server.store import jobs, reservations
 from server.store.tables import Checkpoint, JobState, Reservation
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
-from tools.datasets import UploadDatasetRequest, upload_dataset
 from tools.launch_training import LaunchTrainingRequest, launch_training
+from tools.upload_dataset import UploadDatasetRequest, upload_dataset
 
 
 def _launch(service: ServiceContext, tmp_path: Path, name: str, **overrides: object):  # type: ignore[no-untyped-def]

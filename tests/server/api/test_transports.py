@@ -4,51 +4,27 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-import uvicorn
 from mcp import Client, StdioServerParameters
 
-from server.api.app import create_app
 from server.cli.mcp_client import http_client
 from server.settings import Settings
 from server.store import agents as auth
-from server.store.db import make_engine, migrate
+from server.store.db import make_engine
 from tests.conftest import chat_records, quick_hyperparameters, write_jsonl
-from tests.server.test_mcp_in_memory import TOOLS, call, wait_final
+from tests.server.api.test_mcp_in_memory import call, wait_final
+from tools import TOOLS as TOOL_LIST
+
+TOOLS = {tool.name for tool in TOOL_LIST}
 
 
-@pytest.fixture
-def http_service(settings: Settings) -> Iterator[tuple[str, str, str]]:
-    """A real uvicorn server on a free port; yields (base url, key of agent A, key of agent B)."""
-    engine = make_engine(settings.db_url)
-    migrate(engine)
-    _, key_a = auth.create_agent(engine, settings, "http-a")
-    _, key_b = auth.create_agent(engine, settings, "http-b")
-    engine.dispose()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", key_a, key_b
-    server.should_exit = True
-    thread.join(30)
 
 
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
@@ -139,7 +115,7 @@ def test_mcp_over_stdio_serves_the_local_agent(settings: Settings, tmp_path: Pat
     env = {**os.environ, "WEIGHTSMITH_HOME": str(settings.home), "WEIGHTSMITH_WORKER_SLOTS": "1",
            "WEIGHTSMITH_DATA_ROOTS": f'["{tmp_path}", "{settings.data_roots[1]}"]'}
     params = StdioServerParameters(command=sys.executable, args=["-m", "server.cli.main", "serve", "--stdio"], env=env,
-                                   cwd=str(Path(__file__).resolve().parents[2]))
+                                   cwd=str(Path(__file__).resolve().parents[3]))
 
     async def main() -> None:
         async with Client(params) as client:

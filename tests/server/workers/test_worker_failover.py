@@ -13,22 +13,23 @@ from typing import Any
 import pytest
 from sqlmodel import Session, col, select
 
+from server.admission.train import TrainRequest, build_train_job
 from server.context import ServiceContext
 from server.service import open_service
 from server.settings import Settings
 from server.store import agents as auth
 from server.store import jobs
 from server.store.db import write_transaction
+from server.store.leases import claim
 from server.store.tables import Agent, Dataset, Job, JobState, Reservation
-from server.workers import executor
-from server.workers.executor import claim
+from server.workers import child
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
-from tools.datasets import UploadDatasetRequest, upload_dataset
-from tools.launch_training import LaunchTrainingRequest, launch_training, prepare_train_job
-from tools.quota import get_quota
+from tools.get_quota import GetQuotaRequest, get_quota
+from tools.launch_training import LaunchTrainingRequest, launch_training
+from tools.upload_dataset import UploadDatasetRequest, upload_dataset
 from training_core.spec import JobResult
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
@@ -81,22 +82,22 @@ def test_a_result_its_worker_did_not_record_is_recorded_by_the_next_run_without_
         settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The worker fails between the child's exit (result.json written, model saved) and recording it:
     # the lease is given back, and the next claim finds the result.
-    settle = executor._Runner._settle_run
+    settle = child.ChildRun._settle_run
     failures = []
 
-    def fail_once(runner: executor._Runner, *args: Any, **kwargs: Any) -> None:
+    def fail_once(run: child.ChildRun, *args: Any, **kwargs: Any) -> None:
         if not failures:
-            failures.append(runner.job.id)
+            failures.append(run.job.id)
             raise OSError("the worker's database went away")
-        settle(runner, *args, **kwargs)
+        settle(run, *args, **kwargs)
 
-    monkeypatch.setattr(executor._Runner, "_settle_run", fail_once)
+    monkeypatch.setattr(child.ChildRun, "_settle_run", fail_once)
     with open_service(settings) as ctx:
         agent, job = _queue_chat_job(ctx, settings, tmp_path, "unrecorded", records=32, max_steps=12, save_steps=4)
         done = wait_until(lambda: (j := jobs.get(ctx.engine, agent.id, job.id)).state in
                           (JobState.succeeded, JobState.failed) and j, timeout=240)
         messages = [e.message for e in jobs.events(ctx.engine, agent.id, job.id, 0, 2000)]
-        spent = get_quota(ctx, agent).budget_flops_spent
+        spent = get_quota(ctx, agent, GetQuotaRequest()).budget_flops_spent
     result = JobResult.read(Path(done.run_dir))
     assert failures == [job.id]
     assert done.state == JobState.succeeded, done.error
@@ -118,10 +119,11 @@ def test_jobs_left_validating_by_a_crash_are_checked_again_and_run_or_fail(setti
             enumerate(("good", "tampered", "gone")))
         left = []
         for datasets in ([good.id], [tampered.id], [good.id, gone.id]):
-            request = LaunchTrainingRequest.model_validate({
+            request = TrainRequest.model_validate({
                 "base_model": str(settings.data_roots[1] / "tiny"), "datasets": datasets, "adapter": "full",
                 "hyperparameters": quick_hyperparameters(max_steps=2)})
-            job, estimate, _ = prepare_train_job(ctx, agent, request)
+            built = build_train_job(ctx, agent, request)
+            job, estimate = built.job, built.estimate
             with write_transaction(ctx.engine) as session:  # what launch_training commits before its check
                 session.add(job)
                 session.flush()
@@ -146,7 +148,7 @@ def test_jobs_left_validating_by_a_crash_are_checked_again_and_run_or_fail(setti
             settled = {r.job_id: r.flops_used for r in session.exec(select(Reservation).where(
                 col(Reservation.job_id).in_(left))) if r.settled_at is not None}
         assert settled == {ran.id: ran.flops_used, failed.id: 0.0, short.id: 0.0} and ran.flops_used > 0
-        assert get_quota(ctx, agent).budget_flops_spent == ran.flops_used
+        assert get_quota(ctx, agent, GetQuotaRequest()).budget_flops_spent == ran.flops_used
 
 
 def test_a_job_outlives_more_clean_service_restarts_than_max_attempts(settings: Settings, tmp_path: Path) -> None:

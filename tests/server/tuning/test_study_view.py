@@ -11,7 +11,6 @@ from server.settings import Settings
 from server.store import agents as auth
 from server.store.db import make_engine, write_transaction
 from server.store.tables import Job, JobState
-from tests.server.test_transports import http_service  # noqa: F401 -- the fixture
 from tools.views import TRIALS_SHOWN, job_view
 
 
@@ -45,7 +44,7 @@ def test_a_large_studys_view_keeps_its_best_running_and_newest_trials_within_a_t
     assert job_view(small).metrics == small.metrics  # nothing cut from a small study
 
 
-def test_the_whole_trials_table_is_served_over_rest(http_service, settings: Settings) -> None:  # noqa: F811
+def test_the_whole_trials_table_is_served_over_rest(http_service, settings: Settings) -> None:
     base, key, other_key = http_service
     engine = make_engine(settings.db_url)
     agent = auth.agent_for_key(engine, key)

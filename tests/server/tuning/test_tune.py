@@ -21,14 +21,8 @@ import yaml
 from mcp import Client
 from sqlalchemy import Engine
 from sqlmodel import Session, select
-from tools.tune_hyperparameters import (
-    Strategy,
-    TuneRequest,
-    final_retrain_request,
-    resolve_strategy,
-    tune_hyperparameters,
-)
 
+from server.admission.train import TrainRequest, build_train_job
 from server.api.mcp import build_mcp_server
 from server.context import ServiceContext, ServiceRef
 from server.errors import InvalidRequest, LimitExceeded
@@ -39,20 +33,20 @@ from server.store import jobs
 from server.store.db import make_engine, migrate
 from server.store.tables import Agent, EvalReport, Job, JobState, Reservation
 from server.tuning import kpi_objective
+from server.tuning.admission import Strategy, final_retrain_request, resolve_strategy
 from server.tuning.optuna_study import open_study
 from tests import postgres
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
-from tests.server.test_eval import eval_records
-from tests.server.test_mcp_in_memory import call, wait_final
-from tests.server.test_transports import http_service  # noqa: F401 -- the fixture
-from tools.datasets import UploadDatasetRequest, upload_dataset
-from tools.eval_suites import create_eval_suite
-from tools.launch_training import LaunchTrainingRequest, prepare_train_job
-from tools.quota import get_quota
+from tests.server.api.test_mcp_in_memory import call, wait_final
+from tests.server.evaluation.test_eval import eval_records
+from tools.create_eval_suite import CreateEvalSuiteRequest, create_eval_suite
+from tools.get_quota import GetQuotaRequest, get_quota
+from tools.tune_hyperparameters import TuneHyperparametersRequest, tune_hyperparameters
+from tools.upload_dataset import UploadDatasetRequest, upload_dataset
 from tools.views import job_view
 
 FINAL = (JobState.succeeded, JobState.failed, JobState.cancelled)
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _dataset(ctx: ServiceContext, agent: Agent, tmp_path: Path) -> str:
@@ -66,7 +60,7 @@ def _template(ctx: ServiceContext, dataset: str, **hyper: Any) -> dict[str, Any]
 
 
 def _start(ctx: ServiceContext, agent: Agent, **request: Any) -> str:
-    return tune_hyperparameters(ctx, agent, TuneRequest.model_validate(request)).study_id
+    return tune_hyperparameters(ctx, agent, TuneHyperparametersRequest.model_validate(request)).study_id
 
 
 def _final(ctx: ServiceContext, agent: Agent, job_id: str, timeout: float = 300) -> Job:
@@ -190,7 +184,7 @@ def test_study_over_the_agents_budget_or_job_limit_is_refused(service: ServiceCo
 def test_small_budget_stops_the_study_early_with_a_clear_result(service: ServiceContext, tmp_path: Path) -> None:
     agent, _ = auth.create_agent(service.engine, service.settings, "thrifty")
     template = _template(service, _dataset(service, agent, tmp_path))
-    _, trial, _ = prepare_train_job(service, agent, LaunchTrainingRequest.model_validate(template))
+    trial = build_train_job(service, agent, TrainRequest.model_validate(template)).estimate
     budget = 1.5 * trial.flops  # one trial and a half: the second cannot be paid for
     request = {"template": template, "search_space": LR, "n_trials": 6, "budget_flops": budget,
                "strategy": {"pruner": "none"}, "idempotency_key": "small"}
@@ -200,7 +194,7 @@ def test_small_budget_stops_the_study_early_with_a_clear_result(service: Service
     assert study.metrics["stopped_reason"] == "budget_spent"
     assert len(study.metrics["trials"]) == 1 and study.metrics["trials"][0]["state"] == "complete"
     assert study.flops_used <= budget and _reservation(service, study_id).flops_used == study.flops_used
-    assert get_quota(service, agent).budget_flops_spent == pytest.approx(study.flops_used)
+    assert get_quota(service, agent, GetQuotaRequest()).budget_flops_spent == pytest.approx(study.flops_used)
     assert _start(service, agent, **request) == study_id  # a retry with the same key: the same study
 
 
@@ -210,7 +204,8 @@ def test_cancelling_a_study_cancels_its_running_trial_and_settles_once(service: 
     template = _template(service, _dataset(service, agent, tmp_path), max_steps=100000)
     study_id = _start(service, agent, template=template, search_space=LR, n_trials=3, budget_flops=1e15,
                       strategy={"pruner": "none"})
-    wait_until(lambda: any(j.state == JobState.running and j.progress.get("step") for j in _trial_jobs(service, study_id)),
+    wait_until(lambda: any(j.state == JobState.running and j.progress.get("step")
+                           for j in _trial_jobs(service, study_id)),
                timeout=120, interval=0.1)
     jobs.request_cancel(service.engine, agent.id, study_id)
     study = _final(service, agent, study_id, timeout=120)
@@ -219,7 +214,7 @@ def test_cancelling_a_study_cancels_its_running_trial_and_settles_once(service: 
     assert trial.state == JobState.cancelled and not trial.metrics.get("pruned")
     assert _reservation(service, study_id).flops_used == study.flops_used == trial.flops_used > 0
     assert study.metrics["trials"][0]["state"] == "fail"
-    assert get_quota(service, agent).budget_flops_spent == pytest.approx(study.flops_used)
+    assert get_quota(service, agent, GetQuotaRequest()).budget_flops_spent == pytest.approx(study.flops_used)
 
 
 def test_a_study_whose_studies_database_moved_fails_naming_the_setting_and_starts_nothing(
@@ -448,7 +443,7 @@ def test_a_study_runs_in_a_postgresql_store_and_the_agent_never_sees_its_passwor
 
 @pytest.mark.slow
 def test_cli_tune_starts_a_study_from_yaml_and_shows_its_trials(
-        http_service, settings: Settings, tmp_path: Path) -> None:  # noqa: F811 -- the imported fixture
+        http_service, settings: Settings, tmp_path: Path) -> None:
     base, key, _ = http_service
     env = {**os.environ, "WEIGHTSMITH_URL": base, "WEIGHTSMITH_API_KEY": key, "COLUMNS": "200"}
     cli = [sys.executable, "-m", "server.cli.main"]
@@ -490,7 +485,7 @@ kpis:
 def _kpi_suite(ctx: ServiceContext, agent: Agent, tmp_path: Path, definition: str = KPI_SUITE) -> str:
     items = write_jsonl(tmp_path / f"items-{agent.id}.jsonl", eval_records(12))
     dataset = upload_dataset(ctx, agent, UploadDatasetRequest(path=str(items))).dataset.id
-    return create_eval_suite(ctx, agent, definition.format(dataset=dataset)).id
+    return create_eval_suite(ctx, agent, CreateEvalSuiteRequest(definition=definition.format(dataset=dataset))).id
 
 
 def _study_reservations(ctx: ServiceContext, study_id: str) -> list[Reservation]:
@@ -553,7 +548,7 @@ def test_kpi_objective_is_checked_at_admission_naming_the_field_and_starts_nothi
         _start(service, agent, template={**template, "eval_suite": suite_id}, search_space=LR)
     assert refused.value.param == "template.eval_suite"
     # A trial is priced with its eval: the default budget is n_trials of both, and no budget pays for less.
-    _, trial, _ = prepare_train_job(service, agent, LaunchTrainingRequest.model_validate(template))
+    trial = build_train_job(service, agent, TrainRequest.model_validate(template)).estimate
     evaluation = kpi_objective.eval_price(service.engine, suite_id, trial.parameters).flops
     objective = {"objective": "kpi:facts-kpi/ppl"}
     with pytest.raises(LimitExceeded, match=re.escape(f"the study's budget of {3 * (trial.flops + evaluation):.3g} "
@@ -561,13 +556,13 @@ def test_kpi_objective_is_checked_at_admission_naming_the_field_and_starts_nothi
         _start(service, agent, template=template, search_space=LR, n_trials=3, strategy=objective)
     # A final retrain is priced with its eval. Trials that held nothing out need none: the best trained on
     # all the data already.
-    _, retrain, _ = prepare_train_job(service, agent, final_retrain_request(LaunchTrainingRequest.model_validate(
-        template), {}))
+    retrain = build_train_job(service, agent, final_retrain_request(TrainRequest.model_validate(
+        template), {})).estimate
     with pytest.raises(LimitExceeded, match=re.escape(
             f"the study's budget of {3 * (trial.flops + evaluation) + retrain.flops + evaluation:.3g} FLOPs")):
         _start(service, agent, template=template, search_space=LR, n_trials=3, strategy=objective, final_retrain=True)
     whole = {**template, "hyperparameters": {**template["hyperparameters"], "eval_fraction": 0.0}}
-    _, whole_trial, _ = prepare_train_job(service, agent, LaunchTrainingRequest.model_validate(whole))
+    whole_trial = build_train_job(service, agent, TrainRequest.model_validate(whole)).estimate
     with pytest.raises(LimitExceeded, match=re.escape(
             f"the study's budget of {3 * (whole_trial.flops + evaluation):.3g} FLOPs")):
         _start(service, agent, template=whole, search_space=LR, n_trials=3, strategy=objective, final_retrain=True)
@@ -578,7 +573,7 @@ def test_kpi_objective_is_checked_at_admission_naming_the_field_and_starts_nothi
     assert jobs.list_for_agent(service.engine, agent.id) == []
     assert optuna.get_all_study_summaries(service.settings.studies_url) == []
     # Left out, the direction and the pruner follow the objective; what the study stores is explicit.
-    request = LaunchTrainingRequest.model_validate(template)
+    request = TrainRequest.model_validate(template)
     with Session(service.engine) as session:
         exact, kpi = resolve_strategy(session, agent, Strategy(objective="kpi:facts-kpi/exact"), request)
         loss, no_kpi = resolve_strategy(session, agent, Strategy(), request)
@@ -642,7 +637,7 @@ def test_kpi_study_evaluates_every_trial_and_picks_the_best_kpi_within_one_budge
     assert all(r.settled_at is not None and r.flops_used == next(j for j in rows if j.id == r.job_id).flops_used
                for r in carved)
     assert study["flops_used"] == pytest.approx(used) and _reservation(service, study["id"]).flops_used == used
-    assert get_quota(service, agent).budget_flops_spent == pytest.approx(used)
+    assert get_quota(service, agent, GetQuotaRequest()).budget_flops_spent == pytest.approx(used)
 
 
 def _finished_kpi_study_with_final_retrain(ctx: ServiceContext, tmp_path: Path, kpi: str, eval_fraction: float,
@@ -699,7 +694,7 @@ def test_a_kpi_studys_final_retrain_is_evaluated_on_its_suite_within_the_default
     assert result["stopped_reason"] == "n_trials"
     used = sum(j.flops_used for j in rows)
     assert study.flops_used == pytest.approx(used) and used <= study.estimate_flops
-    assert get_quota(service, agent).budget_flops_spent == pytest.approx(used)
+    assert get_quota(service, agent, GetQuotaRequest()).budget_flops_spent == pytest.approx(used)
 
 
 def test_a_failed_trial_eval_fails_the_trial_with_its_reason_and_settles_what_it_used(
@@ -771,4 +766,4 @@ def test_a_trial_holds_its_slot_while_evaluated_and_cancelling_the_study_stops_i
     [trial] = study.metrics["trials"]  # cancelled while its eval ran, or told the value it finished with
     assert (trial["state"], evaluated.state) in (("fail", JobState.cancelled), ("complete", JobState.succeeded))
     assert _reservation(service, study_id).flops_used == study.flops_used == sum(j.flops_used for j in rows)
-    assert get_quota(service, agent).budget_flops_spent == pytest.approx(study.flops_used)
+    assert get_quota(service, agent, GetQuotaRequest()).budget_flops_spent == pytest.approx(study.flops_used)

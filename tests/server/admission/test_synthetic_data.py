@@ -25,12 +25,12 @@ from server.settings import Settings, SynthEndpoint
 from server.store import agents as auth
 from server.store.tables import Dataset, Job
 from tests.conftest import quick_hyperparameters, write_jsonl
-from tests.server.test_mcp_in_memory import call, wait_final
-from tests.server.test_transports import http_service  # noqa: F401 -- a fixture
+from tests.server.api.test_mcp_in_memory import call, wait_final
 
 TEMPLATES = [
     {"prompt": "How do I {verb} the {thing}?",
-     "completion": "To {verb} the {thing}, open the {place} entry for it and follow the {thing} checklist step by step."},
+     "completion": "To {verb} the {thing}, open the {place} entry for it and follow the {thing} checklist "
+                   "step by step."},
     {"messages": [{"role": "user", "content": "Where is the {thing} for ticket {ticket}?"},
                   {"role": "assistant", "content": "The {thing} for ticket {ticket} is listed in the {place}."}]},
 ]
@@ -131,7 +131,8 @@ def test_traces_follow_the_tool_schemas_preferences_record_their_making_and_a_sa
                                    "slots": SLOTS},
                                options={"filters": {"diversity_rouge_l": None, "near_duplicate": None}})
             prompts = await call(client, "generate_synthetic_data", task="prompts", num_records=6, seed=3,
-                                 generator={"type": "template", "templates": [{"prompt": "Plan how to {verb} the {thing}."}],
+                                 generator={"type": "template",
+                                            "templates": [{"prompt": "Plan how to {verb} the {thing}."}],
                                             "slots": SLOTS},
                                  options={"filters": {"diversity_rouge_l": None, "near_duplicate": None, "score": {
                                      "python": SCORE_ROUTER_ONLY, "threshold": 0.5}}})
@@ -289,7 +290,7 @@ def test_openai_compatible_endpoint_is_retried_through_429_and_500_and_its_key_i
 
 
 def test_qa_from_documents_keeps_the_chunk_each_pair_came_from(service: ServiceContext) -> None:
-    corpus = Path(__file__).resolve().parents[2] / "examples" / "sample_corpus" / "procedures.txt"
+    corpus = Path(__file__).resolve().parents[3] / "examples" / "sample_corpus" / "procedures.txt"
 
     async def main() -> dict[str, Any]:
         async with Client(build_mcp_server(ServiceRef(service))) as client:
@@ -320,7 +321,7 @@ def test_qa_from_documents_keeps_the_chunk_each_pair_came_from(service: ServiceC
 
 
 def test_rest_and_cli_start_synth_jobs_and_refuse_bad_requests_with_the_field(
-        http_service: tuple[str, str, str], tmp_path: Path) -> None:  # noqa: F811 -- the fixture
+        http_service: tuple[str, str, str], tmp_path: Path) -> None:
     base, key, _ = http_service
     client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=70)
     body = _template_request(num_records=10, filters={"diversity_rouge_l": None}, options={})
@@ -352,7 +353,8 @@ def test_a_job_at_its_token_cap_registers_what_it_made_as_partial_and_a_refusal_
              {"prompt": "Who handles T2 tickets?", "completion": "The field team."}]
     request = {"task": "instructions", "num_records": 8, "seed_examples": seeds,
                "generator": {"type": "model", "model": str(tiny_model), "max_new_tokens": 8, "batch_size": 8},
-               "options": {"limits": {"max_tokens": 40}, "filters": {"near_duplicate": None, "diversity_rouge_l": None}}}
+               "options": {"limits": {"max_tokens": 40},
+                           "filters": {"near_duplicate": None, "diversity_rouge_l": None}}}
 
     async def main() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         async with Client(build_mcp_server(ServiceRef(service), key)) as client:

@@ -179,7 +179,8 @@ def test_optuna_and_the_service_write_one_sqlite_file_at_once_without_locking_ea
         assert errors == []
         assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 40
         with Session(ctx.engine) as session:
-            assert session.exec(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job.id)).one() == 300
+            count = select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job.id)
+            assert session.exec(count).one() == 300
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])

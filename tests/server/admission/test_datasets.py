@@ -13,8 +13,8 @@ from server.errors import InvalidDataset, InvalidRequest
 from server.store import agents as auth
 from server.store.tables import Job
 from tests.conftest import chat_records, quick_hyperparameters, write_jsonl
-from tools.datasets import UploadDatasetRequest, upload_dataset
 from tools.launch_training import LaunchTrainingRequest, launch_training
+from tools.upload_dataset import UploadDatasetRequest, upload_dataset
 
 GOOD = json.dumps(chat_records(1)[0])
 USER = {"role": "user", "content": "hi"}

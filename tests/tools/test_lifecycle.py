@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from server.api.mcp import build_mcp_server
 from server.context import ServiceContext, ServiceRef
 from tests.conftest import CHAT_FACTS, chat_records, write_jsonl
-from tests.server.test_mcp_in_memory import call, wait_final
+from tests.server.api.test_mcp_in_memory import call, wait_final
 
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "sample_corpus"
 DIGITS_REWARD = (
@@ -100,7 +100,10 @@ def test_pretrain_sft_dpo_grpo_chain_learns_at_each_step_and_keeps_its_lineage(
                                          max_points=100))["values"]
                        for name, metric in (("pretrain", "loss"), ("sft", "loss"),
                                             ("dpo", "rewards/accuracies"), ("grpo", "reward"))}
-            models = {m["job_id"]: m for m in (await call(client, "list_models"))["models"]}
+            models = {}
+            for listed in (await call(client, "list_models"))["models"]:
+                detail = await call(client, "get_model", model=listed["id"])
+                models[listed["job_id"]] = {**listed, "path": detail["path"], "merged_path": detail["merged_path"]}
             return {"jobs": jobs, "history": history, "models": models}
 
     found = anyio.run(main)

@@ -16,8 +16,8 @@ from server.store import jobs
 from server.store.tables import Job, JobState, Reservation
 from tests import postgres
 from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
-from tools.datasets import UploadDatasetRequest, upload_dataset
 from tools.launch_training import LaunchTrainingRequest, launch_training
+from tools.upload_dataset import UploadDatasetRequest, upload_dataset
 from training_core.token_counts import ModelTokens, record_tokens
 
 
@@ -85,7 +85,8 @@ def test_request_over_the_compute_cap_is_refused_with_what_would_fit(service, ti
     assert refusal.value.param == "max_request_flops"
     assert "max_steps <= 3 fits" in refusal.value.message
     assert refusal.value.details["estimate_flops"] == pytest.approx(per_step * 8)
-    fitting = launch_training(service, capped, _request(tiny_model, ds, hyperparameters=quick_hyperparameters(max_steps=3)))
+    fitting = launch_training(service, capped,
+                              _request(tiny_model, ds, hyperparameters=quick_hyperparameters(max_steps=3)))
     assert fitting.admitted and fitting.job is not None
 
 
