@@ -36,6 +36,7 @@ test: venv sandbox-deps
 test-fast: venv sandbox-deps
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# ruff checks the line length too (pyproject.toml); CI runs this before the tests.
 lint: venv
 	$(BIN)/ruff check server tools training_core sandbox tests benchmarks examples
 

@@ -57,6 +57,7 @@ def run_demo(console: Console) -> int:
     if model is None:
         return 1
     _show_sample(model, console)
+    _how_to_connect(settings, console)
     return 0
 
 
@@ -99,11 +100,10 @@ async def _drive(url: str, key: str, console: Console) -> dict[str, Any] | None:
         job = await _launch_and_follow(client, sft, console)
         if job is None:
             return None
-        models = (await _call(client, "list_models"))["models"]
-        model = next(m for m in models if m["id"] == job["model_id"])
+        model = await _call(client, "get_model", model=job["model_id"])
         m = job["metrics"]
-        console.print(f"model {model['id']} at {model['path']}")
-        console.print(f"lineage: {model['id']} <- {model['parent_model_id']} (pre-trained here) <- the sample corpus")
+        console.print(f"model {job['model_id']} at {model['path']}")
+        console.print(f"lineage: {' <- '.join(model['lineage'])} (pre-trained here from the sample corpus)")
         console.print(f"validation loss {m.get('eval_loss_before', float('nan')):.4f} -> "
                       f"{m.get('eval_loss_after', float('nan')):.4f}; "
                       f"{m.get('tokens_per_second', 0):,.0f} tokens/s, MFU {m.get('mfu', 0):.1%}")
@@ -146,8 +146,11 @@ async def _call(client: Any, tool: str, **arguments: Any) -> dict[str, Any]:
 
 
 def _show_sample(model: dict[str, Any], console: Console) -> None:
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     directory = model["merged_path"] or model["path"]
     tokenizer = AutoTokenizer.from_pretrained(directory)
     lm = AutoModelForCausalLM.from_pretrained(directory)
@@ -164,3 +167,14 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _how_to_connect(settings: Settings, console: Console) -> None:
+    home = settings.home
+    console.print(f"""
+Connect an agent to this store ({home}):
+  Claude Code:  claude mcp add weightsmith --env WEIGHTSMITH_HOME={home} -- weightsmith serve --stdio
+  over HTTP:    weightsmith agents add my-agent   (prints a key)  then  weightsmith serve
+                claude mcp add --transport http weightsmith http://127.0.0.1:{settings.port}/mcp \\
+                  --header "Authorization: Bearer ws_..."
+  the CLI:      export WEIGHTSMITH_API_KEY=ws_...;  weightsmith models list""", highlight=False)

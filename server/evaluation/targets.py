@@ -4,7 +4,7 @@ baseline)."""
 
 from __future__ import annotations
 
-from dataclasses import field
+from dataclasses import dataclass, field
 
 from sqlmodel import Session
 
@@ -16,6 +16,7 @@ from server.store.tables import Model
 from training_core import modelinfo
 
 
+@dataclass(frozen=True)
 class EvalTarget:
     """A model as an eval job loads it, and what the report needs to know of its lineage."""
 
