@@ -8,11 +8,13 @@ every one in `problems` (`[{"param", "message"}]`), the first also as `param`.
 
 from __future__ import annotations
 
+import inspect
 import math
+import types
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 
 class WeightsmithError(Exception):
@@ -72,23 +74,52 @@ class Unauthorized(WeightsmithError):
     http_status = 401
 
 
-def problems_of(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
-    """pydantic's errors in our words: `(param, what to change)`, no library boilerplate or links."""
-    return problems_from(err.errors(include_url=False), prefix)
+def problems_of(err: ValidationError, prefix: str = "", model: type[BaseModel] | None = None
+                ) -> list[tuple[str, str]]:
+    """pydantic's errors in our words: `(param, what to change)`, no library boilerplate or links.
+    With the `model` validated, an unknown field's problem lists the fields allowed there."""
+    return problems_from(err.errors(include_url=False), prefix, model)
 
 
-def problems_from(errors: Sequence[Any], prefix: str = "") -> list[tuple[str, str]]:
+def problems_from(errors: Sequence[Any], prefix: str = "", model: type[BaseModel] | None = None
+                  ) -> list[tuple[str, str]]:
     """The same for errors already listed (FastAPI's request validation lists them this way)."""
     found = []
     for error in errors:
-        where = ".".join(_part(part) for part in error["loc"] if not _is_union_branch(part))
-        where = where.replace(".[", "[")
-        found.append(((prefix + where) if where else prefix.rstrip("."), _message(error)))
+        loc = [part for part in error["loc"] if not _is_union_branch(part)]
+        where = ".".join(_part(part) for part in loc).replace(".[", "[")
+        message = _message(error)
+        if error["type"] == "extra_forbidden" and model is not None:
+            allowed = _fields_at(model, loc[:-1])
+            if allowed:
+                message = f"is not a field here; the fields are {', '.join(allowed)}"
+        found.append(((prefix + where) if where else prefix.rstrip("."), message))
     return _merged(found)
 
 
-def invalid_request(err: ValidationError, prefix: str = "") -> InvalidRequest:
-    return InvalidRequest.of(problems_of(err, prefix))
+def invalid_request(err: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> InvalidRequest:
+    return InvalidRequest.of(problems_of(err, prefix, model))
+
+
+def _fields_at(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
+    """The fields of the model found at `loc` inside `model` (through lists, unions and optionals)."""
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if current else None
+        current = _model_in(field.annotation) if field else None
+    return list(current.model_fields) if current else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (list, Union, types.UnionType) or get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            if found := _model_in(arg):
+                return found
+    return None
 
 
 def _part(part: str | int) -> str:
@@ -121,8 +152,11 @@ _WORDS = {
     "bool_type": "must be true or false", "bool_parsing": "must be true or false",
     "string_type": "must be a string", "list_type": "must be a list", "dict_type": "must be an object",
     "model_type": "must be an object", "model_attributes_type": "must be an object",
-    "url_parsing": "must be a URL", "datetime_parsing": "must be an ISO 8601 time",
-    "datetime_from_date_parsing": "must be an ISO 8601 time",
+    "url_parsing": "must be a URL",
+    "timezone_aware": "is a time without an offset; add Z (UTC) or an offset such as +02:00",
+    "datetime_type": "must be an ISO 8601 time such as 2026-03-29T02:30:00Z",
+    "datetime_parsing": "must be an ISO 8601 time such as 2026-03-29T02:30:00Z",
+    "datetime_from_date_parsing": "must be an ISO 8601 time such as 2026-03-29T02:30:00Z",
 }
 
 
@@ -139,6 +173,8 @@ def _message(error: dict[str, Any]) -> str:
     elif kind in ("too_short", "too_long"):
         text = (f"needs at least {ctx.get('min_length')} item(s)" if kind == "too_short"
                 else f"takes at most {ctx.get('max_length')} item(s)")
+    elif kind == "string_too_short" and ctx.get("min_length") == 1:
+        text = "must not be empty"
     elif kind in ("string_too_short", "string_too_long"):
         text = (f"needs at least {ctx.get('min_length')} character(s)" if kind == "string_too_short"
                 else f"takes at most {ctx.get('max_length')} characters")

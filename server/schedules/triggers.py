@@ -131,9 +131,9 @@ class AtTrigger(BaseModel):
 class AfterTrigger(BaseModel):
     model_config = _STRICT
     after: str = Field(description="A job id (job_...) or schedule id (sch_...): fire when that work ends.")
-    when: str = Field('state == "succeeded"', description="Condition on the work that ended: state (succeeded, "
-                                                           "failed, cancelled), kind, error.code and its outputs "
-                                                           "(model_id, verdict, kpis.<name>.value, metrics.<name>, ...).")
+    when: str = Field('state == "succeeded"', description=(
+        "Condition on the work that ended: state (succeeded, failed, cancelled), kind, error.code and its outputs "
+        "(model_id, verdict, kpis.<name>.value, metrics.<name>, ...)."))
 
     @field_validator("after")
     @classmethod
@@ -193,7 +193,8 @@ class Policies(BaseModel):
     overlap: Literal["skip", "buffer_one", "allow", "cancel_previous"] = Field(
         "skip", description="If the previous run is still going: skip this firing (default); buffer_one = run "
                             "it when the previous ends (one at most); allow = run both; cancel_previous.")
-    catch_up: CatchUp = Field(default_factory=lambda: CatchUp(), description="Firings missed while the service was down.")
+    catch_up: CatchUp = Field(default_factory=lambda: CatchUp(),
+                              description="Firings missed while the service was down.")
     jitter_seconds: int = Field(0, ge=0, le=3600, description="Start each firing up to this many seconds late "
                                                               "(the same delay in every service process).")
     pause_after_failures: int | None = Field(3, ge=1, description="Pause the schedule after this many failed or "

@@ -88,9 +88,10 @@ def test_a_step_condition_holds_or_not_on_earlier_outputs_and_says_why() -> None
     (_with(2, name="data"), "pipeline.steps[2].name", "'data' already names steps[0]"),
     (_with(2, name="Gate-1"), "pipeline.steps[2].name", "is not a step name"),
     (_with(2, kind="deploy"), "pipeline.steps[2].kind",
-     "must be one of 'synth', 'train', 'tune', 'eval' or 'promote'"),
-    (_with(2, after="train"), "pipeline.steps[2].after", "is not a field here; allowed: name, kind, request, when"),
-    ({"steps": []}, "pipeline.steps", "must have at least 1 item"),
+     "must be one of synth, train, tune, eval or promote"),
+    (_with(2, after="train"), "pipeline.steps[2].after",
+     "is not a field here; the fields are name, kind, request, when"),
+    ({"steps": []}, "pipeline.steps", "needs at least 1 item"),
     ({"stages": []}, "pipeline.steps", "is required"),
 ])
 def test_malformed_pipelines_are_refused_naming_the_field(raw: dict, param: str, words: str) -> None:

@@ -243,7 +243,7 @@ def test_policies_default_to_what_a_user_expects() -> None:
     ({"cron": "30 2 * *"}, "trigger.cron", "a cron has five"),
     ({"cron": "0 0 * * * *"}, "trigger.cron", "a cron has five"),
     ({"cron": "30 2 * * *", "timezone": "Mars/Olympus"}, "trigger.timezone", "IANA time zone"),
-    ({"cron": "30 2 * * *", "zone": "UTC"}, "trigger.zone", "allowed: cron, timezone"),
+    ({"cron": "30 2 * * *", "zone": "UTC"}, "trigger.zone", "the fields are cron, timezone"),
     ({"every": "P1M"}, "trigger.every", "months or years"),
     ({"every": "P1Y2D"}, "trigger.every", "months or years"),
     ({"every": "1h"}, "trigger.every", "ISO 8601"),
@@ -273,9 +273,9 @@ def test_malformed_policies_are_refused_all_at_once_naming_each_field() -> None:
                         "end_at": "2026-05-01T00:00:00"})
     message = refused.value.message
     assert refused.value.param == "policies.overlap"
-    assert "policies.overlap must be one of 'skip', 'buffer_one', 'allow' or 'cancel_previous'" in message
-    assert "policies.catch_up.window_seconds must be at least 60" in message
-    assert "policies.end_at is a time without an offset" in message
+    assert "policies.overlap: must be one of skip, buffer_one, allow or cancel_previous" in message
+    assert "policies.catch_up.window_seconds: must be >= 60" in message
+    assert "policies.end_at: is a time without an offset" in message
 
 
 def test_a_request_model_takes_any_trigger_kind_by_its_key_and_describes_every_field() -> None:
