@@ -39,6 +39,11 @@ class InvalidRequest(WeightsmithError):
     code = "invalid_request"
     http_status = 422
 
+    def problems(self) -> list[tuple[str, str]]:
+        """Every `(param, message)` this refusal lists (one, unless it was made with `of`)."""
+        listed = self.details.get("problems")
+        return [(p["param"], p["message"]) for p in listed] if listed else [(self.param or "", self.message)]
+
     @classmethod
     def of(cls, problems: Sequence[tuple[str, str]]) -> InvalidRequest:
         """Every problem of a request at once, each `(param, message)`; the first names `param`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import Engine
@@ -15,7 +16,10 @@ from server.store.tables import Job
 
 
 def request_hash(request: BaseModel) -> str:
-    payload = request.model_dump(mode="json")
+    return request_hash_of(request.model_dump(mode="json"))
+
+
+def request_hash_of(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -31,3 +35,13 @@ def existing_in(session: Session, agent_id: str, key: str, hash_: str) -> Job | 
         raise Conflict(f"idempotency_key was used for a different request (job {existing.id}); "
                        "use a new key for a new request", param="idempotency_key")
     return existing
+
+
+ORIGIN_FIELDS = ("schedule_id", "pipeline_job_id", "pipeline_step", "idempotency_key")
+
+
+def link(job: Job, origin: dict[str, Any] | None) -> None:
+    """Set what started a job (a schedule, a pipeline's step) and the key that keeps it to one job."""
+    for name, value in (origin or {}).items():
+        assert name in ORIGIN_FIELDS, name
+        setattr(job, name, value)

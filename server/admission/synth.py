@@ -21,7 +21,7 @@ import jsonschema
 from pydantic import Field, StrictInt
 from sqlmodel import Session, select
 
-from server.admission import guardrails, snapshots
+from server.admission import guardrails, idempotency, snapshots
 from server.admission.requests import RequestModel
 from server.admission.train import job_limits, model_directory, owned_valid_datasets
 from server.context import ServiceContext
@@ -205,10 +205,18 @@ def build_synth_job(ctx: ServiceContext, agent: Agent, request: SynthRequest) ->
     return job, SynthPrice(estimate, view["tokens"]), sources + decontaminate
 
 
-def admit_synth(ctx: ServiceContext, agent: Agent, request: SynthRequest) -> tuple[Job, SynthPrice]:
-    """Build, admit and queue a synth job; the job runs on a worker and this returns at once."""
+def admit_synth(ctx: ServiceContext, agent: Agent, request: SynthRequest, origin: dict[str, Any] | None = None
+                ) -> tuple[Job, SynthPrice]:
+    """Build, admit and queue a synth job; the job runs on a worker and this returns at once. `origin`
+    links it to what started it, with the key that keeps a firing or a step to one job."""
     job, price, datasets = build_synth_job(ctx, agent, request)
+    job.request_hash = idempotency.request_hash(request)
+    idempotency.link(job, origin)
     with write_transaction(ctx.engine) as session:
+        if job.idempotency_key:
+            existing = idempotency.existing_in(session, agent.id, job.idempotency_key, job.request_hash)
+            if existing is not None:
+                return existing, price
         verdict = guardrails.admit(session, ctx.engine, agent.id, price.estimate)
         guardrails.raise_if_refused(verdict, price.estimate)
         session.add(job)

@@ -212,9 +212,10 @@ def build_train_job(ctx: ServiceContext, agent: Agent, request: TrainRequest, re
     return BuiltJob(job, estimate, datasets)
 
 
-def admit_train(ctx: ServiceContext, agent: Agent, request: TrainRequest, idempotency_key: str | None = None
-                ) -> Job:
-    """Build, admit and queue a train job; a retry with the same key returns the same job."""
+def admit_train(ctx: ServiceContext, agent: Agent, request: TrainRequest, idempotency_key: str | None = None,
+                origin: dict[str, Any] | None = None) -> Job:
+    """Build, admit and queue a train job; a retry with the same key returns the same job. `origin`
+    links it to what started it (`schedule_id`, `pipeline_job_id`, `pipeline_step`)."""
     request_hash = idempotency.request_hash(request)
     if idempotency_key:
         existing = idempotency.existing_job(ctx.engine, agent.id, idempotency_key, request_hash)
@@ -222,6 +223,7 @@ def admit_train(ctx: ServiceContext, agent: Agent, request: TrainRequest, idempo
             return existing
     built = build_train_job(ctx, agent, request, request_hash)
     built.job.idempotency_key = idempotency_key
+    idempotency.link(built.job, origin)
     return insert_admitted(ctx, agent, built)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from server.admission import guardrails
+from server.admission import guardrails, idempotency
 from server.admission.datasets import sha256_file
 from server.context import ServiceContext
 from server.errors import InvalidDataset, InvalidRequest
@@ -65,11 +65,18 @@ def estimate(engine: Engine, suite_row: EvalSuite, model_parameters: list[int],
 
 def queue_eval(engine: Engine, runs_dir: Path, agent: Agent, suite_row: EvalSuite, candidate: EvalTarget,
                baseline: EvalTarget | None, *, max_seconds: float | None = None,
-               request: dict[str, Any] | None = None) -> Job:
-    """Admit and queue an eval job, or raise LimitExceeded; the baseline runs too if it has no report."""
+               request: dict[str, Any] | None = None, origin: dict[str, Any] | None = None) -> Job:
+    """Admit and queue an eval job, or raise LimitExceeded; the baseline runs too if it has no report.
+    `origin` links it to what started it, with the key that keeps a firing or a step to one job."""
     job, price = prepare_eval_job(engine, runs_dir, agent, suite_row, candidate, baseline, max_seconds=max_seconds,
                                   request=request)
+    job.request_hash = idempotency.request_hash_of(request or {})
+    idempotency.link(job, origin)
     with write_transaction(engine) as session:
+        if job.idempotency_key:
+            existing = idempotency.existing_in(session, agent.id, job.idempotency_key, job.request_hash)
+            if existing is not None:
+                return existing
         verdict = guardrails.admit(session, engine, agent.id, price)
         guardrails.raise_if_refused(verdict, price)
         session.add(job)

@@ -83,9 +83,10 @@ class Pipeline(BaseModel):
                                           "the run.")
 
 
-def parse_pipeline(raw: Any, param: str = "pipeline") -> Pipeline:
+def parse_pipeline(raw: Any, param: str = "pipeline", given: Mapping[str, Schema] | None = None) -> Pipeline:
     """The pipeline once its structure, references and conditions are sound; otherwise one
-    InvalidRequest listing every problem, each with its field (`pipeline.steps[2].request.model`)."""
+    InvalidRequest listing every problem, each with its field (`pipeline.steps[2].request.model`).
+    `given`: outputs every step may use besides earlier steps' (what fired the run: `trigger`)."""
     try:
         pipeline = Pipeline.model_validate(raw)
     except ValidationError as err:
@@ -99,28 +100,33 @@ def parse_pipeline(raw: Any, param: str = "pipeline") -> Pipeline:
             problems.append((f"{where}.name", clash))
         first_index.setdefault(step.name, index)
         for loc, text in _strings(step.request, ("request",)):
-            if why := _reference_problem(text, pipeline.steps, index):
+            if why := _reference_problem(text, pipeline.steps, index, given or {}):
                 problems.append((field_path(where, loc), why))
         if step.when is not None:
             try:
-                parse(step.when, f"{where}.when", condition_schema(pipeline, index))
+                parse(step.when, f"{where}.when", condition_schema(pipeline, index, given))
             except InvalidRequest as err:
                 problems.append((f"{where}.when", err.message))
     if problems:
-        raise InvalidRequest("; ".join(f"{field}: {message}" for field, message in problems),
-                             param=problems[0][0])
+        raise InvalidRequest.of(problems)
     return pipeline
 
 
-def condition_schema(pipeline: Pipeline, index: int) -> Schema:
-    """What the `when` of step `index` may name: each earlier step's outputs under its name."""
-    return {step.name: OUTPUTS[step.kind] for step in pipeline.steps[:index]}
+def references(request: Any) -> list[tuple[str | int, ...]]:
+    """Where a request holds `${...}` references: values filled in only when the step starts."""
+    return [loc for loc, text in _strings(request, ()) if _REFERENCE.match(text)]
 
 
-def step_condition(pipeline: Pipeline, index: int) -> Condition | None:
+def condition_schema(pipeline: Pipeline, index: int, given: Mapping[str, Schema] | None = None) -> Schema:
+    """What the `when` of step `index` may name: each earlier step's outputs under its name (and `given`)."""
+    return {**(given or {}), **{step.name: OUTPUTS[step.kind] for step in pipeline.steps[:index]}}
+
+
+def step_condition(pipeline: Pipeline, index: int, given: Mapping[str, Schema] | None = None) -> Condition | None:
     """The parsed `when` of step `index`; evaluate it on {step name: outputs} of the steps before."""
     when = pipeline.steps[index].when
-    return None if when is None else parse(when, f"pipeline.steps[{index}].when", condition_schema(pipeline, index))
+    return None if when is None else parse(when, f"pipeline.steps[{index}].when",
+                                           condition_schema(pipeline, index, given))
 
 
 def resolve_request(step: Step, outputs: Mapping[str, Mapping[str, Any]], param: str = "request") -> dict[str, Any]:
@@ -157,7 +163,7 @@ def _strings(value: Any, loc: tuple[str | int, ...]) -> Iterator[tuple[tuple[str
         yield loc, value
 
 
-def _reference_problem(text: str, steps: list[Step], index: int) -> str | None:
+def _reference_problem(text: str, steps: list[Step], index: int, given: Mapping[str, Schema]) -> str | None:
     if "${" not in text:
         return None
     match = _REFERENCE.match(text)
@@ -167,6 +173,9 @@ def _reference_problem(text: str, steps: list[Step], index: int) -> str | None:
     path = match.group(1).split(".")
     if len(path) < 2 or not all(path):
         return f"{text!r} names no output; write ${{step.output}}, e.g. ${{train.model_id}}"
+    if path[0] in given:
+        why = schema_error(path, given)
+        return f"{text!r}: {why}" if why else None
     earlier = {step.name: step for step in steps[:index]}
     names = ", ".join(earlier) or "none"
     if path[0] not in earlier:

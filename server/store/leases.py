@@ -86,16 +86,21 @@ class LeaseKeeper:
                 return
 
 
-def claim(engine: Engine, settings: Settings, owner: str, studies: bool = False) -> Lease | None:
-    """Take the oldest queued job, or one whose lease expired, bumping its epoch. `studies` picks
-    tune jobs (driven in the worker's process) instead of the jobs that run as child processes."""
+DRIVEN_KINDS = ("tune", "pipeline")
+"""Jobs driven by a thread in the worker's process (their trials and steps are the jobs that train)."""
+
+
+def claim(engine: Engine, settings: Settings, owner: str, driven: bool = False) -> Lease | None:
+    """Take the oldest queued job, or one whose lease expired, bumping its epoch. `driven` picks
+    studies and pipeline runs (driven in the worker's process) instead of the jobs that run as child
+    processes."""
     while True:
         now = time.time()
         with write_transaction(engine) as session:
             query = select(Job).where(or_(
                 col(Job.state) == JobState.queued,
                 and_(col(Job.state).in_((JobState.running, JobState.cancelling)), col(Job.lease_expires_at) < now),
-            ), (col(Job.kind) == "tune") if studies else (col(Job.kind) != "tune")
+            ), col(Job.kind).in_(DRIVEN_KINDS) if driven else col(Job.kind).not_in(DRIVEN_KINDS)
             ).order_by(col(Job.created_at)).limit(1)
             if not is_sqlite(engine):
                 query = query.with_for_update(skip_locked=True)
@@ -124,7 +129,7 @@ def crashes_left(job: Job, settings: Settings) -> int:
 
 def _end_if_unrunnable(session: Any, job: Job, settings: Settings) -> bool:
     """A job whose worker vanished mid-cancel, or that keeps crashing, ends here instead of running."""
-    if job.state == JobState.cancelling and job.kind != "tune":  # a study's driver cancels its trials first
+    if job.state == JobState.cancelling and job.kind not in DRIVEN_KINDS:  # a driver cancels its jobs first
         job.state, job.finished_at = JobState.cancelled, time.time()
     elif crashes_left(job, settings) < 0:
         job.state, job.finished_at = JobState.failed, time.time()

@@ -117,6 +117,12 @@ class Job(SQLModel, table=True):
     """For a trial (or the final retrain) of a study: the `tune` job it belongs to."""
     trial_number: int | None = None
     """The Optuna trial this job runs, written with the job: after a restart each trial maps to one job."""
+    pipeline_job_id: str | None = Field(default=None, index=True)
+    """For a step of a pipeline run: the `pipeline` job it belongs to."""
+    pipeline_step: str | None = None
+    """The step's name: after a restart each step maps to at most one job."""
+    schedule_id: str | None = Field(default=None, index=True)
+    """The schedule whose firing started this job, if one did."""
 
 
 class JobEvent(SQLModel, table=True):
@@ -241,3 +247,51 @@ class AliasEvent(SQLModel, table=True):
     """The agent's name, or the schedule or pipeline job that moved it."""
     reason: str = ""
     created_at: float = Field(default_factory=time.time, index=True)
+
+
+class Schedule(SQLModel, table=True):
+    """Work that starts on its own: a trigger, the policies it fires under, and what each firing starts
+    (`kind` and `request`, as the tool of that kind takes it; a pipeline's steps)."""
+
+    __table_args__ = (UniqueConstraint("agent_id", "name"),)
+    id: str = Field(default_factory=lambda: new_id("sch"), primary_key=True)
+    agent_id: str = Field(foreign_key="agent.id", index=True)
+    name: str
+    kind: str
+    """train, tune, synth, eval or pipeline."""
+    request: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    trigger: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    policies: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    budget_flops: float | None = None
+    """The schedule's own compute budget per `budget_window_seconds`, under the agent's."""
+    budget_window_seconds: float = 86400.0
+    state: str = Field(default="active", index=True)
+    """active, paused or ended."""
+    state_reason: str = ""
+    consecutive_failures: int = 0
+    runs: int = 0
+    """Firings that started work."""
+    last_fire_at: float
+    """The latest fire time handled (the creation time before the first)."""
+    next_fire_at: float | None = Field(default=None, index=True)
+    """When the scheduler looks at it next: the next fire time (with jitter); None for event triggers."""
+    buffered_fire_at: float | None = None
+    """A firing held back (overlap buffer_one) until the running one ends."""
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+    created_at: float = Field(default_factory=time.time)
+
+
+class ScheduleRun(SQLModel, table=True):
+    """One firing of a schedule: at most one per fire time, whichever service process saw it first."""
+
+    __table_args__ = (UniqueConstraint("schedule_id", "fire_time"),)
+    id: int | None = Field(default=None, primary_key=True)
+    schedule_id: str = Field(foreign_key="schedule.id", index=True)
+    fire_time: float
+    """The nominal fire time (UNIX seconds), or the time of the event that fired it."""
+    state: str = "started"
+    """started (its job runs), succeeded, failed, refused (not admitted), skipped (overlap), buffered."""
+    job_id: str | None = None
+    reason: str = ""
+    created_at: float = Field(default_factory=time.time)

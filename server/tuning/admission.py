@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, StrictBool, StrictInt, ValidationError
@@ -89,18 +90,30 @@ class TuneRequest(RequestModel):
         "too); none if the trials held nothing out."))
 
 
-def admit_tune(ctx: ServiceContext, agent: Agent, request: TuneRequest, idempotency_key: str | None = None) -> Job:
-    """Validate the search space and template, price the study, reserve its budget and queue it."""
-    request_hash = idempotency.request_hash(request)
-    if idempotency_key:
-        existing = idempotency.existing_job(ctx.engine, agent.id, idempotency_key, request_hash)
-        if existing is not None:
-            return existing
+@dataclass(frozen=True)
+class StudyPlan:
+    """A study request checked and priced: what admitting it reserves and what its driver runs."""
+
+    template: TrainRequest
+    strategy: dict[str, Any]
+    kpi: KpiObjective | None
+    trial: guardrails.Estimate
+    """One trial's training at the search space's upper bounds."""
+    eval_flops: float
+    budget: float
+    eval_steps: int
+
+    @property
+    def trial_flops(self) -> float:
+        return self.trial.flops + self.eval_flops
+
+
+def plan_tune(ctx: ServiceContext, agent: Agent, request: TuneRequest) -> StudyPlan:
+    """Validate the search space and template and price the study; InvalidRequest names the field."""
     template = _template(request.template)
     with Session(ctx.engine) as session:
         strategy, kpi = resolve_strategy(session, agent, request.strategy, template)
     check_search_space(request.search_space, template)
-
     upper_bounds = _upper_bounds(request.search_space)
     costliest = trial_request(template, upper_bounds)
     try:
@@ -121,17 +134,30 @@ def admit_tune(ctx: ServiceContext, agent: Agent, request: TuneRequest, idempote
                              param="budget_flops")
     eval_steps = (request.strategy.eval_steps if request.strategy.eval_steps != "auto"
                   else max(1, round(estimate.max_steps / EVALUATIONS_PER_TRIAL)))
+    return StudyPlan(template, strategy, kpi, estimate, eval_flops, budget, eval_steps)
 
-    job = Job(agent_id=agent.id, kind="tune", method=f"{strategy['sampler']}+{strategy['pruner']}",
+
+def admit_tune(ctx: ServiceContext, agent: Agent, request: TuneRequest, idempotency_key: str | None = None,
+               origin: dict[str, Any] | None = None) -> Job:
+    """Price the study, reserve its budget and queue it. `origin` links it to what started it (a
+    schedule, a pipeline's step)."""
+    request_hash = idempotency.request_hash(request)
+    if idempotency_key:
+        existing = idempotency.existing_job(ctx.engine, agent.id, idempotency_key, request_hash)
+        if existing is not None:
+            return existing
+    plan = plan_tune(ctx, agent, request)
+    job = Job(agent_id=agent.id, kind="tune", method=f"{plan.strategy['sampler']}+{plan.strategy['pruner']}",
               state=JobState.queued, request=request.model_dump(mode="json"),
-              idempotency_key=idempotency_key, request_hash=request_hash, estimate_flops=budget)
+              idempotency_key=idempotency_key, request_hash=request_hash, estimate_flops=plan.budget)
+    idempotency.link(job, origin)
     job.resolved = {
-        "template": template_json(template),
+        "template": template_json(plan.template),
         "search_space": {name: space.model_dump(mode="json") for name, space in request.search_space.items()},
-        "strategy": strategy, "kpi": kpi.as_json() if kpi else None, "n_trials": request.n_trials,
-        "n_parallel": request.n_parallel, "budget_flops": budget, "trial_estimate_flops": estimate.flops,
-        "eval_estimate_flops": eval_flops,
-        "max_steps": estimate.max_steps, "eval_steps": eval_steps, "final_retrain": request.final_retrain,
+        "strategy": plan.strategy, "kpi": plan.kpi.as_json() if plan.kpi else None, "n_trials": request.n_trials,
+        "n_parallel": request.n_parallel, "budget_flops": plan.budget, "trial_estimate_flops": plan.trial.flops,
+        "eval_estimate_flops": plan.eval_flops,
+        "max_steps": plan.trial.max_steps, "eval_steps": plan.eval_steps, "final_retrain": request.final_retrain,
         # Where the study is, to check on every start of its driver that it is still there (the
         # driver connects with the service's own URL): not the password, which job rows never hold.
         "studies_url": without_password(ctx.settings.studies_url)}
@@ -140,10 +166,10 @@ def admit_tune(ctx: ServiceContext, agent: Agent, request: TuneRequest, idempote
             existing = idempotency.existing_in(session, agent.id, idempotency_key, request_hash)
             if existing is not None:
                 return existing
-        _admit(session, ctx, agent, budget, trial_flops, request.n_parallel)
+        _admit(session, ctx, agent, plan.budget, plan.trial_flops, request.n_parallel)
         session.add(job)
         session.flush()
-        session.add(Reservation(agent_id=agent.id, job_id=job.id, flops_reserved=budget))
+        session.add(Reservation(agent_id=agent.id, job_id=job.id, flops_reserved=plan.budget))
     ctx.wake_workers()
     return job
 

@@ -2,8 +2,9 @@
 
 `weightsmith serve` starts one with `worker_slots` slots; `weightsmith worker` runs one alone
 against the same database. A claimed job runs as a child process (`server/workers/child.py`),
-in a thread of its own that follows it; a claimed study (`tune` job) is driven by a `StudyDriver`
-thread here, outside the slots, since its trials take those. Either way the work gets the job's
+in a thread of its own that follows it; a claimed study (`tune` job) or pipeline run is driven by a
+thread here (`StudyDriver`, `PipelineDriver`), outside the slots, since its trials and steps take those.
+Either way the work gets the job's
 `Lease`. On an unexpected error the job is given back, so the next claim resumes it; a worker that
 dies outright stops renewing, and the lease expires on its own.
 """
@@ -23,6 +24,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from server.admission import snapshots
+from server.schedules.pipeline_runs import PipelineDriver
 from server.settings import Settings
 from server.store import leases
 from server.store.leases import Lease
@@ -43,8 +45,8 @@ class LocalExecutor:
         self._stopping = threading.Event()
         self._running: dict[str, tuple[Lease, threading.Thread]] = {}
         """Jobs running as child processes, in the slots."""
-        self._studies: dict[str, tuple[Lease, threading.Thread]] = {}
-        """Studies driven in this process, outside the slots (their trials take those)."""
+        self._drivers: dict[str, tuple[Lease, threading.Thread]] = {}
+        """Studies and pipeline runs driven in this process, outside the slots (their jobs take those)."""
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._last_recheck = -math.inf
@@ -65,10 +67,10 @@ class LocalExecutor:
         self._stopping.set()
         self._wake.set()
         with self._lock:
-            studies = list(self._studies.values())
+            studies = list(self._drivers.values())
             running = list(self._running.values())
         for lease, _ in studies:
-            lease.stop("service stopping; the study resumes when a worker next runs")
+            lease.stop("service stopping; it resumes when a worker next runs")
         for lease, _ in running:
             lease.stop("service stopping; the job resumes from its checkpoint when a worker next runs")
         for _, thread in [*studies, *running]:
@@ -91,12 +93,17 @@ class LocalExecutor:
                     self._start(self._running, lease, ChildRun(lease, self._job(lease)).run,
                                 "worker error; the job will be resumed")
                 while not self._stopping.is_set():
-                    lease = leases.claim(self.engine, self.settings, self.owner, studies=True)
+                    lease = leases.claim(self.engine, self.settings, self.owner, driven=True)
                     if lease is None:
                         break
-                    driver = StudyDriver(lease, self._job(lease), self.wake)
-                    self._start(self._studies, lease, driver.run, "study driver error; the study resumes",
-                                driver.flops_used)
+                    job = self._job(lease)
+                    if job.kind == "tune":
+                        study = StudyDriver(lease, job, self.wake)
+                        self._start(self._drivers, lease, study.run, "study driver error; the study resumes",
+                                    study.flops_used)
+                    else:
+                        pipeline = PipelineDriver(lease, job, self.wake)
+                        self._start(self._drivers, lease, pipeline.run, "pipeline driver error; the run resumes")
             except Exception:  # the loop must outlive a passing database error
                 log.exception("dispatch failed; retrying")
             self._wake.wait(timeout=min(1.0, self.settings.heartbeat_seconds))

@@ -9,9 +9,9 @@ import pytest
 from sqlmodel import Session, func, select
 
 from server.context import ServiceContext
-from server.errors import InvalidDataset, InvalidRequest
+from server.errors import InvalidRequest
 from server.store import agents as auth
-from server.store.tables import Job
+from server.store.tables import Dataset, Job
 from tests.conftest import chat_records, quick_hyperparameters, write_jsonl
 from tools.launch_training import LaunchTrainingRequest, launch_training
 from tools.upload_dataset import UploadDatasetRequest, upload_dataset
@@ -43,19 +43,16 @@ def agent(service: ServiceContext):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize(("kind", "content", "line", "field"), MALFORMED, ids=[m[0] for m in MALFORMED])
-def test_malformed_dataset_names_its_line_and_starts_nothing(service: ServiceContext, agent, kind: str, content: str,
-                                                             line: int, field: str | None) -> None:
+def test_a_malformed_dataset_names_its_line_and_stores_nothing(service: ServiceContext, agent, kind: str,
+                                                               content: str, line: int, field: str | None) -> None:
     view = upload_dataset(service, agent, UploadDatasetRequest(filename="bad.jsonl", content=content))
-    assert not view.ok
+    assert not view.ok and view.dataset is None
     assert any(p.line == line and (field is None or p.field == field or field in (p.field or ""))
                for p in view.problems), (kind, view.problems)
-    request = LaunchTrainingRequest(base_model=str(service.settings.data_roots[1] / "tiny"),
-                                    datasets=[view.dataset.id])
-    with pytest.raises(InvalidDataset) as refused:
-        launch_training(service, agent, request)
-    assert refused.value.param == "datasets[0]" and f"line {line}" in refused.value.message
     with Session(service.engine) as session:
+        assert session.exec(select(func.count()).select_from(Dataset)).one() == 0
         assert session.exec(select(func.count()).select_from(Job)).one() == 0
+    assert not any(path.is_file() for path in service.settings.datasets_dir.rglob("*"))
 
 
 def test_wrong_encoding_is_reported_with_its_line(service: ServiceContext, agent) -> None:
