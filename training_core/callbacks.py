@@ -59,6 +59,7 @@ class JobCallback(TrainerCallback):
         self.last_logs: dict[str, float] = {}
         self._tokens_at_start = 0
         self._step_at_start = 0
+        self._resumed_from: int | None = None
         self._train_started = started
         self._last_step_end = started
         self._last_step_tokens = 0
@@ -96,7 +97,7 @@ class JobCallback(TrainerCallback):
                        **kwargs: Any) -> None:
         # On resume `state` comes from the checkpoint: its counts belong to earlier runs.
         self._tokens_at_start = state.num_input_tokens_seen
-        self._step_at_start = state.global_step
+        self._step_at_start = self._resumed_from = state.global_step
         self._train_started = self._last_step_end = time.monotonic()
         self._last_step_tokens = 0
         hardware.reset_peak_memory(self.device)
@@ -151,15 +152,21 @@ class JobCallback(TrainerCallback):
             eta = (state.max_steps - state.global_step) * elapsed / done if done else None
             tokens_per_second = self.tokens_per_second(state)
             self.events.metrics({
-                "step": state.global_step, "max_steps": state.max_steps, **self.last_logs,
+                "step": state.global_step, **self._run_start(), "max_steps": state.max_steps, **self.last_logs,
                 "tokens_per_second": tokens_per_second, "mfu": self.mfu(tokens_per_second),
                 "peak_memory_bytes": hardware.peak_memory_bytes(self.device), "eta_seconds": eta,
                 "tokens_seen": self.tokens_seen(state), "flops_used": self.flops_used(state)})
         elif "eval_loss" in logs:
             self.events.metrics({
-                "step": state.global_step, "max_steps": args.max_steps, "eval_loss": logs["eval_loss"],
+                "step": state.global_step, **self._run_start(), "max_steps": args.max_steps,
+                "eval_loss": logs["eval_loss"],
                 "tokens_seen": self.tokens_seen(state), "flops_used": self.flops_used(state)},
                 message="evaluation")
+
+    def _run_start(self) -> dict[str, int]:
+        """`resumed_from` (the step this run's training started from) once training has begun: an
+        evaluation before it (a resumed run's held-out loss of the base) knows no step to cut at."""
+        return {} if self._resumed_from is None else {"resumed_from": self._resumed_from}
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:

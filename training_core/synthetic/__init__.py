@@ -90,7 +90,9 @@ def run(spec: JobSpec, events: EventWriter, started: float) -> JobResult:
             batch = tasks.with_generator(task, rng, sources, options, generator, rejecter, generated, n)
         kept += _filtered(batch.records, filters, score, judge, generated)
         generated += n
-        events.metrics({"step": generated, "max_steps": options["max_generated"], "records_kept": len(kept),
+        # A killed synth job starts over: its steps count from nothing again.
+        events.metrics({"step": generated, "resumed_from": 0, "max_steps": options["max_generated"],
+                        "records_kept": len(kept),
                         "tokens_seen": sum(g.tokens_generated for g in used),
                         "flops_used": sum(g.flops_used for g in used),
                         "tokens_per_second": sum(g.tokens_generated for g in used) / max(time.monotonic() - started, 1e-9)})
