@@ -239,6 +239,20 @@ def test_the_wall_clock_cap_fails_the_run_and_keeps_a_checkpoint(tmp_path: Path,
     assert [e["data"]["path"] for e in _events(spec) if e["type"] == "checkpoint"] == [str(checkpoint)]
 
 
+def test_a_learning_rate_that_makes_training_diverge_fails_the_run_naming_the_field(
+        tmp_path: Path, tiny_model: Path) -> None:
+    spec = _spec(tmp_path, tiny_model, hyperparameters={"learning_rate": 1e308, "max_steps": 6, "save_steps": 100})
+
+    result = _run_in_process(spec)
+
+    assert result.status == "failed" and result.error is not None and result.model_dir is None
+    assert (result.error["code"], result.error["param"]) == ("diverged", "hyperparameters.learning_rate")
+    assert "it was 1e+308" in result.error["message"]
+    assert result.steps < 6  # stopped at the first step whose loss or gradient is not a number
+    losses = [e["data"]["loss"] for e in _events(spec) if e["type"] == "metrics" and "loss" in e["data"]]
+    assert losses[-1] is None  # NaN, written as null, rather than a made-up 0.0
+
+
 @pytest.mark.parametrize("cap", ["max_tokens", "max_flops"])
 def test_a_token_or_flop_cap_stops_the_run_before_it_passes_the_cap(tmp_path: Path, tiny_model: Path,
                                                                     cap: str) -> None:
