@@ -247,8 +247,9 @@ def _v2_support(mounts: list[tuple[str, str, str, set[str]]], memberships: dict[
     offered = set(_read_words(own / "cgroup.controllers"))
     missing = [c for c in ("memory", "pids") if c not in offered]
     if missing:
+        in_v1 = any(fstype == "cgroup" and set(missing) & options for fstype, _, _, options in mounts)
         return CgroupSupport(None, (), f"cgroup v2 at {own} offers no {' or '.join(missing)} controller"
-                             + (" (they are bound to cgroup v1)" if not offered else ""))
+                             + (" (this machine mounts them as cgroup v1)" if in_v1 else ""))
     controllers = tuple(c for c in CONTROLLERS if c in offered)
     enabled = set(_read_words(own / "cgroup.subtree_control"))
     if not set(controllers) <= enabled:
