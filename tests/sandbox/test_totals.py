@@ -129,7 +129,9 @@ def test_a_group_left_by_a_dead_owner_is_removed_with_what_runs_in_it() -> None:
     owner.wait()
     left = [parent / name for parent, _ in SUPPORT.parents]
     assert all(directory.exists() for directory in left)
-    assert sleeper in (left[0] / "cgroup.procs").read_text(encoding="utf-8").split()
+    # The sleeper's shell enters the group a moment after Popen returns, before it execs sleep.
+    wait_until(lambda: sleeper in (left[0] / "cgroup.procs").read_text(encoding="utf-8").split(), timeout=10,
+               interval=0.01)
 
     group = cgroups.create("sandbox", 64 * 2**20, 8)
     try:

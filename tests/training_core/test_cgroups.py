@@ -56,7 +56,8 @@ def test_removing_a_job_group_removes_the_sandbox_groups_its_process_made(tmp_pa
         sleeper, *inner = wait_until(lambda: report.read_text(encoding="utf-8").split(), timeout=10, interval=0.05)
         # The sandbox's group is made inside the job's, so the job's limits bound it too.
         assert all(Path(directory).parent in job.directories for directory in inner)
-        assert sleeper in Path(inner[0], "cgroup.procs").read_text(encoding="utf-8").split()
+        wait_until(lambda: sleeper in Path(inner[0], "cgroup.procs").read_text(encoding="utf-8").split(),
+                   timeout=10, interval=0.01)
     finally:
         job.remove()
         child.wait(timeout=10)
