@@ -9,7 +9,7 @@ outnumber the free cores stall each other, ten times over on a busy two-core mac
 
 Template: `training_core.synthetic.run` (what a synth job's child runs) makes `--records`
 instruction records from two templates and five slots, through the default filters (exact and
-MinHash near-duplicates, 13-gram decontamination against 50 planted items), without and with the
+near-duplicates by word 3-gram Jaccard, 13-gram decontamination against 50 planted items), without and with the
 ROUGE-L diversity filter (which compares each record with every kept one, so it is measured on a
 tenth of the records). The job's process start and registration are not in the figure.
 
@@ -131,7 +131,7 @@ def main() -> None:
     diverse = template_records_per_second(max(50, args.records // 10), 0.7)
     print(f"template generator: {plain_template['records']} records in {plain_template['seconds']:.2f} s = "
           f"{plain_template['records_per_second']:.0f} records/s ({plain_template['generated']} generated; "
-          "exact + MinHash + decontamination filters)")
+          "exact + near-duplicate + decontamination filters)")
     print(f"template generator with the ROUGE-L diversity filter: {diverse['records']} records in "
           f"{diverse['seconds']:.2f} s = {diverse['records_per_second']:.0f} records/s")
 

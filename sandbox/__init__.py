@@ -32,11 +32,19 @@ What the sandbox covers:
   account uses, with no capabilities and no_new_privs, so even a file that were visible would be
   read only if it is world-readable, and RLIMIT_NPROC counts this worker alone.
 - **Processes**: its own PID namespace: it sees and can signal none of the host's processes (the
-  client, the service, other sandboxes). At most `max_processes` processes and threads
-  (RLIMIT_NPROC); a fork bomb gets EAGAIN.
-- **Memory and CPU**: RLIMIT_AS (`memory_mb`: allocation beyond it raises MemoryError), RLIMIT_CPU
-  (`cpu_seconds` over the worker's life: SIGXCPU, then SIGKILL a second later; the client replaces
-  a worker before half of it is spent), RLIMIT_NOFILE, no core dumps.
+  client, the service, other sandboxes). At most `max_processes` processes and threads, counted in
+  its control group (see Totals) and for its uid (RLIMIT_NPROC); a fork bomb gets EAGAIN.
+- **Memory and CPU**: RLIMIT_AS (`memory_mb` per process: allocation beyond it raises MemoryError),
+  RLIMIT_CPU (`cpu_seconds` over the worker's life: SIGXCPU, then SIGKILL a second later; the
+  client replaces a worker before half of it is spent), RLIMIT_NOFILE, no core dumps.
+- **Totals**, where the machine has control groups (cgroup v2 with the memory and pids controllers
+  handed down, or cgroup v1 hierarchies this process may write, as root; see
+  `training_core/cgroups.py`): each worker gets a group of its own before it execs, so every
+  process it or agent code starts is inside. All of them together hold at most `memory_mb` (their
+  working-directory files included), `max_processes` processes and threads (the launcher and the
+  namespace's init count), and `cpu_cores` cores' worth of CPU time. Past the memory total the
+  kernel kills a process of the group, and the call fails with `out_of_memory`. The group is
+  removed with the worker; groups left by a crashed client are removed at the next start.
 - **Time**: the client's wall-clock timeout per call; on timeout, death or close it SIGKILLs the
   launcher's process group, the namespace's init dies with the launcher, and the kernel kills
   every process left in the PID namespace. If the client process dies, `setpriv --pdeathsig`
@@ -50,9 +58,13 @@ What the sandbox covers:
 
 What it does not cover:
 
-- **Totals**: the rlimits are per process, and there is no cgroup, so the sandbox as a whole can
-  hold up to `max_processes` x `memory_mb` of memory, plus `work_mb` of tmpfs, and can keep every
-  core busy (with threads) until the call's timeout. Disk and memory bandwidth are not limited.
+- **Totals without control groups**: where `cgroups.available()` finds none (not root and no
+  delegated cgroup v2 subtree; its `reason` says which, and the service logs it at start), only
+  the per-process rlimits hold: the sandbox as a whole can then hold up to `max_processes` x
+  `memory_mb` of memory, plus `work_mb` of tmpfs, and keep every core busy (with processes or
+  threads) until the call's timeout.
+- **Disk and memory bandwidth, and I/O**: not limited, with or without a group. The group's memory
+  total counts the page cache its reads fill, which the kernel reclaims before it kills.
 - **What is visible is readable**: /usr and the whole Python installation, including every
   package in the virtualenv. Keep secrets out of them. /proc shows host-wide figures (CPU,
   memory, load, uptime).

@@ -4,6 +4,7 @@
     SFTTrainer(..., callbacks=[callback]).train()
     if callback.cancelled: ...            # the CANCEL file appeared
     if callback.cap_reached: ...          # a JobError with code `compute_cap_reached`
+    if callback.diverged: ...             # a JobError with code `diverged`: the loss or gradient went NaN
 
 Every figure here is this run's, the process's own: a resumed job starts from zero again, because
 the service already takes what earlier runs used off the caps it writes into the spec.
@@ -25,6 +26,7 @@ backstop for both.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -55,10 +57,14 @@ class JobCallback(TrainerCallback):
         self.started = started
         self.cancelled = False
         self.cap_reached: JobError | None = None
+        self.diverged: JobError | None = None
+        """Set when a step's loss or gradient norm is NaN or infinite: the weights are no longer
+        numbers, training stops there, and no model is saved."""
         self.time_to_first_step: float | None = None
         self.last_logs: dict[str, float] = {}
         self._tokens_at_start = 0
         self._step_at_start = 0
+        self._resumed_from: int | None = None
         self._train_started = started
         self._last_step_end = started
         self._last_step_tokens = 0
@@ -96,7 +102,7 @@ class JobCallback(TrainerCallback):
                        **kwargs: Any) -> None:
         # On resume `state` comes from the checkpoint: its counts belong to earlier runs.
         self._tokens_at_start = state.num_input_tokens_seen
-        self._step_at_start = state.global_step
+        self._step_at_start = self._resumed_from = state.global_step
         self._train_started = self._last_step_end = time.monotonic()
         self._last_step_tokens = 0
         hardware.reset_peak_memory(self.device)
@@ -151,15 +157,31 @@ class JobCallback(TrainerCallback):
             eta = (state.max_steps - state.global_step) * elapsed / done if done else None
             tokens_per_second = self.tokens_per_second(state)
             self.events.metrics({
-                "step": state.global_step, "max_steps": state.max_steps, **self.last_logs,
+                "step": state.global_step, **self._run_start(), "max_steps": state.max_steps, **self.last_logs,
                 "tokens_per_second": tokens_per_second, "mfu": self.mfu(tokens_per_second),
                 "peak_memory_bytes": hardware.peak_memory_bytes(self.device), "eta_seconds": eta,
                 "tokens_seen": self.tokens_seen(state), "flops_used": self.flops_used(state)})
+            broken = [key for key in ("loss", "grad_norm")
+                      if isinstance(logs.get(key), float) and not math.isfinite(logs[key])]
+            if broken and self.diverged is None:
+                self.diverged = JobError("diverged", (
+                    f"training diverged at step {state.global_step} ({', '.join(f'{k} {logs[k]}' for k in broken)}): "
+                    "the weights are no longer numbers, so no model was saved. Lower "
+                    f"hyperparameters.learning_rate (it was {args.learning_rate:g})."),
+                    param="hyperparameters.learning_rate")
+                control.should_training_stop = True
+                self.events.message(self.diverged.message, level="warning", step=state.global_step)
         elif "eval_loss" in logs:
             self.events.metrics({
-                "step": state.global_step, "max_steps": args.max_steps, "eval_loss": logs["eval_loss"],
+                "step": state.global_step, **self._run_start(), "max_steps": args.max_steps,
+                "eval_loss": logs["eval_loss"],
                 "tokens_seen": self.tokens_seen(state), "flops_used": self.flops_used(state)},
                 message="evaluation")
+
+    def _run_start(self) -> dict[str, int]:
+        """`resumed_from` (the step this run's training started from) once training has begun: an
+        evaluation before it (a resumed run's held-out loss of the base) knows no step to cut at."""
+        return {} if self._resumed_from is None else {"resumed_from": self._resumed_from}
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:

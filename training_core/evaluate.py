@@ -223,7 +223,8 @@ class _Meter:
         self.flops += 2.0 * parameters * tokens
         self.batches += 1
         elapsed = time.monotonic() - self.started
-        self.events.metrics({"step": self.batches, "max_steps": self.total, "tokens_seen": self.tokens,
+        # A killed eval job starts over (resumed_from 0): its batches count from nothing again.
+        self.events.metrics({"step": self.batches, "resumed_from": 0, "max_steps": self.total, "tokens_seen": self.tokens,
                              "flops_used": self.flops, "tokens_per_second": self.tokens / max(elapsed, 1e-9)})
         usage = {"tokens_seen": self.tokens, "flops_used": self.flops, "steps": self.batches}
         if Path(self.spec.run_dir, CANCEL_FILE).exists():

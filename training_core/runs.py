@@ -76,6 +76,9 @@ def common_arguments(spec: JobSpec, device: str) -> dict[str, Any]:
         "use_cpu": device == "cpu",
         "activation_checkpointing": False,
         "logging_steps": hyper.logging_steps,
+        # A NaN or infinite loss is reported as it is (Trainer would log the window's other losses,
+        # or 0), so that the job callback sees a diverged run and stops it.
+        "logging_nan_inf_filter": False,
         "save_strategy": "steps",
         "save_steps": hyper.save_steps,
         "save_total_limit": SAVE_TOTAL_LIMIT,
@@ -221,4 +224,6 @@ def outcome(callback: JobCallback, state: TrainerState, metrics: dict[str, Any])
         result.status = "cancelled"
     elif callback.cap_reached is not None:
         result.status, result.error = "failed", callback.cap_reached.to_error()
+    elif callback.diverged is not None:
+        result.status, result.error = "failed", callback.diverged.to_error()
     return result

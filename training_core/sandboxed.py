@@ -12,14 +12,20 @@ the function and its kind:
 - `syntax`, `missing`, `raised` (at load: the code does not compile, lacks a named function, or its
   module body raised; in a call: the function raised), `bad_output` (not JSON, or not the shape a
   helper such as `reward_scores` wants);
-- `timeout` (no answer within `call_timeout`), `killed` (the worker died: CPU limit, out of
-  memory, exit), `protocol` (the worker answered something that is not a reply);
+- `timeout` (no answer within `call_timeout`), `killed` (the worker died: CPU limit, a signal,
+  exit), `out_of_memory` (the sandbox's processes together reached `memory_mb` and the kernel killed
+  one of them: the call fails even if the function went on to return), `protocol` (the worker
+  answered something that is not a reply);
 - `unavailable` (this machine can create no isolation; agent code is then never run at all).
 
 After a timeout or a death the worker is gone; the next call starts a fresh one (one start, about
 a tenth of a second), so one bad input costs one call, not the whole object. A worker is also
 replaced before its lifetime CPU budget (RLIMIT_CPU) is half spent, so every call gets at least
 half of `cpu_seconds`.
+
+Each worker runs in a control group of its own (`cgroups.py`) where the machine allows one: its
+whole tree together gets `memory_mb`, `max_processes` and `cpu_cores`, on top of the per-process
+rlimits. `cgroups.available().reason` says when it does not.
 
 Isolation backends, chosen by `isolation="auto"` in this order: `bwrap` (bubblewrap: a read-only
 root holding only the system's /usr and the Python installation) and `unshare` (util-linux
@@ -46,6 +52,8 @@ import time
 from dataclasses import dataclass, fields
 from typing import Any, Self
 
+from training_core import cgroups
+
 WORKDIR = "/home/sandbox"
 """The agent's working directory and HOME inside the sandbox (a size-capped tmpfs)."""
 PACKAGE_MOUNT = "/opt/weightsmith"
@@ -60,7 +68,8 @@ UID_BASE, UID_SPAN = 1_900_000_000, 100_000_000
 per worker, so RLIMIT_NPROC (counted per uid) is the worker's own and workers cannot touch each
 other's processes."""
 MAX_REPLY_BYTES = 64 * 1024 * 1024
-KINDS = ("syntax", "missing", "raised", "bad_output", "timeout", "killed", "protocol", "unavailable")
+KINDS = ("syntax", "missing", "raised", "bad_output", "timeout", "killed", "out_of_memory", "protocol",
+         "unavailable")
 
 
 class SandboxError(Exception):
@@ -74,26 +83,39 @@ class SandboxError(Exception):
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Hard limits of the worker. The first five are rlimits and count per process (see `sandbox`)."""
+    """Hard limits of the worker (see `sandbox` for what each covers). Memory, processes and CPU
+    count twice: per process (rlimits) and, where the machine has control groups, for the whole
+    sandbox together."""
 
     memory_mb: int = 1024
-    """Address space (RLIMIT_AS) of each process, in MiB: allocations past it raise MemoryError."""
+    """Memory in MiB, twice: the address space of each process (RLIMIT_AS: allocations past it raise
+    MemoryError), and the memory of all the sandbox's processes together, files in its working
+    directory included (control group: past it the kernel kills a process and the call fails with
+    `out_of_memory`)."""
     cpu_seconds: int = 60
     """CPU time (RLIMIT_CPU) of the worker over its life; each call is guaranteed at least half."""
     max_processes: int = 32
-    """Processes and threads the sandbox's uid may have at once (RLIMIT_NPROC), the worker included."""
+    """Processes and threads at once, all told: in the sandbox's control group, which holds the
+    launcher and the namespace's init besides the worker (so at least 3), and for the sandbox's uid
+    (RLIMIT_NPROC). A fork past it fails with EAGAIN."""
     max_file_mb: int = 16
     """Largest file the code may write (RLIMIT_FSIZE), in MiB: writes past it fail with EFBIG."""
     max_open_files: int = 64
     """Open file descriptors per process (RLIMIT_NOFILE)."""
     work_mb: int = 64
     """Size of the working directory (a tmpfs, so it counts against the machine's memory), in MiB."""
+    cpu_cores: int = 1
+    """CPU time of the whole sandbox per wall-clock second, in cores, however many threads it runs
+    (control group quota)."""
 
     def __post_init__(self) -> None:
         wrong = [f"{field.name}={getattr(self, field.name)!r} (must be a positive integer)"
                  for field in fields(self)
                  if isinstance(getattr(self, field.name), bool) or not isinstance(getattr(self, field.name), int)
                  or getattr(self, field.name) < 1]
+        if not wrong and self.max_processes < 3:
+            wrong.append(f"max_processes={self.max_processes} (the launcher, the namespace's init and the worker "
+                         "count: at least 3)")
         if wrong:
             raise ValueError(f"invalid sandbox limits: {', '.join(wrong)}")
 
@@ -162,6 +184,10 @@ class SandboxedFunctions:
         """The worker's pid as the host sees it (its own view is a fresh PID namespace)."""
         self.uid: int | None = None
         """The uid the worker runs as on the host; None when not started as root (no uid to drop to)."""
+        self.control_group: cgroups.ControlGroup | None = None
+        """The running worker's control group; None between workers or where the machine has none."""
+        self.last_usage: cgroups.GroupUsage | None = None
+        """The figures of the last worker's control group, read as it was removed."""
         self.starts = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._namespace: str | None = None
@@ -206,6 +232,11 @@ class SandboxedFunctions:
                                    f"to call {self._next_id}; something wrote on its reply channel")
             if isinstance(reply.get("cpu"), int | float):
                 self._cpu_used = reply["cpu"]
+            if self.control_group is not None and self.control_group.oom_kills():
+                # A process of the sandbox was killed for memory: whatever the function returned was
+                # computed without it, and the worker may be the next to go.
+                self._kill()
+                raise SandboxError(function, "out_of_memory", self._out_of_memory())
             if reply["ok"]:
                 return reply.get("result")
             error = reply["error"]
@@ -248,6 +279,14 @@ class SandboxedFunctions:
         if backend == "unshare":
             self._jail_root = tempfile.mkdtemp(prefix="weightsmith-sandbox-")
         command, cwd = _command(backend, self.limits, self.uid, self._jail_root)
+        if cgroups.available().version is not None:
+            try:
+                self.control_group = cgroups.create("sandbox", self.limits.memory_mb * 2**20,
+                                                    self.limits.max_processes, float(self.limits.cpu_cores))
+            except cgroups.CgroupError as error:
+                self._kill()
+                raise SandboxError(None, "unavailable", f"cannot limit the sandbox's totals: {error}") from None
+            command = self.control_group.wrap(command)
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 -- lives as long as the worker
         # close_fds (the default) matters: an inherited descriptor, to the service database say,
         # would go around every wall this sandbox builds.
@@ -350,18 +389,29 @@ class SandboxedFunctions:
             pass
         self._stderr.seek(0)
         log = self._stderr.read()[-1500:].decode("utf-8", "replace").strip()
+        out_of_memory = self.control_group is not None and self.control_group.oom_kills() > 0
         status = self._kill()
+        if out_of_memory:
+            return SandboxError(function, "out_of_memory", self._out_of_memory())
         signum = -status if status < 0 else status - 128 if status > 128 else None
         if signum == signal.SIGXCPU:
             cause = f"used up its CPU limit of {self.limits.cpu_seconds} s (SIGXCPU)"
         elif signum == signal.SIGKILL:
-            cause = "was killed by SIGKILL (the hard CPU limit, or the kernel's out-of-memory killer)"
+            cause = "was killed by SIGKILL (the hard CPU limit, or the machine's out-of-memory killer)"
         elif signum is not None and signum in signal.valid_signals():
             cause = f"died from {signal.Signals(signum).name}"
         else:
             cause = f"exited with status {status}"
         subject = "the worker" if function is None else f"the worker running {function!r}"
         return SandboxError(function, "killed", f"{subject} {cause}" + (f": {log}" if log else ""))
+
+    def _out_of_memory(self) -> str:
+        """What the out-of-memory error says; call after `_kill`, which reads the group's figures."""
+        usage = self.last_usage
+        killed = f"{usage.oom_kills} process(es)" if usage else "a process"
+        return (f"the sandbox's processes together reached memory_mb={self.limits.memory_mb} MiB (the limit "
+                f"covers all of them, files in the working directory included), and the kernel killed "
+                f"{killed}; the worker was replaced. Use less memory, or fewer processes at once")
 
     def _kill(self) -> int:
         """SIGKILL the launcher's process group and return its exit status.
@@ -387,6 +437,10 @@ class SandboxedFunctions:
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
+        if self.control_group is not None:
+            # After the launcher: its death takes the namespace down, so the group is all but empty.
+            self.last_usage = self.control_group.remove()
+            self.control_group = None
         if self._jail_root is not None:
             shutil.rmtree(self._jail_root, ignore_errors=True)
             self._jail_root = None

@@ -48,3 +48,34 @@ def test_kpi_outside_three_standard_deviations_of_its_history_is_drift() -> None
     assert not drift.kpi_drift(history, 0.715)["drifted"]
     assert drift.kpi_drift(history, 0.55)["drifted"]
     assert drift.kpi_drift(history[:2], 0.1) is None
+
+
+def test_records_both_sets_share_are_reported_as_overlap_not_read_as_a_broken_auc() -> None:
+    corpus = _support_tickets(600, 7)
+    shared = corpus[:200]
+    found = drift.data_drift(shared + corpus[200:300], shared + corpus[300:400])
+    overlap = found["overlap"]
+    assert overlap["flagged"] and overlap["shared_records"] >= 150
+    assert 0.6 < overlap["reference_share"] < 0.8 and 0.6 < overlap["current_share"] < 0.8
+    # The shared records defeated the classifier (an AUC of 0.34 here); without them it is near chance.
+    assert found["domain_auc"] >= drift.AUC_BROKEN and not found["drifted"]
+    assert "in both sets" in found["auc_reading"] and "no drift" in found["auc_reading"]
+    assert found["records"]["reference_only"] < 100 and found["records"]["current_only"] < 100
+
+
+def test_a_shift_in_mix_behind_many_shared_records_is_still_found() -> None:
+    shared = _support_tickets(200, 7)
+    tickets = _support_tickets(100, 4)
+    mixed = [t for t in _support_tickets(1200, 5) if "router" in t or "modem" in t][:100]
+    found = drift.data_drift(shared + tickets, shared + mixed)
+    assert found["js_distance"] <= drift.JS_THRESHOLD  # the shared records hide it from the word counts
+    assert found["domain_auc"] > drift.AUC_THRESHOLD and found["drifted"]
+    assert found["overlap"]["flagged"] and "drifted" in found["auc_reading"]
+
+
+def test_identical_sets_are_no_drift_and_the_classifier_says_it_could_not_be_measured() -> None:
+    corpus = _support_tickets(200, 8)
+    found = drift.data_drift(corpus, list(reversed(corpus)))
+    assert found["overlap"]["reference_share"] == found["overlap"]["current_share"] == 1.0
+    assert found["domain_auc"] is None and not found["drifted"]
+    assert found["auc_reading"].split(". ")[-1].startswith("Not measured")

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.conftest import chat_records, wait_until, write_jsonl
 from training_core import sft
 from training_core.__main__ import main
-from training_core.events import EventWriter
+from training_core.events import EventWriter, metric_history
 from training_core.spec import (
     CANCEL_FILE,
     EVENTS_FILE,
@@ -239,6 +239,20 @@ def test_the_wall_clock_cap_fails_the_run_and_keeps_a_checkpoint(tmp_path: Path,
     assert [e["data"]["path"] for e in _events(spec) if e["type"] == "checkpoint"] == [str(checkpoint)]
 
 
+def test_a_learning_rate_that_makes_training_diverge_fails_the_run_naming_the_field(
+        tmp_path: Path, tiny_model: Path) -> None:
+    spec = _spec(tmp_path, tiny_model, hyperparameters={"learning_rate": 1e308, "max_steps": 6, "save_steps": 100})
+
+    result = _run_in_process(spec)
+
+    assert result.status == "failed" and result.error is not None and result.model_dir is None
+    assert (result.error["code"], result.error["param"]) == ("diverged", "hyperparameters.learning_rate")
+    assert "it was 1e+308" in result.error["message"]
+    assert result.steps < 6  # stopped at the first step whose loss or gradient is not a number
+    losses = [e["data"]["loss"] for e in _events(spec) if e["type"] == "metrics" and "loss" in e["data"]]
+    assert losses[-1] is None  # NaN, written as null, rather than a made-up 0.0
+
+
 @pytest.mark.parametrize("cap", ["max_tokens", "max_flops"])
 def test_a_token_or_flop_cap_stops_the_run_before_it_passes_the_cap(tmp_path: Path, tiny_model: Path,
                                                                     cap: str) -> None:
@@ -259,7 +273,9 @@ def test_a_run_killed_after_a_checkpoint_resumes_from_it_on_the_same_spec(
         tmp_path: Path, tiny_model: Path) -> None:
     spec = _spec(tmp_path, tiny_model, hyperparameters={"max_steps": 60, "save_steps": 5})
     first = _start_child(spec)
-    wait_until(lambda: any(e["type"] == "checkpoint" for e in _events(spec)), interval=0.02)
+    # Killed two steps past a checkpoint, so the resumed run does those steps again.
+    wait_until(lambda: any(e["type"] == "metrics" and e["data"].get("step", 0) % 5 == 2 and e["data"]["step"] > 5
+                           for e in _events(spec)), interval=0.02)
     first.kill()
     first.wait(timeout=30)
     assert JobResult.read(Path(spec.run_dir)) is None, "the first run finished before it could be killed"
@@ -282,6 +298,16 @@ def test_a_run_killed_after_a_checkpoint_resumes_from_it_on_the_same_spec(
     # This run's usage only: its first step's count is one batch's tokens, not the checkpoint's total.
     assert 0 < second_run[0]["tokens_seen"] <= 4 * 64
     assert second_run[-1]["tokens_seen"] == result.tokens_seen
+    # The steps the first run did after its checkpoint are done again; the events say which run and
+    # from where, so the history holds each step once, with the value of the run that kept it.
+    first_run = [e["data"] for e in events[:resumed[0]] if e["type"] == "metrics" and "loss" in e["data"]]
+    assert first_run[-1]["step"] > step, "the first run was killed before it did a step past its checkpoint"
+    assert {m["resumed_from"] for m in second_run} == {step} and {m["resumed_from"] for m in first_run} == {0}
+    assert len({m["run"] for m in first_run}) == len({m["run"] for m in second_run}) == 1
+    assert first_run[0]["run"] != second_run[0]["run"]
+    history = metric_history(events, "loss")
+    assert [s for s, _ in history] == list(range(1, 61))
+    assert history[step:] == [(m["step"], m["loss"]) for m in second_run]
 
 
 def test_a_dataset_the_trainer_cannot_read_fails_naming_the_line_to_fix(

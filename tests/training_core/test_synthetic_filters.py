@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from typing import Any
 
-from training_core.synthetic.filters import RecordFilters, check_trace
+from training_core.synthetic.filters import RecordFilters, check_trace, record_text
 from training_core.synthetic.tasks import corrupt
 
 FILTERS = {"min_chars": 1, "max_chars": 20_000, "near_duplicate": 0.7, "diversity_rouge_l": None}
@@ -102,3 +103,54 @@ def test_corruptions_change_the_answer_in_the_recorded_way() -> None:
     assert how == "drop_sentence" and len(dropped.split(". ")) == 2
     # One sentence cannot be shuffled: it is truncated, and the record says so.
     assert corrupt("Reseat the ONT and wait.", "shuffle_sentences", rng) == ("Reseat the", "truncate")
+
+
+def _shingles(text: str) -> set[str]:
+    """Word 3-grams, lower-cased, as the filter defines them (the whole text when shorter)."""
+    tokens = re.findall(r"\w+", text.lower())
+    return {" ".join(tokens[i:i + 3]) for i in range(max(1, len(tokens) - 2))}
+
+
+def _jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b)
+
+
+def _near_duplicates(rng: random.Random, families: int, variants: int) -> list[dict[str, Any]]:
+    """Families of records: a random text and copies of it with a few words changed, added or removed,
+    so that pairs fall on both sides of any threshold."""
+    vocabulary = [f"word{i}" for i in range(400)]
+    records = []
+    for _ in range(families):
+        base = [rng.choice(vocabulary) for _ in range(rng.randint(12, 80))]
+        for _ in range(variants):
+            text = list(base)
+            for _ in range(rng.choice([0, 1, 1, 2, 3, 5, 8])):
+                at = rng.randrange(len(text))
+                edit = rng.choice(["change", "add", "remove"])
+                if edit == "change":
+                    text[at] = rng.choice(vocabulary)
+                elif edit == "add":
+                    text.insert(at, rng.choice(vocabulary))
+                elif len(text) > 4:
+                    del text[at]
+            records.append(_pc(f"Question {rng.randrange(10**6)}?", " ".join(text)))
+    rng.shuffle(records)
+    return records
+
+
+def test_no_two_kept_records_reach_the_near_duplicate_threshold_and_none_is_dropped_below_it() -> None:
+    for seed in range(12):
+        rng = random.Random(seed)
+        threshold = rng.choice([0.5, 0.7, 0.8, 0.9])
+        filters = RecordFilters(FILTERS | {"near_duplicate": threshold}, None, [])
+        kept: list[set[str]] = []
+        for index, record in enumerate(_near_duplicates(rng, families=12, variants=8)):
+            shingles = _shingles(record_text(record))
+            closest = max((_jaccard(shingles, other) for other in kept), default=0.0)
+            why = filters.why_dropped(record)
+            assert filters.admit(record, index) == (why is None)
+            # The exact rule, both ways: dropped if and only if some kept record is that similar.
+            assert (why == "near_duplicate") == (closest >= threshold), (seed, threshold, closest, why)
+            if why is None:
+                kept.append(shingles)
+        assert filters.dropped["near_duplicate"] > 0 and len(kept) > 12, seed

@@ -10,9 +10,18 @@ writes what it kept, marked `partial` with the reason. Each round's records pass
 (`filters.py`) and, when asked, a score from a judge model or a sandboxed Python function.
 
 It leaves in `output_dir`:
-- `dataset.jsonl`: the kept records, each with its `metadata` (task, generator, seed, index, ...);
+- `dataset.jsonl`: the kept records, each with its `metadata` (task, generator, seed, index, ...).
+  A record made from a document chunk names it by reference, never by its text (a chunk may hold
+  eval-suite sentences that decontamination removed from the records themselves):
+  `source_chunk: {dataset_id, dataset_hash, index, start, end, sha256}`, where `start`:`end` are
+  character offsets into the source's document text (`read_source`) and `sha256` is the chunk's.
 - `manifest.json`: task, generator (never a key), seed, templates or prompts, sources by content
   hash, filter settings and drop counts: the dataset's lineage, which the service registers.
+  `decontaminated_against` lists what the records were checked against, each by id and hash:
+  `{"kind": "dataset", dataset_id, content_hash, records}` and `{"kind": "eval_suite", suite_id,
+  name, content_hash, dataset_id, dataset_hash, items}` (from the spec's `decontaminate` and
+  `decontaminate_suites`; bare `decontaminate_texts` can only be counted: `{"kind": "eval_items",
+  items}`).
 
 Same request, same dataset: the template generator draws everything from `random.Random(seed)`,
 and a local model decodes greedily unless a temperature is given. A run that is killed starts
@@ -21,6 +30,7 @@ over on resume (generation is cheap next to training, and starting over keeps it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -28,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from training_core import data
 from training_core.data_files import read_records
 from training_core.events import EventWriter
 from training_core.spec import CANCEL_FILE, JobError, JobResult, JobSpec, write_json_atomic
@@ -53,8 +64,9 @@ def run(spec: JobSpec, events: EventWriter, started: float) -> JobResult:
     if score and score.get("judge"):
         judge = generators.build(score["judge"])
     used = [g for g in (generator, rejecter, judge) if g is not None]
+    contamination, decontaminated_against = _contamination(options)
     filters = RecordFilters(options["filters"], options["task_options"]["tools"] if task == "workflow_traces" else None,
-                            _contamination(options))
+                            contamination)
     events.message(f"synth {task}: {options['num_records']} records with {options['generator']['describe']}",
                    sources=len(options["sources"]), seeds=len(sources.seeds), chunks=len(sources.chunks))
 
@@ -78,7 +90,9 @@ def run(spec: JobSpec, events: EventWriter, started: float) -> JobResult:
             batch = tasks.with_generator(task, rng, sources, options, generator, rejecter, generated, n)
         kept += _filtered(batch.records, filters, score, judge, generated)
         generated += n
-        events.metrics({"step": generated, "max_steps": options["max_generated"], "records_kept": len(kept),
+        # A killed synth job starts over: its steps count from nothing again.
+        events.metrics({"step": generated, "resumed_from": 0, "max_steps": options["max_generated"],
+                        "records_kept": len(kept),
                         "tokens_seen": sum(g.tokens_generated for g in used),
                         "flops_used": sum(g.flops_used for g in used),
                         "tokens_per_second": sum(g.tokens_generated for g in used) / max(time.monotonic() - started, 1e-9)})
@@ -91,7 +105,7 @@ def run(spec: JobSpec, events: EventWriter, started: float) -> JobResult:
                        "templates, or try another generator", param="filters")
     kept = kept[: options["num_records"]]
     partial = len(kept) < options["num_records"]
-    _write_outputs(spec, options, kept, dropped, generated, partial, stop_reason, tokens)
+    _write_outputs(spec, options, kept, dropped, generated, partial, stop_reason, tokens, decontaminated_against)
     metrics: dict[str, Any] = {"records": len(kept), "generated": generated, "partial": partial,
                                "stop_reason": stop_reason, "tokens_generated": tokens,
                                **{f"dropped_{k}": v for k, v in dropped.items()}}
@@ -174,18 +188,13 @@ def _load_sources(options: dict[str, Any]) -> tasks.Sources:
     sources = tasks.Sources(seeds=list(options["seed_examples"]))
     chunk_chars = options["task_options"]["chunk_chars"]
     for source in options["sources"]:
-        texts = []
-        for _, item in read_records(Path(source["path"])):
-            if not isinstance(item, dict):
-                continue
-            if "text" in item:
-                texts.append(str(item["text"]))
-            elif options["task"] == "qa_from_documents":
-                texts.append(record_text(item))
-            else:
-                sources.seeds.append(item)
-        for index, text in enumerate(_chunks("\n\n".join(texts), chunk_chars)):
-            sources.chunks.append({"text": text, "dataset_hash": source["content_hash"], "index": index})
+        document, seeds = read_source(Path(source["path"]), options["task"])
+        sources.seeds += seeds
+        for index, (start, end) in enumerate(chunk_spans(document, chunk_chars)):
+            text = document[start:end]
+            sources.chunks.append({"text": text, "reference": {
+                "dataset_id": source["dataset_id"], "dataset_hash": source["content_hash"], "index": index,
+                "start": start, "end": end, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}})
     task, template = options["task"], options["generator"]["type"] == "template"
     if task == "qa_from_documents" and not sources.chunks:
         raise JobError("invalid_request", "the sources hold no text to ask questions about", param="sources")
@@ -199,34 +208,85 @@ def _load_sources(options: dict[str, Any]) -> tasks.Sources:
     return sources
 
 
-def _chunks(text: str, size: int) -> list[str]:
-    """Paragraphs packed into pieces of at most `size` characters (a longer paragraph is split)."""
-    pieces, current = [], ""
-    for paragraph in (p.strip() for p in text.split("\n\n")):
-        while len(paragraph) > size:
-            cut = paragraph.rfind(" ", 0, size)
+def read_source(path: Path, task: str) -> tuple[str, list[dict[str, Any]]]:
+    """A source dataset as (its document text, its seed examples).
+
+    The document text is the `text` of its text records (for `qa_from_documents`, the text of every
+    record) joined by a blank line; a chunk's `start` and `end` are offsets into it. Other records
+    are seeds.
+    """
+    texts, seeds = [], []
+    for _, item in read_records(path):
+        if not isinstance(item, dict):
+            continue
+        if "text" in item:
+            texts.append(str(item["text"]))
+        elif task == "qa_from_documents":
+            texts.append(record_text(item))
+        else:
+            seeds.append(item)
+    return "\n\n".join(texts), seeds
+
+
+def chunk_spans(document: str, size: int) -> list[tuple[int, int]]:
+    """(start, end) of pieces of `document` of at most `size` characters: whole paragraphs (split by
+    blank lines) packed together, a longer paragraph cut at a space; no piece starts or ends with
+    whitespace."""
+    spans: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
+    offset = 0
+    for part in document.split("\n\n"):
+        start, end = _stripped(document, offset, offset + len(part))
+        offset += len(part) + 2
+        if start == end:
+            continue
+        if current is not None and end - current[0] > size:
+            spans.append(current)
+            current = None
+        while end - start > size:
+            cut = document.rfind(" ", start, start + size) - start
             cut = cut if cut > size // 2 else size
-            pieces.append(paragraph[:cut].strip())
-            paragraph = paragraph[cut:].strip()
-        if current and len(current) + len(paragraph) + 2 > size:
-            pieces.append(current)
-            current = ""
-        current = f"{current}\n\n{paragraph}" if current else paragraph
-    if current:
-        pieces.append(current)
-    return [p for p in pieces if p]
+            spans.append(_stripped(document, start, start + cut))
+            start = _stripped(document, start + cut, end)[0]
+        current = (current[0] if current else start, end)
+    if current is not None:
+        spans.append(current)
+    return spans
 
 
-def _contamination(options: dict[str, Any]) -> list[str]:
-    texts = list(options.get("decontaminate_texts") or [])
+def _stripped(text: str, start: int, end: int) -> tuple[int, int]:
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
+
+
+def _contamination(options: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The texts generated records must not overlap, and what they came from, by id and hash."""
+    texts: list[str] = []
+    against: list[dict[str, Any]] = []
     for source in options["decontaminate"]:
-        texts += [record_text(item) if "text" not in item else item["text"]
-                  for _, item in read_records(Path(source["path"])) if isinstance(item, dict)]
-    return texts
+        found = [record_text(item) if "text" not in item else item["text"]
+                 for _, item in read_records(Path(source["path"])) if isinstance(item, dict)]
+        texts += found
+        against.append({"kind": "dataset", "dataset_id": source["dataset_id"], "content_hash": source["content_hash"],
+                        "records": len(found)})
+    for suite in options.get("decontaminate_suites") or []:
+        # An eval item is its prompt and its reference, as the suite scores it.
+        found = [data.record_text(item) for _, item in read_records(Path(suite["path"])) if isinstance(item, dict)]
+        texts += found
+        against.append({"kind": "eval_suite", **{key: suite[key] for key in (
+            "suite_id", "name", "content_hash", "dataset_id", "dataset_hash")}, "items": len(found)})
+    if options.get("decontaminate_texts"):
+        texts += options["decontaminate_texts"]
+        against.append({"kind": "eval_items", "items": len(options["decontaminate_texts"])})
+    return texts, against
 
 
 def _write_outputs(spec: JobSpec, options: dict[str, Any], kept: list[dict[str, Any]], dropped: dict[str, int],
-                   generated: int, partial: bool, stop_reason: str | None, tokens: int) -> None:
+                   generated: int, partial: bool, stop_reason: str | None, tokens: int,
+                   decontaminated_against: list[dict[str, Any]]) -> None:
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with (out / DATASET_FILE).open("w", encoding="utf-8") as handle:
@@ -242,8 +302,7 @@ def _write_outputs(spec: JobSpec, options: dict[str, Any], kept: list[dict[str, 
         "rejected_generator": (options.get("rejected_generator") or {}).get("describe"),
         "task_options": options["task_options"], "filters": _public_filters(options["filters"]),
         "sources": [{k: s[k] for k in ("dataset_id", "content_hash")} for s in options["sources"]],
-        "decontaminated_against": [{k: s[k] for k in ("dataset_id", "content_hash")} for s in options["decontaminate"]]
-        + ([{"eval_items": len(options["decontaminate_texts"])}] if options.get("decontaminate_texts") else []),
+        "decontaminated_against": decontaminated_against,
         "seed_examples": len(options["seed_examples"]), "records": len(kept), "generated": generated,
         "dropped": dropped, "partial": partial, "stop_reason": stop_reason, "tokens_generated": tokens,
     }

@@ -8,7 +8,7 @@ the chosen and rejected answers were made):
   style: a generator is shown `seeds_per_prompt` sampled seed tasks, writes a new one, then
   answers it.
 - `qa_from_documents`: a question and its answer per chunk of the source documents; the record
-  keeps the chunk (`metadata.source_chunk`).
+  names the chunk by reference (`metadata.source_chunk`: dataset, offsets and hash, no text).
 - `preferences`: DPO's `prompt`/`chosen`/`rejected`; chosen from the generator or the seed's
   reference answer, rejected from a weaker model or a controlled corruption of the chosen one.
 - `workflow_traces`: `messages` with assistant `tool_calls` and `tool` results, meant to follow
@@ -61,7 +61,8 @@ class Sources:
     seeds: list[dict[str, Any]] = field(default_factory=list)
     """Seed records as given (any synth format)."""
     chunks: list[dict[str, Any]] = field(default_factory=list)
-    """`{"text", "dataset_hash", "index"}` pieces of the source documents."""
+    """`{"text", "reference"}` pieces of the source documents; only the reference (`{dataset_id,
+    dataset_hash, index, start, end, sha256}`) goes into a record's metadata."""
 
 
 @dataclass
@@ -98,7 +99,7 @@ def with_generator(task: str, rng: random.Random, sources: Sources, options: dic
         questions = _first_lines(generator.complete([_user(QUESTION_PROMPT.format(chunk=c["text"])) for c in chunks]))
         answers = generator.complete([_user(ANSWER_FROM_PASSAGE_PROMPT.format(chunk=c["text"], question=q))
                                       for c, q in zip(chunks, questions, strict=True)])
-        records = [_pair(q, a.text, task_options, {"source_chunk": c})
+        records = [_pair(q, a.text, task_options, {"source_chunk": c["reference"]})
                    for c, q, a in zip(chunks, questions, answers, strict=True)]
     elif task == "workflow_traces":
         examples = [_trace_examples(rng, sources, task_options) for _ in range(n)]
@@ -131,7 +132,7 @@ def _task_slots(task: str, rng: random.Random, sources: Sources) -> tuple[dict[s
     if task == "qa_from_documents":
         chunk = rng.choice(sources.chunks)
         sentences = _sentences(chunk["text"])
-        return {"chunk": chunk["text"], "sentence": rng.choice(sentences)}, {"source_chunk": chunk}
+        return {"chunk": chunk["text"], "sentence": rng.choice(sentences)}, {"source_chunk": chunk["reference"]}
     if sources.seeds:
         seed = rng.choice(sources.seeds)
         prompt, completion = _seed_prompt(seed), seed_completion(seed)

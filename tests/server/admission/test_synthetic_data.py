@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -26,6 +27,7 @@ from server.store import agents as auth
 from server.store.tables import Dataset, Job
 from tests.conftest import quick_hyperparameters, write_jsonl
 from tests.server.api.test_mcp_in_memory import call, wait_final
+from training_core.synthetic import read_source
 
 TEMPLATES = [
     {"prompt": "How do I {verb} the {thing}?",
@@ -312,12 +314,17 @@ def test_qa_from_documents_keeps_the_chunk_each_pair_came_from(service: ServiceC
     assert dataset.valid and dataset.format == "prompt_completion"
     assert dataset.lineage["filters"]["diversity_rouge_l"] is None
     text = corpus.read_text(encoding="utf-8")
+    source = dataset.lineage["sources"][0]
+    document, _ = read_source(Path(_dataset(service, source["dataset_id"]).path), "qa_from_documents")
     for line in Path(dataset.path).read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
+        # The chunk by reference (offsets into the source's text, and its hash), not a copy of it.
         chunk = record["metadata"]["source_chunk"]
-        assert len(chunk["text"]) <= 400 and chunk["dataset_hash"] == dataset.lineage["sources"][0]["content_hash"]
+        assert "text" not in chunk and chunk["dataset_hash"] == source["content_hash"]
+        piece = document[chunk["start"]:chunk["end"]]
+        assert len(piece) <= 400 and hashlib.sha256(piece.encode("utf-8")).hexdigest() == chunk["sha256"]
         sentence = record["completion"].removeprefix("It says: ")
-        assert sentence in chunk["text"] and " ".join(sentence.split()) in " ".join(text.split())
+        assert sentence in piece and " ".join(sentence.split()) in " ".join(text.split())
 
 
 def test_rest_and_cli_start_synth_jobs_and_refuse_bad_requests_with_the_field(
