@@ -2,30 +2,44 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from server.context import ServiceContext
+from server.schedules.scheduler import Scheduler
 from server.settings import Settings
 from server.store.agents import ensure_local_agent
 from server.store.db import make_engine, migrate
 from server.workers.executor import LocalExecutor
+from training_core import cgroups
+
+log = logging.getLogger("weightsmith")
 
 
 @contextmanager
-def open_service(settings: Settings, *, workers: bool = True) -> Iterator[ServiceContext]:
-    """The service's context, open until the block ends; undoes everything on exit."""
+def open_service(settings: Settings, *, workers: bool = True, scheduler: bool = True) -> Iterator[ServiceContext]:
+    """The service's context, open until the block ends; undoes everything on exit. `scheduler`:
+    fire due schedules in this process (service processes do; `weightsmith worker` does not)."""
     for directory in (settings.home, settings.datasets_dir, settings.runs_dir, settings.models_dir):
         directory.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.db_url)
     migrate(engine)
+    log.info("job and sandbox totals: %s", cgroups.available().reason)
     ensure_local_agent(engine, settings)
     executor = LocalExecutor(engine, settings) if workers and settings.worker_slots > 0 else None
     if executor is not None:
         executor.start()
+    ctx = ServiceContext(settings=settings, engine=engine, executor=executor)
+    firing = Scheduler(ctx, owner=executor.owner if executor else f"scheduler:{os.getpid()}") if scheduler else None
+    if firing is not None:
+        firing.start()
     try:
-        yield ServiceContext(settings=settings, engine=engine, executor=executor)
+        yield ctx
     finally:
+        if firing is not None:
+            firing.stop()
         if executor is not None:
             executor.stop()
         engine.dispose()

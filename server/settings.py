@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
@@ -53,6 +54,10 @@ class Settings(BaseSettings):
                                         "and again before SIGKILL.")
     max_attempts: int = Field(3, description="Runs of one job that may end without a result before it fails as "
                               "crashed; a run given back at a clean service stop does not count.")
+    job_memory_mb: int = Field(default_factory=lambda: _job_memory_mb(), description=(
+        "Memory for one job's whole process tree (its sandboxes included), enforced by a control group where "
+        "the machine allows one; default: the machine's memory less 2 GB for the service, shared among the slots."))
+    job_max_processes: int = Field(8192, description="Processes and threads one job's tree may have (control group).")
     max_upload_bytes: int = Field(20_000_000, description="Cap on an inline dataset upload.")
     max_record_bytes: int = Field(1_000_000, description="Cap on one dataset record.")
     local_agent: str = Field("local", description="Identity of the caller over stdio when no key is given.")
@@ -103,3 +108,9 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+
+def _job_memory_mb() -> int:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    slots = int(os.environ.get("WEIGHTSMITH_WORKER_SLOTS", "1") or 1)
+    return max(1024, (total - 2048) // max(1, slots))

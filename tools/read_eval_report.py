@@ -113,7 +113,7 @@ def _compact_drift(found: dict[str, Any]) -> dict[str, Any]:
     kpis = {name: {k: v[k] for k in ("value", "low", "high", "drifted")} for name, v in (found.get("kpi") or {}).items()
             if v is not None}
     return {"data": None if data_drift is None else {k: data_drift.get(k) for k in (
-        "js_distance", "domain_auc", "drifted", "overlap")}, "kpi": kpis or None}
+        "js_distance", "domain_auc", "auc_reading", "drifted", "overlap")}, "kpi": kpis or None}
 
 
 TOOL = Tool(

@@ -10,7 +10,6 @@ registers it with its lineage, and the job's metrics carry `dataset_id`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from server.context import ServiceContext
 from server.errors import InvalidRequest
 from server.store.db import write_transaction
 from server.store.tables import Agent, Dataset, EvalSuite, Job, JobState, Reservation
-from training_core import data, modelinfo
+from training_core import modelinfo
 from training_core.spec import Hyperparameters, JobSpec
 from training_core.synthetic.generators import slots_in
 from training_core.synthetic.tasks import calls_per_record
@@ -95,7 +94,8 @@ class ScoreOptions(RequestModel):
 
 
 class SynthFilters(RequestModel):
-    near_duplicate: float | None = Field(0.8, gt=0, le=1, description="MinHash Jaccard; null turns it off.")
+    near_duplicate: float | None = Field(0.8, gt=0, le=1, description="Word 3-gram Jaccard (exact) above which a "
+                                         "record is dropped; null turns it off.")
     diversity_rouge_l: float | None = Field(0.7, gt=0, le=1, description="Drop above this ROUGE-L; null: off. "
                                             "Off unless set for templates, whose records differ only in slots.")
     min_chars: StrictInt = Field(1, ge=0, description="Shorter records are dropped.")
@@ -147,7 +147,7 @@ def build_synth_job(ctx: ServiceContext, agent: Agent, request: SynthRequest) ->
         sources = owned_valid_datasets(session, agent.id, request.sources, "sources") if request.sources else []
         decontaminate = owned_valid_datasets(session, agent.id, request.decontaminate_against,
                                              "decontaminate_against") if request.decontaminate_against else []
-        eval_texts, suites = _eval_suite_items(session, agent.id)
+        suites = _eval_suites(session, agent.id)
         generator = _resolved_generator(session, ctx, agent, request.generator.model_dump(), "generator")
         rejected = None
         if request.task == "preferences" and request.options.rejected == "model":
@@ -165,7 +165,7 @@ def build_synth_job(ctx: ServiceContext, agent: Agent, request: SynthRequest) ->
         "seed": request.seed, "batch_size": ROUND, "generator": generator, "rejected_generator": rejected,
         "task_options": request.options.model_dump(), "filters": {**_filters(request), "score": score},
         "seed_examples": request.seed_examples, "sources": [_source(d) for d in sources],
-        "decontaminate": [_source(d) for d in decontaminate], "decontaminate_texts": eval_texts,
+        "decontaminate": [_source(d) for d in decontaminate], "decontaminate_suites": suites,
     }
     parameters = max([g.get("parameters", 0) for g in (generator, rejected, (score or {}).get("judge")) if g] or [0])
     tokens_per_record = OVERGENERATE * calls_per_record(request.task, options) * generator.get("max_new_tokens", 0)
@@ -198,8 +198,6 @@ def build_synth_job(ctx: ServiceContext, agent: Agent, request: SynthRequest) ->
         flops_per_token=2.0 * parameters, options=options)
     job.resolved = {"spec": json.loads(spec.to_json()), "estimate": view,
                     "dataset_ids": [d.id for d in sources + decontaminate],  # what the snapshot check reads
-                    "decontaminated_against": {"datasets": [_source(d, path=False) for d in decontaminate],
-                                               "eval_suites": suites},
                     "dataset_name": request.dataset_name, "datasets_dir": str(settings.datasets_dir.resolve()),
                     "max_record_bytes": settings.max_record_bytes}
     return job, SynthPrice(estimate, view["tokens"]), sources + decontaminate
@@ -234,22 +232,16 @@ def _filters(request: SynthRequest) -> dict[str, Any]:
     return filters
 
 
-def _eval_suite_items(session: Session, agent_id: str) -> tuple[list[str], list[dict[str, str]]]:
-    """The texts of the records behind every eval suite the agent owns (prompt and reference):
-    generated records that share a 13-word sequence with one are dropped; and those suites by id
-    and hash, for the dataset's lineage."""
-    suites = session.exec(select(EvalSuite).where(EvalSuite.agent_id == agent_id)).all()
-    named = [{"suite_id": suite.id, "name": suite.name, "content_hash": suite.content_hash} for suite in suites]
-    texts: list[str] = []
-    for dataset_id in sorted({suite.dataset_id for suite in suites}):
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is None:
-            continue
-        for _, record in data.read_records(Path(dataset.path)):
-            if isinstance(record, dict):
-                with contextlib.suppress(KeyError, TypeError):  # a suite's records were validated; be safe
-                    texts.append(data.record_text(record))
-    return texts, named
+def _eval_suites(session: Session, agent_id: str) -> list[dict[str, Any]]:
+    """Every eval suite the agent owns, with its items' snapshot: generated records that share a
+    13-word run with an item are dropped, and the dataset's lineage names the suites by id and hash."""
+    found = []
+    for suite in session.exec(select(EvalSuite).where(EvalSuite.agent_id == agent_id)).all():
+        dataset = session.get(Dataset, suite.dataset_id)
+        if dataset is not None:
+            found.append({"suite_id": suite.id, "name": suite.name, "content_hash": suite.content_hash,
+                          "dataset_id": dataset.id, "dataset_hash": dataset.content_hash, "path": dataset.path})
+    return found
 
 
 def _check(request: SynthRequest, ctx: ServiceContext) -> None:
@@ -343,6 +335,5 @@ def _resolved_generator(session: Session, ctx: ServiceContext, agent: Agent, raw
 
 
 
-def _source(dataset: Dataset, path: bool = True) -> dict[str, Any]:
-    found = {"dataset_id": dataset.id, "content_hash": dataset.content_hash}
-    return found | {"path": dataset.path} if path else found
+def _source(dataset: Dataset) -> dict[str, Any]:
+    return {"dataset_id": dataset.id, "content_hash": dataset.content_hash, "path": dataset.path}

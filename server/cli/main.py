@@ -81,7 +81,7 @@ def worker(slots: Annotated[int | None, typer.Option(help="Jobs at once (default
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with open_service(settings) as ctx:
+    with open_service(settings, scheduler=False) as ctx:
         console.print(f"worker {ctx.executor.owner if ctx.executor else '-'}: {settings.worker_slots} slot(s), "
                       f"store {settings.db_url}", style="dim")
         stop.wait()

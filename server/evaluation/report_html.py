@@ -117,8 +117,10 @@ def drift_plot(found: dict[str, Any]) -> str:
     data = found.get("data")
     if not data:
         return "<p>No data drift measured: the model has no training data on record.</p>"
-    bars = [("JS distance", data["js_distance"], 0.1), ("domain AUC", data["domain_auc"], 0.55)]
-    out = [_svg_open(ROW * 2 + 20)]
+    bars = [("JS distance", data["js_distance"], 0.1)]
+    if data.get("domain_auc") is not None:  # None: too few records in one set alone to train the classifier
+        bars.append(("domain AUC", data["domain_auc"], 0.55))
+    out = [_svg_open(ROW * len(bars) + 20)]
     for i, (label, value, threshold) in enumerate(bars):
         y = 10 + i * ROW
         colour = BAD if value > threshold else GOOD
@@ -127,7 +129,9 @@ def drift_plot(found: dict[str, Any]) -> str:
         out.append(f"<line x1='{150 + threshold * (WIDTH - 200):.1f}' y1='{y - 2}' "
                    f"x2='{150 + threshold * (WIDTH - 200):.1f}' y2='{y + ROW - 6}' stroke='black' stroke-width='2'/>")
     verdict = "drift found" if data["drifted"] else "no drift"
-    return "".join(out) + f"</svg><p>Suite data against training data: {verdict} (black marks: thresholds).</p>"
+    reading = f" {html.escape(data['auc_reading'])}" if data.get("auc_reading") else ""
+    return "".join(out) + (f"</svg><p>Suite data against training data: {verdict} (black marks: thresholds)."
+                           f"{reading}</p>")
 
 
 def _history_plots(history: list[dict[str, Any]]) -> str:

@@ -74,6 +74,9 @@ def next_steps(rows: list[dict[str, Any]], found_drift: dict[str, Any], verdict:
             steps.append(f"{row['name']}: the suite is too small to detect a regression of "
                          f"{row['allowed_regression']:g}; about {gate_row['items_needed']} items would")
     data_drift = found_drift.get("data") or {}
+    if (data_drift.get("overlap") or {}).get("flagged"):
+        steps.append("some of the suite's items are in the model's training data, so its scores flatter the model: "
+                     "hold those items out of training (generate_synthetic_data decontaminates against suites)")
     if data_drift.get("drifted"):
         steps.append("the suite's items are unlike the model's training data (drift): train on data like them")
     if any((d or {}).get("drifted") for d in (found_drift.get("kpi") or {}).values()):

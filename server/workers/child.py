@@ -26,6 +26,7 @@ from server.store.db import write_transaction
 from server.store.leases import Lease, crashes_left
 from server.store.tables import FINAL_STATES, Job, JobState
 from server.workers.outcomes import ON_SUCCESS, finish_train
+from training_core import cgroups
 from training_core.spec import CANCEL_FILE, EVENTS_FILE, JobResult, write_json_atomic
 
 # Variables a training child must not see: it needs nothing of the service's secrets.
@@ -40,6 +41,9 @@ class ChildRun:
         self.engine, self.settings = lease.engine, lease.settings
         self.epoch = lease.epoch
         self.run_dir = Path(job.run_dir)
+        self.group: cgroups.ControlGroup | None = None
+        self.out_of_memory = False
+        """The run's process tree went over its control group's memory and was killed."""
 
     def run(self) -> None:
         tail = _EventTail(self.run_dir / EVENTS_FILE, self.job.events_offset)
@@ -49,9 +53,11 @@ class ChildRun:
         spec_path = self._write_spec()
         log_path = self.run_dir / f"child-{job.attempts}.log"
         started = time.monotonic()
+        command = training_command(spec_path, int(job.resolved["spec"].get("devices", 1)))
+        self.group = job_group(self.settings)
         with log_path.open("ab") as child_log:
             proc = subprocess.Popen(
-                training_command(spec_path, int(job.resolved["spec"].get("devices", 1))), stdout=child_log,
+                self.group.wrap(command) if self.group else command, stdout=child_log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 env=_child_env(self.settings), cwd=self.run_dir)
         # progress.flops_used is what the running child has reported; this one has reported nothing yet.
@@ -94,11 +100,13 @@ class ChildRun:
                 _kill_group(proc, signal.SIGKILL)
             if proc.returncode is not None:
                 break
+        usage = self.group.remove() if self.group else None  # kills what is left of the tree
         if lost:
             return
         new_events = tail.read()
         attempt_flops = _latest_flops(new_events, attempt_flops)
         jobs.relay(self.engine, job.id, self.epoch, new_events, tail.offset)
+        self.out_of_memory = bool(usage and usage.oom_kills)
         self._settle_run(proc.returncode, attempt_flops, time.monotonic() - started, cancel_sent is not None)
 
     def _relay_leftovers(self, tail: _EventTail) -> bool:
@@ -191,6 +199,8 @@ class ChildRun:
         if row is not None and crashes_left(row, self.settings) <= 0:
             return (f"training process ended with {how} and no result, for the {self.settings.max_attempts}th "
                     "time; the job fails as crashed")
+        if self.out_of_memory:
+            how += f", out of memory (the job's limit is {self.settings.job_memory_mb:,} MB: job_memory_mb)"
         return f"training process ended with {how} and no result; the job resumes from its newest checkpoint"
 
 
@@ -244,13 +254,26 @@ def _kill_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         pass
 
 
+def job_group(settings: Settings) -> cgroups.ControlGroup | None:
+    """A control group for a run's whole process tree (its sandboxes included), where the machine
+    allows one: memory, process count and CPU bounded together, not per process. None elsewhere; the
+    service says so at start."""
+    if not cgroups.available().version:
+        return None
+    return cgroups.create("job", memory_bytes=settings.job_memory_mb << 20, max_processes=settings.job_max_processes,
+                          cpu_quota=float(child_threads(settings)))
+
+
+def child_threads(settings: Settings) -> int:
+    # CPU training threads that outnumber the free cores stall on each other (seen: 2.3 s steps
+    # instead of 0.03 s with two threads on two busy cores), so each child gets its share.
+    return settings.child_threads or max(1, ((os.cpu_count() or 1) - 1) // max(1, settings.worker_slots))
+
+
 def _child_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_PREFIXES)}
     # No hub at run time: models and tokenizers load from local directories only.
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    # CPU training threads that outnumber the free cores stall on each other (seen: 2.3 s steps
-    # instead of 0.03 s with two threads on two busy cores), so each child gets its share.
-    threads = settings.child_threads or max(1, ((os.cpu_count() or 1) - 1) // max(1, settings.worker_slots))
-    env.setdefault("OMP_NUM_THREADS", str(threads))
+    env.setdefault("OMP_NUM_THREADS", str(child_threads(settings)))
     return env
