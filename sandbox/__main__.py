@@ -8,7 +8,8 @@ isolation (see the package docstring) and speaks JSON lines with it over stdin a
          | {"ok": false, "error": {"function": str|null, "kind": "syntax"|"missing"|"raised", "message": str}}
     {"op": "call", "id": int, "function": "name", "kwargs": {...}}
         -> {"id": int, "ok": true, "result": <json>, "cpu": float}
-         | {"id": int, "ok": false, "error": {"function": "name", "kind": "raised"|"bad_output", "message": str}, "cpu": float}
+         | {"id": int, "ok": false, "cpu": float,
+            "error": {"function": "name", "kind": "raised"|"bad_output", "message": str}}
 
 `cpu` is the CPU seconds the worker has used so far, so the client can replace a worker before
 RLIMIT_CPU (a budget over the worker's whole life) runs out under a long series of calls.

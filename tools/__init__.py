@@ -18,9 +18,13 @@ from tools import (
     list_eval_suites,
     list_jobs,
     list_models,
+    list_schedules,
+    promote_model,
     read_eval_report,
     run_eval,
+    schedule_run,
     tune_hyperparameters,
+    update_schedule,
     upload_dataset,
     validate_dataset,
     wait_for_job,
@@ -34,5 +38,6 @@ TOOLS: tuple[Tool, ...] = (
     list_models.TOOL, get_model.TOOL, get_quota.TOOL,
     generate_synthetic_data.TOOL, tune_hyperparameters.TOOL,
     create_eval_suite.TOOL, list_eval_suites.TOOL, run_eval.TOOL, read_eval_report.TOOL, check_drift.TOOL,
+    schedule_run.TOOL, list_schedules.TOOL, update_schedule.TOOL, promote_model.TOOL,
 )
 BY_NAME = {tool.name: tool for tool in TOOLS}

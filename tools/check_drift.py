@@ -35,7 +35,8 @@ def check_drift(ctx: ServiceContext, agent: Agent, request: CheckDriftRequest) -
 
 
 TOOL = Tool(
-    name="check_drift", request=CheckDriftRequest, result=DriftResult, function=check_drift, access="read",
+    toolset="inspect", name="check_drift", request=CheckDriftRequest, result=DriftResult, function=check_drift,
+    access="read",
     description="Data drift of a dataset from a model's training data (word distance, domain classifier AUC), "
                 "and KPI drift of a model's newest report against its family's history.",
     route=Route("GET", "/drift"), command=Command(("eval", "drift"), args=("against",)))

@@ -42,7 +42,7 @@ def get_metric_history(ctx: ServiceContext, agent: Agent, request: GetMetricHist
 
 
 TOOL = Tool(
-    name="get_metric_history", request=GetMetricHistoryRequest, result=MetricHistory,
+    toolset="inspect", name="get_metric_history", request=GetMetricHistoryRequest, result=MetricHistory,
     function=get_metric_history, access="read",
     description="One metric of a job over its steps (one value a step: after a resume, the recomputed "
                 "steps' values), thinned to max_points, with checkpoint steps.",

@@ -70,7 +70,8 @@ def get_model(ctx: ServiceContext, agent: Agent, request: GetModelRequest) -> Mo
 
 
 TOOL = Tool(
-    name="get_model", request=GetModelRequest, result=ModelDetail, function=get_model, access="read",
+    toolset="inspect", name="get_model", request=GetModelRequest, result=ModelDetail, function=get_model,
+    access="read",
     description="One model whole: lineage back to its root, datasets by id and hash, resolved hyperparameters, "
                 "metrics, path, and recent alias moves.",
     route=Route("GET", "/models/{model}"), command=Command(("models", "show"), args=("model",)))

@@ -58,7 +58,8 @@ def validate_dataset(ctx: ServiceContext, agent: Agent, request: ValidateDataset
 
 
 TOOL = Tool(
-    name="validate_dataset", request=ValidateDatasetRequest, result=ValidationView, function=validate_dataset,
+    toolset="inspect", name="validate_dataset", request=ValidateDatasetRequest, result=ValidationView,
+    function=validate_dataset,
     access="read",
     description="A dataset's validation (problems with line and field, counts, token statistics) and, for a "
                 "generated one, its lineage.",

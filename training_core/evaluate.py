@@ -206,7 +206,8 @@ def _write_results(path: Path, items: list[dict[str, Any]], outputs: list[str],
         for position, (item, output) in enumerate(zip(items, outputs, strict=True)):
             prompt = item["prompt"] if isinstance(item["prompt"], str) else json.dumps(item["prompt"])
             handle.write(json.dumps({
-                "index": item["index"], "prompt": prompt[-PREVIEW_CHARS:], "reference": item["reference"][:PREVIEW_CHARS],
+                "index": item["index"], "prompt": prompt[-PREVIEW_CHARS:],
+                "reference": item["reference"][:PREVIEW_CHARS],
                 "output": output[:PREVIEW_CHARS], "cluster": item["cluster"], "metadata": item["metadata"],
                 "scores": {name: values[position] for name, values in scores.items()}}) + "\n")
 
@@ -224,8 +225,9 @@ class _Meter:
         self.batches += 1
         elapsed = time.monotonic() - self.started
         # A killed eval job starts over (resumed_from 0): its batches count from nothing again.
-        self.events.metrics({"step": self.batches, "resumed_from": 0, "max_steps": self.total, "tokens_seen": self.tokens,
-                             "flops_used": self.flops, "tokens_per_second": self.tokens / max(elapsed, 1e-9)})
+        self.events.metrics({"step": self.batches, "resumed_from": 0, "max_steps": self.total,
+                             "tokens_seen": self.tokens, "flops_used": self.flops,
+                             "tokens_per_second": self.tokens / max(elapsed, 1e-9)})
         usage = {"tokens_seen": self.tokens, "flops_used": self.flops, "steps": self.batches}
         if Path(self.spec.run_dir, CANCEL_FILE).exists():
             raise _Stop(JobResult(status="cancelled", **usage))

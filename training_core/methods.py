@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -138,16 +138,16 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "pretrain": Method("a new model from scratch (preset or model_config) on text records", PretrainOptions,
+    "pretrain": Method("a new model on text (options.preset)", PretrainOptions,
                        ("text",), "training_core.pretrain", needs_base_model=False, default_adapter="full",
                        adapters=("full",), packed=True),
-    "continued_pretrain": Method("more text of a new domain into base_model", ContinuedPretrainOptions, ("text",),
+    "continued_pretrain": Method("more text into base_model", ContinuedPretrainOptions, ("text",),
                                  "training_core.continued_pretrain", default_adapter="full", packed=True),
-    "sft": Method("supervised fine-tuning on text, prompt/completion or messages records", SftOptions,
+    "sft": Method("fine-tuning on text, prompt/completion or chats", SftOptions,
                   ("text", "prompt_completion", "messages"), "training_core.sft", reports_eval_loss=True),
-    "dpo": Method("preference optimisation on prompt/chosen/rejected records", DpoOptions, ("preference",),
+    "dpo": Method("preferences, prompt/chosen/rejected", DpoOptions, ("preference",),
                   "training_core.dpo", flops_per_parameter_token=8.0, reports_eval_loss=True),
-    "grpo": Method("reinforcement learning on prompt records scored by rewards", GrpoOptions, ("prompt_only",),
+    "grpo": Method("RL on prompts scored by options.rewards", GrpoOptions, ("prompt_only",),
                    "training_core.grpo", flops_per_parameter_token=8.0),
 }
 MethodName = Literal["pretrain", "continued_pretrain", "sft", "dpo", "grpo"]
@@ -171,3 +171,18 @@ def pretrain_parameters(options: dict[str, Any]) -> int:
 def context_length(options: dict[str, Any]) -> int:
     """The longest sequence a pretrain job's model takes."""
     return shape_of(options).max_position_embeddings
+
+
+def describe_options() -> str:
+    """Each method's options in one line, for the tool's schema: the same models that validate them."""
+    parts = []
+    for name, method in METHODS.items():
+        fields = []
+        for field_name, field in method.options.model_fields.items():
+            shown = field.alias or field_name
+            choices = [a for a in get_args(field.annotation) if isinstance(a, str)]
+            fields.append(f"{shown}: {'|'.join(choices)}" if choices and len(choices) <= 6 else shown)
+        if fields:
+            parts.append(f"{name} {{{', '.join(fields)}}}")
+    return "; ".join(parts) + "; rewards are graders {type: exact|contains|regex|json_schema|length|similarity} or " \
+        "{type: python, source, function}."

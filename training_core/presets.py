@@ -78,7 +78,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, 
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + [t for t in extra_special_tokens if t not in SPECIAL_TOKENS],
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS + [t for t in extra_special_tokens if t not in SPECIAL_TOKENS],
         min_frequency=2, show_progress=False,
         # All 256 bytes from the start, so text unlike the corpus still encodes.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

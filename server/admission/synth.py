@@ -48,24 +48,23 @@ TEMPLATE_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
 
 
 class TemplateGenerator(RequestModel):
-    type: Literal["template"] = Field(description="No model: records filled in from templates.")
-    templates: list[dict[str, Any]] = Field(min_length=1, max_length=500, description=(
-        "Records with {slot} placeholders, in the task's format (messages, or prompt/completion)."))
-    slots: dict[str, list[str]] = Field(default_factory=dict, description="Slot name -> values drawn for it.")
+    type: Literal["template"] = Field(description="Records filled in from templates.")
+    templates: list[dict[str, Any]] = Field(min_length=1, max_length=500, description="Records with {slot}s.")
+    slots: dict[str, list[str]] = Field(default_factory=dict, description="Slot -> values.")
 
 
 class ModelGenerator(RequestModel):
     type: Literal["model"] = Field(description="A local model generates.")
-    model: str = Field(description="A model id (mdl_...), alias:NAME, or a model directory in a data root.")
-    max_new_tokens: StrictInt = Field(128, ge=1, le=4096, description="Tokens per generated answer.")
-    temperature: float = Field(0.0, ge=0, le=2, description="0: greedy, so the same request repeats exactly.")
-    batch_size: StrictInt = Field(8, ge=1, le=256, description="Prompts generated at once.")
+    model: str = Field(description="mdl_..., alias:NAME or a directory in a data root.")
+    max_new_tokens: StrictInt = Field(128, ge=1, le=4096, description="Per answer.")
+    temperature: float = Field(0.0, ge=0, le=2, description="0: greedy (repeatable).")
+    batch_size: StrictInt = Field(8, ge=1, le=256, description="Prompts at once.")
 
 
 class EndpointGenerator(RequestModel):
-    type: Literal["openai_compatible"] = Field(description="An OpenAI-compatible endpoint the operator set up.")
-    endpoint: str = Field(description="Its name (WEIGHTSMITH_SYNTH_ENDPOINTS).")
-    max_new_tokens: StrictInt = Field(256, ge=1, le=8192, description="Tokens per generated answer.")
+    type: Literal["openai_compatible"] = Field(description="An endpoint the operator set up.")
+    endpoint: str = Field(description="Its name.")
+    max_new_tokens: StrictInt = Field(256, ge=1, le=8192, description="Per answer.")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature.")
 
 
@@ -73,60 +72,55 @@ Generator = Annotated[TemplateGenerator | ModelGenerator | EndpointGenerator, Fi
 
 
 class TaskOptions(RequestModel):
-    output_format: Literal["messages", "prompt_completion"] = Field("messages", description="Record format made.")
-    seeds_per_prompt: StrictInt = Field(3, ge=1, le=20, description="Seed examples shown per generation prompt.")
-    chunk_chars: StrictInt = Field(1000, ge=100, le=20_000, description="qa_from_documents: chunk size.")
+    output_format: Literal["messages", "prompt_completion"] = Field("messages", description="Records made.")
+    seeds_per_prompt: StrictInt = Field(3, ge=1, le=20, description="Seeds shown per generation.")
+    chunk_chars: StrictInt = Field(1000, ge=100, le=20_000, description="qa_from_documents chunk size.")
     tools: list[dict[str, Any]] = Field(default_factory=list, max_length=64, description=(
-        'workflow_traces: the tools, [{"name", "description", "parameters": JSON schema}].'))
-    chosen: Literal["generator", "reference"] = Field("generator", description="preferences: the chosen answer "
-                                                      "from the generator or the seed's reference.")
-    rejected: Literal["corruption", "model"] = Field("corruption", description="preferences: rejected answers "
-                                                     "by corrupting the chosen, or from rejected_model.")
-    rejected_model: str | None = Field(None, description="preferences: a weaker model for rejected answers.")
+        "workflow_traces: [{name, description, parameters: JSON schema}]."))
+    chosen: Literal["generator", "reference"] = Field("generator", description="preferences: chosen from.")
+    rejected: Literal["corruption", "model"] = Field("corruption", description="preferences: rejected from.")
+    rejected_model: str | None = Field(None, description="With rejected model: a weaker model.")
     system_prompt: str | None = Field(None, description="System turn of the generation prompts.")
 
 
 class ScoreOptions(RequestModel):
-    python: str | None = Field(None, description="Code defining `function(records) -> list[float]`, run sandboxed.")
+    python: str | None = Field(None, description="Code defining function(records) -> list[float] (sandboxed).")
     function: str = Field("score", description="Its name.")
-    judge: str | None = Field(None, description="A model (id or directory) that rates each record 1-10 (as 0.1-1).")
-    threshold: float = Field(description="Records scoring below it are dropped.")
+    judge: str | None = Field(None, description="Or a model rating each record 1-10 (as 0.1-1).")
+    threshold: float = Field(description="Lower scores are dropped.")
 
 
 class SynthFilters(RequestModel):
-    near_duplicate: float | None = Field(0.8, gt=0, le=1, description="Word 3-gram Jaccard (exact) above which a "
-                                         "record is dropped; null turns it off.")
-    diversity_rouge_l: float | None = Field(0.7, gt=0, le=1, description="Drop above this ROUGE-L; null: off. "
-                                            "Off unless set for templates, whose records differ only in slots.")
-    min_chars: StrictInt = Field(1, ge=0, description="Shorter records are dropped.")
-    max_chars: StrictInt = Field(20_000, ge=1, description="Longer records are dropped.")
-    score: ScoreOptions | None = Field(None, description="Keep records a sandboxed function or a judge scores high.")
+    near_duplicate: float | None = Field(0.8, gt=0, le=1, description="Word 3-gram Jaccard to drop at; null: off.")
+    diversity_rouge_l: float | None = Field(0.7, gt=0, le=1, description="ROUGE-L to drop at; off for templates "
+                                            "unless set.")
+    min_chars: StrictInt = Field(1, ge=0, description="Shorter are dropped.")
+    max_chars: StrictInt = Field(20_000, ge=1, description="Longer are dropped.")
+    score: ScoreOptions | None = Field(None, description="Drop records scored low.")
 
 
 class SynthLimits(RequestModel):
-    max_seconds: float | None = Field(None, gt=0, description="Wall-clock cap; the job stops there, partial.")
-    max_tokens: StrictInt | None = Field(None, ge=1, description="Generated tokens; the job stops there, partial.")
-    max_flops: float | None = Field(None, gt=0, description="Compute cap; the job stops there, partial.")
+    max_seconds: float | None = Field(None, gt=0, description="Wall-clock cap.")
+    max_tokens: StrictInt | None = Field(None, ge=1, description="Generated tokens cap.")
+    max_flops: float | None = Field(None, gt=0, description="Compute cap.")
 
 
 class SynthRequest(RequestModel):
     """A synth job: the `generate_synthetic_data` fields, without dry_run."""
 
-    task: Task = Field(description="instructions (chat or prompt/completion), qa_from_documents (a question "
-                       "and answer per chunk of sources), preferences (prompt/chosen/rejected), workflow_traces "
-                       "(chats with tool calls, options.tools), prompts (for GRPO).")
-    generator: Generator = Field(description="template, model or openai_compatible.")
+    task: Task = Field(description="instructions (chats or prompt/completion), qa_from_documents (from sources' "
+                       "chunks), preferences, workflow_traces (chats with calls of options.tools), prompts.")
+    generator: Generator = Field(description="Who writes the records.")
     num_records: StrictInt = Field(ge=1, description="Records to keep (up to twice as many are tried).")
     sources: list[str] = Field(default_factory=list, max_length=16, description="Dataset ids: seeds or documents.")
     seed_examples: list[dict[str, Any]] = Field(default_factory=list, max_length=500, description=(
-        "Example records to grow new ones from ({prompt, completion} or {messages})."))
+        "Records to grow new ones from."))
     options: TaskOptions = Field(default_factory=TaskOptions, description="Task settings.")
-    filters: SynthFilters = Field(default_factory=SynthFilters, description="What is dropped; exact duplicates "
-                                  "always are.")
+    filters: SynthFilters = Field(default_factory=SynthFilters, description="Exact duplicates always go.")
     decontaminate_against: list[str] = Field(default_factory=list, max_length=16, description=(
-        "Dataset ids: records sharing a 13-word run with them are dropped (your eval suites always are)."))
-    seed: StrictInt = Field(0, ge=0, description="The same request and seed make the same dataset.")
-    limits: SynthLimits = Field(default_factory=SynthLimits, description="Caps; at one the job keeps what it made.")
+        "Dataset ids whose 13-word runs drop a record (your eval suites always do)."))
+    seed: StrictInt = Field(0, ge=0, description="Same request and seed, same dataset.")
+    limits: SynthLimits = Field(default_factory=SynthLimits, description="At a cap the job keeps what it made.")
     dataset_name: str | None = Field(None, max_length=200, description="Name of the registered dataset.")
 
 

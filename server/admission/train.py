@@ -37,46 +37,35 @@ LEARNING_RATE_RANGE = (1e-7, 1.0)
 
 class Hyperparameters(RequestModel):
     learning_rate: Annotated[float, Field(gt=0)] | Auto = Field(
-        "auto", description="Peak learning rate (1e-7 to 1); auto: 1e-3 under 100M parameters, else 2e-4 for LoRA "
-        "and pre-training, 2e-5 for full fine-tuning.")
+        "auto", description="Peak learning rate, 1e-7 to 1; auto picks by size and adapter.")
     max_steps: Annotated[StrictInt, Field(ge=1, le=10_000_000)] | Auto = Field(
-        "auto", description="Optimizer steps; auto: `epochs` passes over the training split.")
-    epochs: float = Field(3.0, gt=0, le=100, description="Passes over the data, used only when max_steps is auto.")
+        "auto", description="Optimizer steps; auto: epochs over the data.")
+    epochs: float = Field(3.0, gt=0, le=100, description="Used when max_steps is auto.")
     per_device_batch_size: Annotated[StrictInt, Field(ge=1, le=1024)] | Auto = Field(
-        "auto", description="Sequences a device trains on per step; auto: 8, or 4 above 512 tokens.")
+        "auto", description="Sequences per device and step; auto: 8 (4 above 512 tokens).")
     gradient_accumulation_steps: StrictInt = Field(1, ge=1, le=1024, description="Batches summed into one step.")
     max_seq_length: Annotated[StrictInt, Field(ge=16, le=131072)] | Auto = Field(
-        "auto", description="Tokens per sequence; auto: fits the records (95th percentile) within the model's "
-        "context, or 512 for packed pre-training blocks.")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps the learning rate warms up over.")
+        "auto", description="Tokens per sequence; auto: fits the records.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps warming up.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
-    seed: StrictInt = Field(0, ge=0, le=2**32 - 1, description="Seeds the held-out split, shuffling and init.")
-    eval_fraction: float = Field(0.1, ge=0, lt=0.5, description="Held-out share: validation loss before and after.")
+    seed: StrictInt = Field(0, ge=0, le=2**32 - 1, description="Seeds the split, shuffling and init.")
+    eval_fraction: float = Field(0.1, ge=0, lt=0.5, description="Held out for validation loss before and after.")
     save_steps: Annotated[StrictInt, Field(ge=1)] | Auto = Field(
-        "auto", description="Checkpoint interval; a killed job resumes from the newest; auto: about 5 a run.")
-    packing: StrictBool = Field(False, description="SFT: fill each sequence with several records (no "
-                                "cross-record attention); fewer, fuller steps.")
+        "auto", description="Checkpoint interval (a killed job resumes from one); auto: 5 a run.")
+    packing: StrictBool = Field(False, description="SFT: several records a sequence, none seeing another.")
 
 
 class LoraOptions(RequestModel):
-    r: StrictInt = Field(16, ge=1, le=1024, description="Adapter rank.")
-    alpha: StrictInt = Field(32, ge=1, le=4096, description="Scaling (alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or all-linear.")
+    r: StrictInt = Field(16, ge=1, le=1024, description="Rank.")
+    alpha: StrictInt = Field(32, ge=1, le=4096, description="Scale, alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules adapted.")
 
 
 class RequestLimits(RequestModel):
-    max_seconds: float | None = Field(None, gt=0, description="Wall-clock cap: the job stops there with "
-                                      "compute_cap_reached and keeps its last checkpoint.")
-    max_flops: float | None = Field(None, gt=0, description="Compute cap for this job, same stop.")
-
-
-def _options_description() -> str:
-    per_method = "; ".join(f"{name}: {', '.join(m.options.model_fields) or 'none'}" for name, m in
-                           methods.METHODS.items())
-    return f"The method's options (per method: {per_method}). Each field is described in the method's docs."
+    max_seconds: float | None = Field(None, gt=0, description="Wall-clock cap (the job stops, checkpoint kept).")
+    max_flops: float | None = Field(None, gt=0, description="Compute cap (same).")
 
 
 class TrainRequest(RequestModel):
@@ -84,23 +73,20 @@ class TrainRequest(RequestModel):
 
     method: methods.MethodName = Field("sft", description="; ".join(
         f"{name}: {m.summary}" for name, m in methods.METHODS.items()) + ".")
-    base_model: str | None = Field(None, description="Model to start from: an id (mdl_...), an alias "
-                                   "(alias:NAME), or a model directory in a data root; none for pretrain.")
+    base_model: str | None = Field(None, description="Model to start from: mdl_..., alias:NAME or a directory in "
+                                   "a data root; none for pretrain.")
     datasets: list[str] = Field(min_length=1, max_length=16, description="Dataset ids (ds_...), one record format.")
     adapter: Literal["auto", "full", "lora"] = Field(
-        "auto", description="full: train every weight; lora: a LoRA adapter; auto: full for pretrain and "
-        "continued_pretrain, lora otherwise.")
+        "auto", description="auto: full for pretrain and continued_pretrain, lora otherwise.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Any may be auto.")
-    lora: LoraOptions | None = Field(None, description="LoRA settings (adapter lora only).")
-    merge_adapter: StrictBool = Field(False, description="With lora: also save a merged full model (needed to "
-                                      "train on it again or to generate with it).")
-    options: dict[str, Any] | None = Field(None, description=_options_description())
-    devices: StrictInt = Field(1, ge=1, le=1024, description="GPUs, or CPU processes where there are none, "
-                               "training together (data parallel).")
+    lora: LoraOptions | None = Field(None, description="With adapter lora.")
+    merge_adapter: StrictBool = Field(False, description="With lora: also save merged weights (to train or "
+                                      "generate on).")
+    options: dict[str, Any] | None = Field(None, description="The method's options: " + methods.describe_options())
+    devices: StrictInt = Field(1, ge=1, le=1024, description="GPUs (or CPU processes) training data parallel.")
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Caps for this job.")
     model_name: str | None = Field(None, max_length=120, description="Name of the registered model.")
-    eval_suite: str | None = Field(None, description="Suite id: evaluate the new model against its parent "
-                                   "when training ends (an eval job).")
+    eval_suite: str | None = Field(None, description="Suite id: when done, evaluate the model against its parent.")
 
 
 def adapter_of(request: TrainRequest) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "minItems",
-          "maxItems"}
+          "maxItems", "minProperties", "maxProperties"}
 """Left out of the listed schema: a value out of bounds is refused naming the field and the bound, and
 the bounds of every field together cost a tenth of the tool list."""
 

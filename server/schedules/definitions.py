@@ -39,7 +39,7 @@ class PromoteRequest(RequestModel):
 class ScheduleSpec(RequestModel):
     """A schedule: the `schedule_run` fields, without dry_run."""
 
-    name: str | None = Field(None, max_length=120, description="Unique among your schedules; default from kind.")
+    name: str | None = Field(None, max_length=120, description="Unique among your schedules.")
     trigger: dict[str, Any] = Field(description=(
         'One of {"cron": "30 2 * * *", "timezone": "Europe/Berlin"} (Debian cron rules at DST changes), '
         '{"every": 3600 or "PT6H", "anchor"?: ISO time}, {"at": ISO time}, {"after": job_ or sch_ id, '
@@ -52,12 +52,8 @@ class ScheduleSpec(RequestModel):
         "train: model_id, metrics.X; eval: report_id, verdict, kpis.NAME.value/delta/p_value; promote request: "
         "{alias, model, report_id}); when is a condition such as gate.verdict == \"pass\". "
         "${trigger.dataset_id} is the snapshot that fired it."))
-    policies: triggers.Policies = Field(default_factory=triggers.Policies, description=(
-        "overlap (skip while the last run goes; buffer_one, allow, cancel_previous), catch_up (default: missed "
-        "firings within a day coalesce into one), jitter_seconds (0), pause_after_failures (3), end_at, "
-        "max_runs."))
-    budget_flops: float | None = Field(None, gt=0, description="The schedule's own compute cap per "
-                                       "budget_window_seconds (under your agent budget).")
+    policies: triggers.Policies = Field(default_factory=triggers.Policies, description="How firings behave.")
+    budget_flops: float | None = Field(None, gt=0, description="Its own compute cap per budget_window_seconds.")
     budget_window_seconds: float = Field(86400.0, gt=0, description="Window of budget_flops.")
 
 

@@ -180,27 +180,23 @@ Trigger = Annotated[
 class CatchUp(BaseModel):
     model_config = _STRICT
     mode: Literal["coalesce", "all", "none"] = Field(
-        "coalesce", description="After the service was down: coalesce = one firing for all those missed within "
-                                "the window; all = each missed one within the window (at most max_firings, the "
-                                "latest); none = only a firing due in the last minute.")
-    window_seconds: int = Field(86400, ge=60, le=30 * 86400,
-                                description="Missed firings older than this are dropped. Default one day.")
-    max_firings: int = Field(10, ge=1, le=100, description="With mode all, start at most this many at once.")
+        "coalesce", description="Firings missed while down: coalesce into one; all (up to max_firings); none.")
+    window_seconds: int = Field(86400, ge=60, le=30 * 86400, description="Older missed firings are dropped.")
+    max_firings: int = Field(10, ge=1, le=100, description="mode all: at most this many at once.")
 
 
 class Policies(BaseModel):
     model_config = _STRICT
     overlap: Literal["skip", "buffer_one", "allow", "cancel_previous"] = Field(
-        "skip", description="If the previous run is still going: skip this firing (default); buffer_one = run "
-                            "it when the previous ends (one at most); allow = run both; cancel_previous.")
+        "skip", description="While the previous run goes: skip the firing, buffer_one (run it after), allow, or "
+                            "cancel_previous.")
     catch_up: CatchUp = Field(default_factory=lambda: CatchUp(),
-                              description="Firings missed while the service was down.")
-    jitter_seconds: int = Field(0, ge=0, le=3600, description="Start each firing up to this many seconds late "
-                                                              "(the same delay in every service process).")
-    pause_after_failures: int | None = Field(3, ge=1, description="Pause the schedule after this many failed or "
-                                                                  "refused runs in a row; null = never.")
+                              description="After the service was down.")
+    jitter_seconds: int = Field(0, ge=0, le=3600, description="Start each firing up to this late.")
+    pause_after_failures: int | None = Field(3, ge=1, description="Pause after this many failed or refused runs "
+                                                                  "in a row; null: never.")
     end_at: AwareDatetime | None = Field(None, description="No firings after this ISO 8601 time.")
-    max_runs: int | None = Field(None, ge=1, description="End the schedule after this many firings.")
+    max_runs: int | None = Field(None, ge=1, description="End after this many firings.")
 
 
 def parse_trigger(raw: Any, now: datetime, param: str = "trigger") -> TriggerModel:

@@ -51,8 +51,7 @@ Hyperband to prune at, few enough that evaluating costs little next to training.
 
 
 class ParamSpace(RequestModel):
-    type: Literal["float", "int", "categorical"] = Field(description="float and int take low and high; "
-                                                            "categorical takes choices.")
+    type: Literal["float", "int", "categorical"] = Field(description="float, int (low, high) or categorical.")
     low: float | None = Field(None, description="Lower bound.")
     high: float | None = Field(None, description="Upper bound.")
     log: bool = Field(False, description="Sample on a log scale (low > 0).")

@@ -73,7 +73,8 @@ def run(spec: JobSpec, events: EventWriter, started: float) -> JobResult:
     rng = random.Random(options["seed"])
     kept: list[dict[str, Any]] = []
     generated, stop_reason = 0, None
-    per_record_tokens = max(1, tasks.calls_per_record(task, options)) * int(options["generator"].get("max_new_tokens") or 0)
+    per_record_tokens = (max(1, tasks.calls_per_record(task, options))
+                         * int(options["generator"].get("max_new_tokens") or 0))
     while len(kept) < options["num_records"]:
         tokens = sum(g.tokens_generated for g in used)
         flops = sum(g.flops_used for g in used)
@@ -95,7 +96,8 @@ def run(spec: JobSpec, events: EventWriter, started: float) -> JobResult:
                         "records_kept": len(kept),
                         "tokens_seen": sum(g.tokens_generated for g in used),
                         "flops_used": sum(g.flops_used for g in used),
-                        "tokens_per_second": sum(g.tokens_generated for g in used) / max(time.monotonic() - started, 1e-9)})
+                        "tokens_per_second": sum(g.tokens_generated for g in used)
+                        / max(time.monotonic() - started, 1e-9)})
 
     tokens, flops = sum(g.tokens_generated for g in used), sum(g.flops_used for g in used)
     dropped = {name: filters.dropped.get(name, 0) for name in FILTERS}
@@ -111,8 +113,8 @@ def run(spec: JobSpec, events: EventWriter, started: float) -> JobResult:
                                **{f"dropped_{k}": v for k, v in dropped.items()}}
     if isinstance(generator, generators.Endpoint):
         metrics["endpoint_retries"] = generator.retries
-    events.message(f"kept {len(kept)} of {generated} generated records" + (f"; partial: {stop_reason}" if partial else ""),
-                   **metrics)
+    events.message(f"kept {len(kept)} of {generated} generated records"
+                   + (f"; partial: {stop_reason}" if partial else ""), **metrics)
     return JobResult(status="succeeded", metrics=metrics, tokens_seen=tokens, flops_used=flops, steps=generated)
 
 

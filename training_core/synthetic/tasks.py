@@ -151,9 +151,11 @@ def _shape(task: str, filled: dict[str, Any], options: dict[str, Any], rng: rand
         answer = filled.get("completion", filled.get("answer"))
         return _pair(prompt, answer, task_options, meta)
     if task == "preferences":
-        record = {"prompt": filled["prompt"], "chosen": filled["chosen"], "metadata": meta | {"chosen_from": "template"}}
+        record = {"prompt": filled["prompt"], "chosen": filled["chosen"],
+                  "metadata": meta | {"chosen_from": "template"}}
         if "rejected" in filled:
-            return record | {"rejected": filled["rejected"], "metadata": record["metadata"] | {"rejected_from": "template"}}
+            return record | {"rejected": filled["rejected"],
+                             "metadata": record["metadata"] | {"rejected_from": "template"}}
         rejected, how = corrupt(filled["chosen"], rng.choice(CORRUPTIONS), rng)
         return record | {"rejected": rejected, "metadata": record["metadata"] | {"rejected_from": f"corruption:{how}"}}
     if task == "workflow_traces":
@@ -207,7 +209,8 @@ def _preferences(rng: random.Random, sources: Sources, task_options: dict[str, A
             worse, how = corrupt(c.text, rng.choice(CORRUPTIONS), rng)
             rejected.append((worse, f"corruption:{how}"))
     chosen_from = "reference" if task_options["chosen"] == "reference" else f"generator:{generator.name}"
-    return [{"prompt": p, "chosen": c.text, "rejected": r, "metadata": {"chosen_from": chosen_from, "rejected_from": how}}
+    return [{"prompt": p, "chosen": c.text, "rejected": r,
+             "metadata": {"chosen_from": chosen_from, "rejected_from": how}}
             for p, c, (r, how) in zip(prompts, chosen, rejected, strict=True)]
 
 
