@@ -31,11 +31,17 @@ def _finish_synth(engine: Engine, job: Job, epoch: int, result: JobResult) -> No
     output = Path(job.output_dir)
     manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
     lineage = {"job_id": job.id, **manifest}
-    dataset = datasets.register_generated(
+    registered = datasets.register_generated(
         engine, Path(resolved["datasets_dir"]), resolved["max_record_bytes"], job.agent_id, output / "dataset.jsonl",
         resolved.get("dataset_name") or f"synth-{manifest['task']}-{job.id}", f"synth:{job.id}", lineage)
-    metrics = {**result.metrics, "dataset_id": dataset.id, "dataset_hash": dataset.content_hash,
-               "dataset_valid": dataset.valid}
+    dataset = registered.dataset
+    if dataset is None:  # what it made failed validation, so nothing was stored (it never should)
+        problems = "; ".join(f"line {p.line}: {p.message}" for p in registered.report.problems[:3])
+        jobs.finish(engine, job.id, epoch, JobState.failed, metrics=result.metrics, error={
+            "code": "invalid_dataset", "param": "task", "message": f"the generated records failed validation "
+            f"({problems}); nothing was stored"})
+        return
+    metrics = {**result.metrics, "dataset_id": dataset.id, "dataset_hash": dataset.content_hash}
     jobs.finish(engine, job.id, epoch, JobState.succeeded, metrics=metrics)
 
 

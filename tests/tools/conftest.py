@@ -90,6 +90,10 @@ def seeded(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterat
                 evaluated = await finished(client, started["job"]["id"])
                 assert evaluated["state"] == "succeeded", evaluated["error"]
                 ids["eval_job"] = evaluated["id"]
+                ids["report"] = (await call(client, "read_eval_report", ref=evaluated["id"]))["id"]
+                ids["schedule"] = (await call(client, "schedule_run", name="nightly-eval", kind="eval",
+                                              trigger={"cron": "0 3 * * *", "timezone": "UTC"},
+                                              request={"model": ids["model"], "suite_id": ids["suite"]}))["id"]
 
         anyio.run(seed)
         yield seeded

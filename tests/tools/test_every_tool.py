@@ -44,6 +44,11 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "run_eval": {"model": "{model}", "suite_id": "{suite}", "dry_run": True},
     "read_eval_report": {"ref": "{eval_job}"},
     "check_drift": {"against": "{model}", "dataset_id": "{dataset}"},
+    "schedule_run": {"trigger": {"cron": "30 2 * * *", "timezone": "Europe/Berlin"}, "kind": "eval",
+                     "request": {"model": "{model}", "suite_id": "{suite}"}, "dry_run": True},
+    "list_schedules": {"schedule_id": "{schedule}"},
+    "update_schedule": {"schedule_id": "{schedule}", "action": "pause"},
+    "promote_model": {"alias": "staging", "model": "{model}", "report_id": "{report}"},
 }
 
 
