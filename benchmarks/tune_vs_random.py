@@ -300,7 +300,7 @@ def compare(seed: int, trials: int, steps: int, eval_steps: int, batch: int) -> 
         random = search(task, optuna.samplers.RandomSampler(seed=seed), optuna.pruners.NopPruner(), trials,
                         f"random-{seed}")
         # Another seed: TPE's random start-up trials would otherwise repeat the baseline's first ones.
-        tuned = search(task, make_sampler({"sampler": "tpe", "seed": 1000 + seed}, trials, 1),
+        tuned = search(task, make_sampler({"sampler": "tpe", "seed": 1000 + seed}, trials, 0),
                        make_pruner("hyperband", eval_steps, steps), trials, f"tuned-{seed}")
     target = random.best()
     random_reached = random.flops_to_reach(target)

@@ -91,7 +91,7 @@ class StudyDriver:
 
     def run(self) -> None:
         try:
-            study = open_study(self.job, self.settings.studies_url, self.job.attempts)
+            study = open_study(self.job, self.settings.studies_url)
         except StudyStoreMoved as moved:
             self._fail(str(moved), "studies_database_url", "studies_database_moved")
             return

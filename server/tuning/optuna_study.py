@@ -11,6 +11,7 @@ import warnings
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 
 from server.store.db import without_password
 from server.store.tables import Job
@@ -19,7 +20,20 @@ from server.tuning.admission import ParamSpace
 
 @functools.cache
 def studies_storage(url: str) -> optuna.storages.RDBStorage:
-    """One Optuna storage (and engine) per URL in this process, shared by every driver."""
+    """One Optuna storage (and engine) per URL in this process, shared by every driver.
+
+    Optuna makes its tables and stamps its schema version when a storage first opens a database; two
+    processes (or drivers) doing so at once on a fresh one race, and the loser's CREATE TABLE or
+    version stamp fails (seen: "table studies already exists", "UNIQUE constraint failed:
+    alembic_version.version_num"). Both are there by then, so the loser opens the storage again
+    rather than give the study up."""
+    try:
+        return _storage(url)
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.IntegrityError):
+        return _storage(url)
+
+
+def _storage(url: str) -> optuna.storages.RDBStorage:
     # Several drivers, optuna-dashboard and, by default, the service itself write one SQLite file:
     # wait for its lock, as our own engine does, instead of failing at once with "database is
     # locked". The file is in WAL mode (set by the service's engine; it persists), and pysqlite
@@ -33,7 +47,7 @@ class StudyStoreMoved(Exception):
     """The service's studies database is not the one the study was created in."""
 
 
-def open_study(job: Job, studies_url: str, attempt: int = 1) -> optuna.Study:
+def open_study(job: Job, studies_url: str) -> optuna.Study:
     """The tune job's study in `studies_url`, the service's studies database (password and all), which
     must be where the study was created: opening it elsewhere would start it again from nothing."""
     created_in = without_password(job.resolved["studies_url"])  # masked since 2026-11-27 (revision 0007)
@@ -43,16 +57,22 @@ def open_study(job: Job, studies_url: str, attempt: int = 1) -> optuna.Study:
                               f"{service_has}; set studies_database_url (or database_url) back to resume studies "
                               "like it")
     strategy = job.resolved["strategy"]
-    return optuna.create_study(
+    study = optuna.create_study(
         storage=studies_storage(studies_url), study_name=job.id, load_if_exists=True,
-        direction=strategy["direction"], sampler=make_sampler(strategy, job.resolved["n_trials"], attempt),
+        direction=strategy["direction"], sampler=make_sampler(strategy, job.resolved["n_trials"], 0),
         pruner=make_pruner(strategy["pruner"], job.resolved["eval_steps"], job.resolved["max_steps"]))
+    asked = len(study.get_trials(deepcopy=False))
+    if asked:
+        study.sampler = make_sampler(strategy, job.resolved["n_trials"], asked)
+    return study
 
 
-def make_sampler(strategy: dict[str, Any], n_trials: int, attempt: int) -> optuna.samplers.BaseSampler:
-    # A seeded sampler restarted mid-study would draw its first parameters again: each run of the
-    # driver seeds it differently (samplers that model the history read it from the storage).
-    seed = None if strategy["seed"] is None else strategy["seed"] + attempt - 1
+def make_sampler(strategy: dict[str, Any], n_trials: int, asked: int) -> optuna.samplers.BaseSampler:
+    # A seeded sampler reopened mid-study would draw its first parameters again: it is seeded past
+    # the trials already asked, so a study resumed after a restart (or a crash) asks what the same
+    # study asks from that point, however many times its driver was restarted (samplers that model
+    # the history read it from the storage).
+    seed = None if strategy["seed"] is None else strategy["seed"] + asked
     name = strategy["sampler"]
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)

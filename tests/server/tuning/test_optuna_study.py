@@ -4,11 +4,16 @@ near the best soon after its start-up, and Hyperband rungs that end where traini
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import optuna
 
-from server.tuning.optuna_study import make_pruner, make_sampler, prunable, rungs
+from server.store.tables import Job
+from server.tuning.optuna_study import make_pruner, make_sampler, open_study, prunable, rungs
 
 
 def _objective(trial: optuna.Trial) -> float:
@@ -22,7 +27,7 @@ def _late_trials_near_the_best(sampler_name: str, seed: int) -> int:
     """Of a 20-trial study's last 10 trials, how many have a learning rate within half a decade of the best."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a deprecated argument would warn in every study's log
-        sampler = make_sampler({"sampler": sampler_name, "seed": seed}, 20, 1)
+        sampler = make_sampler({"sampler": sampler_name, "seed": seed}, 20, 0)
     study = optuna.create_study(sampler=sampler)
     study.optimize(_objective, n_trials=20)
     return sum(abs(math.log10(t.params["learning_rate"]) + 2.5) < 0.5 for t in study.trials[10:])
@@ -77,3 +82,42 @@ def test_a_trial_is_prunable_after_its_warm_up_and_before_its_last_step() -> Non
     hyperparameters = {"warmup_ratio": 0.1, "max_steps": 100}
     assert [prunable(step, hyperparameters) for step in (5, 10, 11, 99, 100)] == [False, False, True, True, False]
     assert prunable(1, {"max_steps": 100})  # no warm-up given: none
+
+
+def _study_job(job_id: str, url: str) -> Job:
+    return Job(id=job_id, agent_id="agt_x", kind="tune", resolved={
+        "studies_url": url, "n_trials": 20, "eval_steps": 2, "max_steps": 12,
+        "strategy": {"sampler": "tpe", "pruner": "none", "direction": "minimize", "seed": 7}})
+
+
+def test_a_seeded_study_asks_the_same_trials_however_often_its_driver_restarted(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    space = {"learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)}
+    asked = {}
+    for job_id, restarts in (("job_once", 1), ("job_often", 4)):
+        study = open_study(_study_job(job_id, url), url)
+        study.tell(study.ask(space).number, 1.0)
+        for _ in range(restarts):  # each restart of the driver opens the study again
+            study = open_study(_study_job(job_id, url), url)
+        asked[job_id] = study.ask(space).params
+    assert asked["job_once"] == asked["job_often"]
+
+
+STORAGE_RACE = """
+import sys, time
+from server.tuning.optuna_study import studies_storage
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+studies_storage(sys.argv[1])
+print("ok")
+"""
+
+
+def test_processes_opening_a_fresh_studies_database_at_once_all_get_the_storage(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    start = time.time() + 3
+    processes = [subprocess.Popen([sys.executable, "-c", STORAGE_RACE, url, str(start)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    results = [p.communicate(timeout=120) for p in processes]
+    assert all(p.returncode == 0 for p in processes), [err[-500:] for _, err in results]
