@@ -16,6 +16,8 @@ import pytest
 
 from server.context import ServiceContext, open_service
 from server.settings import Settings
+from tests import ray_cluster as ray_cluster_module
+from tests.ray_cluster import RayCluster
 
 CHAT_FACTS = [
     ("What is a red-drop?", "A red-drop is a customer whose light level is under -27 dBm."),
@@ -82,3 +84,13 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     os.environ.pop("WEIGHTSMITH_DATABASE_URL", None)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[RayCluster]:
+    """A local Ray head (127.0.0.1, 2 CPUs, the Jobs API) shared by the session's Ray tests."""
+    available, reason = ray_cluster_module.available_or_reason()
+    if not available:
+        pytest.skip(reason)
+    with ray_cluster_module.ray_head(num_cpus=2) as cluster:
+        yield cluster
