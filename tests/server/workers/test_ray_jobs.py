@@ -83,7 +83,7 @@ def test_stop_ends_a_running_ray_job_and_its_process(ray_cluster: RayCluster, tm
 def test_a_killed_run_leaves_no_result_and_the_next_submission_resumes_from_its_checkpoint(
         ray_cluster: RayCluster, tmp_path: Path, tiny_model: Path) -> None:
     ray_jobs = RayJobs(ray_cluster.dashboard_url)
-    spec_path = write_sft_spec(tmp_path / "job-kill", tiny_model, max_steps=400, save_steps=5)
+    spec_path = write_sft_spec(tmp_path / "job-kill", tiny_model, max_steps=60, save_steps=5)
     run_dir = spec_path.parent
     first = _submit(ray_jobs, spec_path, attempt=1)
     _event(run_dir, "checkpoint at step")
@@ -104,9 +104,9 @@ def test_a_killed_run_leaves_no_result_and_the_next_submission_resumes_from_its_
     [resumed] = [e for e in events if e["message"].startswith("resuming from step")]
     assert resumed["data"]["step"] >= max(checkpoints)
     after = [e["data"]["step"] for e in events[events.index(resumed):] if e["type"] == "metrics"]
-    assert after[0] == resumed["data"]["step"] + 1 and after[-1] == 400
+    assert after[0] == resumed["data"]["step"] + 1 and after[-1] == 60
     result = JobResult.read(run_dir)
-    assert result is not None and result.status == "succeeded" and result.steps == 400
+    assert result is not None and result.status == "succeeded" and result.steps == 60
 
 
 def test_an_address_without_a_jobs_api_is_refused_naming_it() -> None:
