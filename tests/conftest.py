@@ -23,6 +23,8 @@ from server.service import open_service
 from server.settings import Settings
 from server.store import agents as auth
 from server.store.db import make_engine, migrate
+from tests import ray_cluster as ray_cluster_module
+from tests.ray_cluster import RayCluster
 
 CHAT_FACTS = [
     ("What is a red-drop?", "A red-drop is a customer whose light level is under -27 dBm."),
@@ -111,3 +113,12 @@ def http_service(settings: Settings) -> Iterator[tuple[str, str, str]]:
     yield f"http://127.0.0.1:{port}", key_a, key_b
     server.should_exit = True
     thread.join(30)
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[RayCluster]:
+    """A local Ray head (127.0.0.1, 2 CPUs, the Jobs API) shared by the session's Ray tests."""
+    available, reason = ray_cluster_module.available_or_reason()
+    if not available:
+        pytest.skip(reason)
+    with ray_cluster_module.ray_head(num_cpus=2) as cluster:
+        yield cluster

@@ -35,14 +35,21 @@ def main(argv: list[str]) -> int:
         print("usage: python -m training_core SPEC.json", file=sys.stderr)
         return 2
     _exit_with_parent()
-    spec = JobSpec.read(Path(argv[0]))
-    # In a several-device job (`accelerate launch`, which sets RANK) every process runs this; only
-    # rank 0 speaks for the job: the others keep their events apart and leave no result.
+    run_job(JobSpec.read(Path(argv[0])), started)
+    return 0
+
+
+def run_job(spec: JobSpec, started: float) -> None:
+    """Train `spec` in this process; rank 0 writes the job's events and its result.
+
+    In a several-device job (`accelerate launch`, or a Ray Train worker: both set RANK) every process
+    runs this; only rank 0 speaks for the job: the others keep their events apart and leave no result.
+    """
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         with EventWriter(Path(spec.run_dir) / f"rank-{rank}") as events:
             _run(spec, events, started)
-        return 0
+        return
     with EventWriter(spec.run_dir) as events:
         events.message(f"{spec.method} job {spec.job_id} started", method=spec.method, adapter=spec.adapter)
         try:
@@ -57,7 +64,6 @@ def main(argv: list[str]) -> int:
             events.message(result.error["message"], level="error", code=result.error["code"])
         events.message(f"finished: {result.status}", status=result.status, steps=result.steps)
         result.write(Path(spec.run_dir))
-    return 0
 
 
 def _exit_with_parent() -> None:
