@@ -12,7 +12,7 @@ from server.schedules.scheduler import Scheduler
 from server.settings import Settings
 from server.store.agents import ensure_local_agent
 from server.store.db import make_engine, migrate
-from server.workers.executor import LocalExecutor
+from server.workers.executor import make_executor
 from training_core import cgroups
 
 log = logging.getLogger("weightsmith")
@@ -28,7 +28,7 @@ def open_service(settings: Settings, *, workers: bool = True, scheduler: bool = 
     migrate(engine)
     log.info("job and sandbox totals: %s", cgroups.available().reason)
     ensure_local_agent(engine, settings)
-    executor = LocalExecutor(engine, settings) if workers and settings.worker_slots > 0 else None
+    executor = make_executor(engine, settings) if workers and settings.worker_slots > 0 else None
     if executor is not None:
         executor.start()
     ctx = ServiceContext(settings=settings, engine=engine, executor=executor)

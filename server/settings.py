@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,7 +42,18 @@ class Settings(BaseSettings):
     allowed_hosts: list[str] = Field(
         default_factory=lambda: ["127.0.0.1:*", "localhost:*", "[::1]:*"],
         description="Host headers the MCP endpoint accepts (DNS-rebinding protection).")
-    worker_slots: int = Field(1, description="Jobs the embedded local executor runs at once; 0 disables it.")
+    worker_slots: int = Field(1, description="Jobs the embedded executor runs at once; 0 disables it.")
+    executor: Literal["local", "ray"] = Field("local", description=(
+        "Where jobs run: local child processes of the workers, or a Ray cluster (Jobs API per run, Ray "
+        "Train across devices); ray needs ray_address, `pip install -e .[ray]`, and the home on storage "
+        "every node reaches."))
+    ray_address: str | None = Field(None, description="The Ray head's dashboard, where its Jobs API answers: "
+                                    "http://HEAD:8265.")
+    ray_python: str = Field("python", description="The Python a Ray node starts a job with (its weightsmith "
+                            "environment's).")
+    ray_gpus: bool = Field(False, description="With the Ray executor: a job's devices are GPUs (else CPUs).")
+    max_devices: int | None = Field(None, description="The most devices one job may ask for; default: this "
+                                    "machine's GPUs or CPU cores, or the Ray cluster's.")
     child_threads: int | None = Field(
         None, description="CPU threads per training process (OMP_NUM_THREADS); default: the cores left after "
         "one for the service, shared among the slots.")

@@ -41,13 +41,25 @@ def main() -> None:
 
 # ---- the service ---------------------------------------------------------------------------------
 
+Executor = Annotated[str | None, typer.Option(help="Where jobs run: local (default) or ray "
+                                                "(WEIGHTSMITH_EXECUTOR).")]
+RayAddress = Annotated[str | None, typer.Option(help="The Ray head's dashboard, http://HEAD:8265 "
+                                                     "(WEIGHTSMITH_RAY_ADDRESS).")]
+
+
+def _settings(executor: str | None, ray_address: str | None) -> Settings:
+    overrides = {k: v for k, v in (("executor", executor), ("ray_address", ray_address)) if v is not None}
+    return Settings(**overrides)  # type: ignore[arg-type]
+
+
 @app.command()
 def serve(stdio: Annotated[bool, typer.Option("--stdio", help="MCP over stdin/stdout, for local agents.")] = False,
           host: str | None = None, port: int | None = None,
           toolsets: Annotated[str, typer.Option(help="MCP tool lists, comma-separated: core (the default), "
-                                                     "inspect (details), all.")] = "core") -> None:
+                                                     "inspect (details), all.")] = "core",
+          executor: Executor = None, ray_address: RayAddress = None) -> None:
     """Run the service: REST /v1, MCP /mcp, docs /docs, and the embedded workers."""
-    settings = Settings()
+    settings = _settings(executor, ray_address)
     chosen = tuple(t.strip() for t in toolsets.split(",") if t.strip())
     if stdio:
         import anyio
@@ -71,11 +83,12 @@ def serve(stdio: Annotated[bool, typer.Option("--stdio", help="MCP over stdin/st
 
 
 @app.command()
-def worker(slots: Annotated[int | None, typer.Option(help="Jobs at once (default: worker_slots).")] = None) -> None:
+def worker(slots: Annotated[int | None, typer.Option(help="Jobs at once (default: worker_slots).")] = None,
+           executor: Executor = None, ray_address: RayAddress = None) -> None:
     """Run workers only, against the same database as the service."""
     from server.service import open_service
 
-    settings = Settings()
+    settings = _settings(executor, ray_address)
     if slots is not None:
         settings.worker_slots = slots
     stop = threading.Event()

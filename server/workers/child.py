@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlmodel import Session
 
@@ -36,12 +36,11 @@ _SCRUBBED_PREFIXES = ("WEIGHTSMITH_",)
 class ChildRun:
     """Runs one claimed job to the end of this run: spawn, relay, heartbeat, cancel, settle."""
 
-    def __init__(self, lease: Lease, job: Job):
-        self.lease, self.job = lease, job
+    def __init__(self, lease: Lease, job: Job, launcher: Launcher):
+        self.lease, self.job, self.launcher = lease, job, launcher
         self.engine, self.settings = lease.engine, lease.settings
         self.epoch = lease.epoch
         self.run_dir = Path(job.run_dir)
-        self.group: cgroups.ControlGroup | None = None
         self.out_of_memory = False
         """The run's process tree went over its control group's memory and was killed."""
 
@@ -53,26 +52,17 @@ class ChildRun:
         spec_path = self._write_spec()
         log_path = self.run_dir / f"child-{job.attempts}.log"
         started = time.monotonic()
-        command = training_command(spec_path, int(job.resolved["spec"].get("devices", 1)))
-        self.group = job_group(self.settings)
-        with log_path.open("ab") as child_log:
-            proc = subprocess.Popen(
-                self.group.wrap(command) if self.group else command, stdout=child_log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                env=_child_env(self.settings), cwd=self.run_dir)
+        proc = self.launcher.start(job, spec_path, child_env(self.settings), log_path)
         # progress.flops_used is what the running child has reported; this one has reported nothing yet.
         jobs.relay(self.engine, job.id, self.epoch, [{
-            "type": "message", "message": f"training process {proc.pid} started", "data": {"pid": proc.pid}}],
+            "type": "message", "message": f"training process {proc.name} started", "data": {"process": proc.name}}],
             job.events_offset, {"progress": {**job.progress, "flops_used": 0.0}})
         attempt_flops = 0.0
         cancel_sent = term_sent = None
         last_beat = time.monotonic()
         lost = False
         while True:
-            try:
-                proc.wait(timeout=0.25)
-            except subprocess.TimeoutExpired:
-                pass
+            returncode = proc.wait(0.25)
             new_events = tail.read()
             attempt_flops = _latest_flops(new_events, attempt_flops)
             now = time.monotonic()
@@ -85,29 +75,28 @@ class ChildRun:
                 last_beat = now
                 if not alive:
                     lost = True  # another worker holds the job now: stop ours, write nothing more
-                    _kill_group(proc, signal.SIGKILL)
+                    proc.kill()
                 elif current.cancel_requested and cancel_sent is None:
                     (self.run_dir / CANCEL_FILE).touch()
                     cancel_sent = now
             if self.lease.stopping.is_set() and term_sent is None:
-                _kill_group(proc, signal.SIGTERM)
+                proc.terminate()
                 term_sent = now
             grace = self.settings.cancel_grace_seconds
             if cancel_sent is not None and term_sent is None and now - cancel_sent > grace:
-                _kill_group(proc, signal.SIGTERM)
+                proc.terminate()
                 term_sent = now
             if term_sent is not None and now - term_sent > grace:
-                _kill_group(proc, signal.SIGKILL)
-            if proc.returncode is not None:
+                proc.kill()
+            if returncode is not None:
                 break
-        usage = self.group.remove() if self.group else None  # kills what is left of the tree
+        self.out_of_memory = proc.close()  # whatever is left of the run's processes is gone after this
         if lost:
             return
         new_events = tail.read()
         attempt_flops = _latest_flops(new_events, attempt_flops)
         jobs.relay(self.engine, job.id, self.epoch, new_events, tail.offset)
-        self.out_of_memory = bool(usage and usage.oom_kills)
-        self._settle_run(proc.returncode, attempt_flops, time.monotonic() - started, cancel_sent is not None)
+        self._settle_run(returncode, attempt_flops, time.monotonic() - started, cancel_sent is not None)
 
     def _relay_leftovers(self, tail: _EventTail) -> bool:
         """Relay and charge what the previous run wrote after its worker's last relay; False if the
@@ -247,11 +236,71 @@ def _latest_flops(events: list[dict[str, Any]], current: float) -> float:
     return current
 
 
-def _kill_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
+
+class RunningChild(Protocol):
+    """One run's process (tree) as the run follows it, wherever it runs."""
+
+    name: str
+    """How events name it: a pid, or a Ray submission id."""
+
+    def wait(self, seconds: float) -> int | None:
+        """Its exit status once it has ended (negative: killed by that signal), else None."""
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def close(self) -> bool:
+        """Reap what is left; whether it was killed for going over its memory."""
+
+
+class Launcher(Protocol):
+    """Starts a run's child: on this machine (`LocalLauncher`), or on a cluster (the Ray executor's)."""
+
+    def start(self, job: Job, spec_path: Path, env: dict[str, str], log_path: Path) -> RunningChild: ...
+
+
+class LocalLauncher:
+    """Each run as a child process group of this worker, in a control group where the machine allows."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def start(self, job: Job, spec_path: Path, env: dict[str, str], log_path: Path) -> RunningChild:
+        command = training_command(spec_path, int(job.resolved["spec"].get("devices", 1)))
+        group = job_group(self.settings)
+        with log_path.open("ab") as child_log:
+            proc = subprocess.Popen(
+                group.wrap(command) if group else command, stdout=child_log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True, env=env, cwd=spec_path.parent)
+        return _LocalChild(proc, group)
+
+
+class _LocalChild:
+    def __init__(self, proc: subprocess.Popen[bytes], group: cgroups.ControlGroup | None):
+        self.proc, self.group, self.name = proc, group, str(proc.pid)
+
+    def wait(self, seconds: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def close(self) -> bool:
+        usage = self.group.remove() if self.group else None  # kills what is left of the tree
+        return bool(usage and usage.oom_kills)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def job_group(settings: Settings) -> cgroups.ControlGroup | None:
@@ -270,7 +319,7 @@ def child_threads(settings: Settings) -> int:
     return settings.child_threads or max(1, ((os.cpu_count() or 1) - 1) // max(1, settings.worker_slots))
 
 
-def _child_env(settings: Settings) -> dict[str, str]:
+def child_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_PREFIXES)}
     # No hub at run time: models and tokenizers load from local directories only.
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",

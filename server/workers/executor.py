@@ -31,14 +31,30 @@ from server.store.leases import Lease
 from server.store.tables import Job
 from server.tuning.driver import StudyDriver
 from server.workers import devices
-from server.workers.child import ChildRun
+from server.workers.child import ChildRun, Launcher, LocalLauncher
 
 log = logging.getLogger("weightsmith.executor")
 
 
+def make_executor(engine: Engine, settings: Settings) -> LocalExecutor:
+    """The executor the settings ask for: runs as local child processes, or as Ray jobs."""
+    if settings.executor == "ray":
+        # Ray is an optional dependency (`pip install -e .[ray]`): imported only when it is chosen.
+        from server.workers.ray_executor import RayLauncher
+
+        launcher = RayLauncher(settings)
+        return LocalExecutor(engine, settings, launcher=launcher, max_devices=launcher.max_devices)
+    return LocalExecutor(engine, settings, max_devices=lambda: settings.max_devices or devices.local_max_devices())
+
+
 class LocalExecutor:
-    def __init__(self, engine: Engine, settings: Settings, slots: int | None = None, owner: str | None = None):
+    def __init__(self, engine: Engine, settings: Settings, slots: int | None = None, owner: str | None = None,
+                 launcher: Launcher | None = None, max_devices: Callable[[], int] = devices.local_max_devices):
+        """`launcher` starts each run's child (default: on this machine); `max_devices` is what one job
+        may ask for."""
         self.engine, self.settings = engine, settings
+        self.launcher = launcher or LocalLauncher(settings)
+        self._max_devices = max_devices
         self.slots = settings.worker_slots if slots is None else slots
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._wake = threading.Event()
@@ -60,7 +76,7 @@ class LocalExecutor:
         self._wake.set()
 
     def max_devices(self) -> int:
-        return devices.local_max_devices()
+        return self._max_devices()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop claiming, stop running children, and hand their jobs back for the next start."""
@@ -90,7 +106,7 @@ class LocalExecutor:
                     lease = leases.claim(self.engine, self.settings, self.owner)
                     if lease is None:
                         break
-                    self._start(self._running, lease, ChildRun(lease, self._job(lease)).run,
+                    self._start(self._running, lease, ChildRun(lease, self._job(lease), self.launcher).run,
                                 "worker error; the job will be resumed")
                 while not self._stopping.is_set():
                     lease = leases.claim(self.engine, self.settings, self.owner, driven=True)
