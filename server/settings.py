@@ -53,7 +53,8 @@ class Settings(BaseSettings):
                             "environment's).")
     ray_gpus: bool = Field(False, description="With the Ray executor: a job's devices are GPUs (else CPUs).")
     max_devices: int | None = Field(None, description="The most devices one job may ask for; default: this "
-                                    "machine's GPUs or CPU cores, or the Ray cluster's.")
+                                    "machine's GPUs or CPU cores, or 1 with the Ray executor (set it to what a "
+                                    "job may spread over the cluster).")
     child_threads: int | None = Field(
         None, description="CPU threads per training process (OMP_NUM_THREADS); default: the cores left after "
         "one for the service, shared among the slots.")

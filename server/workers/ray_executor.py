@@ -19,8 +19,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import httpx
-
 from server.settings import Settings
 from server.store.tables import Job
 from server.workers.child import RunningChild
@@ -51,17 +49,10 @@ class RayLauncher:
         return _RayChild(self.ray, sid, log_path)
 
     def max_devices(self) -> int:
-        """The cluster's GPUs (or CPUs), as its dashboard counts them; `max_devices` overrides it."""
-        if self.settings.max_devices:
-            return self.settings.max_devices
-        kind = "GPU" if self.settings.ray_gpus else "CPU"
-        try:
-            nodes = httpx.get(f"{self.settings.ray_address}/nodes?view=summary", timeout=5).json()
-            total = sum(float(node.get("raylet", {}).get("resources", {}).get(kind, 0))
-                        for node in nodes["data"]["summary"])
-        except (httpx.HTTPError, KeyError, TypeError, ValueError):
-            return 1
-        return max(1, int(total))
+        """What one job may ask for: `max_devices`, set to what a job may spread over (the cluster's
+        GPUs, or CPU processes); one device until it is set. (The dashboard's own node listing is
+        empty on a head started for the Jobs API alone, so it cannot be counted from here.)"""
+        return self.settings.max_devices or 1
 
 
 class _RayChild:

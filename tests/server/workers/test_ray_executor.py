@@ -105,7 +105,7 @@ def test_a_killed_ray_run_resumes_from_its_checkpoint_and_a_cancel_stops_the_ray
 
 def test_two_devices_train_one_job_with_ray_train_and_count_both_shards(
         settings: Settings, ray_cluster: RayCluster, tmp_path: Path) -> None:
-    with open_service(_ray(settings, ray_cluster)) as ctx:
+    with open_service(_ray(settings, ray_cluster, max_devices=2)) as ctx:
         agent = agents.create_agent(ctx.engine, ctx.settings, "ray")[0]
         data = write_jsonl(tmp_path / "two.jsonl", chat_records(48))
         dataset = upload_dataset(ctx, agent, UploadDatasetRequest(path=str(data))).dataset
