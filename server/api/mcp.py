@@ -19,14 +19,14 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from mcp_types import Tool as MCPTool
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from server.api import auth
 from server.api.errors import as_weightsmith
 from server.api.schemas import compact_schema
 from server.context import ServiceContext, ServiceRef
-from server.errors import NotFound, WeightsmithError
+from server.errors import NotFound, WeightsmithError, invalid_request
 from server.store.tables import Agent
 from tools import TOOLS, Tool
 from tools.base import ToolResult
@@ -78,7 +78,8 @@ class WeightsmithMCP(MCPServer):
             request = tool.request.model_validate(arguments)
             result = await run_tool(tool, ctx, agent, request, context)
         except Exception as exc:  # noqa: BLE001 -- every failure is answered in our words
-            error = as_weightsmith(exc)
+            error = invalid_request(exc, model=tool.request) if isinstance(exc, ValidationError) and tool \
+                else as_weightsmith(exc)
             return CallToolResult(content=[TextContent(type="text", text=str(error))],
                                   structured_content={"error": error.to_dict()}, is_error=True)
         return CallToolResult(content=[TextContent(type="text", text=result.compact_json())],

@@ -75,7 +75,7 @@ def test_pretrain_sft_dpo_grpo_chain_learns_at_each_step_and_keeps_its_lineage(
         return job
 
     async def main() -> dict[str, Any]:
-        async with Client(build_mcp_server(ServiceRef(service))) as client:
+        async with Client(build_mcp_server(ServiceRef(service), toolsets=("all",))) as client:
             ids = {name: (await call(client, "upload_dataset", path=str(path)))["dataset"]
                    for name, path in (("text", corpus), ("chat", chats), ("pairs", pairs), ("prompts", prompts))}
             assert ids["pairs"]["format"] == "preference" and ids["prompts"]["format"] == "prompt_only"
@@ -153,7 +153,7 @@ def test_continued_pretraining_reports_the_new_domain_and_forgetting(service: Se
     quick = {"per_device_batch_size": 4, "max_seq_length": 64, "learning_rate": 3e-3}
 
     async def main() -> dict[str, Any]:
-        async with Client(build_mcp_server(ServiceRef(service))) as client:
+        async with Client(build_mcp_server(ServiceRef(service), toolsets=("all",))) as client:
             text = (await call(client, "upload_dataset", path=str(gridbook)))["dataset"]["id"]
             new = (await call(client, "upload_dataset", path=str(tickets)))["dataset"]["id"]
             base = (await call(client, "launch_training", method="pretrain", datasets=[text], adapter="full",
@@ -178,7 +178,7 @@ def test_a_reward_function_that_raises_fails_the_job_naming_it(service: ServiceC
     broken = "def picky(prompts, completions, **columns):\n    raise ValueError('no completion is good enough')\n"
 
     async def main() -> dict[str, Any]:
-        async with Client(build_mcp_server(ServiceRef(service))) as client:
+        async with Client(build_mcp_server(ServiceRef(service), toolsets=("all",))) as client:
             ds = (await call(client, "upload_dataset", path=str(prompts)))["dataset"]["id"]
             job = (await call(client, "launch_training", method="grpo", base_model=str(service.settings.data_roots[1]
                                                                                        / "tiny"),
@@ -202,7 +202,7 @@ def test_a_reward_function_that_raises_fails_the_job_naming_it(service: ServiceC
      "options.rewards", "does not compile"),
     ({"method": "grpo", "options": {"rewards": [{"type": "contains", "value": "x"}], "num_generations": 3}},
      "hyperparameters.per_device_batch_size", "multiple of options.num_generations"),
-    ({"method": "dpo", "options": {"beta": -1}}, "options.beta", "greater than 0"),
+    ({"method": "dpo", "options": {"beta": -1}}, "options.beta", "must be > 0"),
     ({"method": "sft", "dataset": "prompts"}, "datasets[0]", "sft trains on"),
     ({"method": "pretrain", "options": {"preset": "huge"}}, "options.preset", "tiny"),
     ({"method": "pretrain", "base_model": "tiny", "dataset": "text"}, "base_model", "continued_pretrain"),
@@ -218,7 +218,7 @@ def test_bad_requests_are_refused_naming_the_field_and_start_nothing(
     base = request.pop("base_model", "tiny")
 
     async def main() -> None:
-        async with Client(build_mcp_server(ServiceRef(service))) as client:
+        async with Client(build_mcp_server(ServiceRef(service), toolsets=("all",))) as client:
             ds = (await call(client, "upload_dataset", path=str(files[dataset])))["dataset"]["id"]
             arguments = {**request, "datasets": [ds], "hyperparameters": {"per_device_batch_size": 4}}
             if base is not None and request["method"] != "pretrain" or request_.get("base_model"):
@@ -237,7 +237,7 @@ def test_a_two_process_job_trains_as_one_data_parallel_job(service: ServiceConte
     corpus.write_text((CORPUS / "procedures.txt").read_text(encoding="utf-8"), encoding="utf-8")
 
     async def main() -> dict[str, Any]:
-        async with Client(build_mcp_server(ServiceRef(service))) as client:
+        async with Client(build_mcp_server(ServiceRef(service), toolsets=("all",))) as client:
             ds = (await call(client, "upload_dataset", path=str(corpus)))["dataset"]["id"]
             job = (await call(client, "launch_training", method="pretrain", datasets=[ds], adapter="full", devices=2,
                               options={"preset": "tiny", "vocab_size": 768},
@@ -257,7 +257,7 @@ def test_explicit_auto_hyperparameters_are_resolved(service: ServiceContext, tmp
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(24))
 
     async def main() -> dict[str, Any]:
-        async with Client(build_mcp_server(ServiceRef(service))) as client:
+        async with Client(build_mcp_server(ServiceRef(service), toolsets=("all",))) as client:
             ds = (await call(client, "upload_dataset", path=str(data)))["dataset"]["id"]
             return await call(client, "launch_training", base_model=str(service.settings.data_roots[1] / "tiny"),
                               datasets=[ds], dry_run=True, hyperparameters={

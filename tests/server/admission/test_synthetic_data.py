@@ -44,7 +44,7 @@ SLOTS = {"verb": ["reset", "inspect", "replace", "label", "test"],
 def _template_request(**overrides: Any) -> dict[str, Any]:
     return {"task": "instructions", "num_records": 30, "seed": 7,
             "generator": {"type": "template", "templates": TEMPLATES, "slots": SLOTS},
-            "options": {"filters": {"diversity_rouge_l": None}}, **overrides}
+            "filters": {"diversity_rouge_l": None}, **overrides}
 
 
 def _dataset(service: ServiceContext, dataset_id: str) -> Dataset:
@@ -60,19 +60,18 @@ def test_template_synth_registers_a_deduplicated_decontaminated_dataset_that_rep
     async def main() -> tuple[dict[str, Any], ...]:
         async with Client(build_mcp_server(ServiceRef(service))) as client:
             priced = await call(client, "generate_synthetic_data", **_template_request(), dry_run=True)
-            assert priced["admitted"] and priced["estimate_flops"] == 0 and priced["job_id"] == ""
+            assert priced["admitted"] and priced["estimate_flops"] == 0 and priced["job"] is None
             plain = await call(client, "generate_synthetic_data", **_template_request())
-            plain = await wait_final(client, plain["job_id"])
+            plain = await wait_final(client, plain["job"]["id"])
             assert plain["state"] == "succeeded", plain["error"]
             # Plant one of the records it made as an eval item, and generate again against it.
             made = Path(_dataset(service, plain["metrics"]["dataset_id"]).path).read_text(encoding="utf-8")
             planted = json.loads(made.splitlines()[5])["messages"][-1]["content"]
             evals = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "Eval item", "completion": planted}])
             eval_id = (await call(client, "upload_dataset", path=str(evals)))["dataset"]["id"]
-            request = _template_request(options={"filters": {"diversity_rouge_l": None}, "dataset_name": "field-howtos",
-                                                 "decontaminate_against": [eval_id]})
-            first = await wait_final(client, (await call(client, "generate_synthetic_data", **request))["job_id"])
-            again = await wait_final(client, (await call(client, "generate_synthetic_data", **request))["job_id"])
+            request = _template_request(dataset_name="field-howtos", decontaminate_against=[eval_id])
+            first = await wait_final(client, (await call(client, "generate_synthetic_data", **request))["job"]["id"])
+            again = await wait_final(client, (await call(client, "generate_synthetic_data", **request))["job"]["id"])
             assert first["state"] == again["state"] == "succeeded", first["error"]
             trained = await call(client, "launch_training", base_model=str(service.settings.data_roots[1] / "tiny"),
                                  datasets=[first["metrics"]["dataset_id"]], adapter="full",
@@ -125,21 +124,21 @@ def test_traces_follow_the_tool_schemas_preferences_record_their_making_and_a_sa
             traces = await call(client, "generate_synthetic_data", task="workflow_traces", num_records=12, seed=1,
                                 generator={"type": "template", "templates": [good, unknown_tool, bad_argument],
                                            "slots": slots},
-                                options={"tools": tools, "filters": {"diversity_rouge_l": None}})
+                                options={"tools": tools}, filters={"diversity_rouge_l": None})
             prefs = await call(client, "generate_synthetic_data", task="preferences", num_records=8, seed=1,
                                generator={"type": "template", "templates": [{
                                    "prompt": "How do I {verb} the {thing}?",
                                    "chosen": "Open the {place}. Find the {thing}. Then {verb} it and note it."}],
                                    "slots": SLOTS},
-                               options={"filters": {"diversity_rouge_l": None, "near_duplicate": None}})
+                               filters={"diversity_rouge_l": None, "near_duplicate": None})
             prompts = await call(client, "generate_synthetic_data", task="prompts", num_records=6, seed=3,
                                  generator={"type": "template",
                                             "templates": [{"prompt": "Plan how to {verb} the {thing}."}],
                                             "slots": SLOTS},
-                                 options={"filters": {"diversity_rouge_l": None, "near_duplicate": None, "score": {
-                                     "python": SCORE_ROUTER_ONLY, "threshold": 0.5}}})
-            return (await wait_final(client, traces["job_id"]), await wait_final(client, prefs["job_id"]),
-                    await wait_final(client, prompts["job_id"]))
+                                 filters={"diversity_rouge_l": None, "near_duplicate": None, "score": {
+                                     "python": SCORE_ROUTER_ONLY, "threshold": 0.5}})
+            return (await wait_final(client, traces["job"]["id"]), await wait_final(client, prefs["job"]["id"]),
+                    await wait_final(client, prompts["job"]["id"]))
 
     traces, prefs, prompts = anyio.run(main)
     assert traces["state"] == "succeeded", traces["error"]
@@ -182,12 +181,12 @@ def test_model_generator_with_a_registered_model_is_priced_charged_and_greedy_re
             model_id = (await wait_final(client, trained["job"]["id"]))["model_id"]
             request = {"task": "instructions", "num_records": 4, "seed_examples": seeds, "sources": [ds],
                        "generator": {"type": "model", "model": model_id, "max_new_tokens": 12, "batch_size": 4},
-                       "options": {"output_format": "prompt_completion",
-                                   "filters": {"near_duplicate": None, "diversity_rouge_l": None}}}
+                       "options": {"output_format": "prompt_completion"},
+                       "filters": {"near_duplicate": None, "diversity_rouge_l": None}}
             first = await call(client, "generate_synthetic_data", **request)
             assert first["estimate_tokens"] > 0 and first["estimate_flops"] > 0
-            first = await wait_final(client, first["job_id"])
-            second = await wait_final(client, (await call(client, "generate_synthetic_data", **request))["job_id"])
+            first = await wait_final(client, first["job"]["id"])
+            second = await wait_final(client, (await call(client, "generate_synthetic_data", **request))["job"]["id"])
             return first, second, model_id
 
     first, second, model_id = anyio.run(main)
@@ -271,8 +270,8 @@ def test_openai_compatible_endpoint_is_retried_through_429_and_500_and_its_key_i
             assert (await call(client, "list_jobs"))["jobs"] == []
             job = await call(client, "generate_synthetic_data", task="instructions", num_records=3,
                              seed_examples=seeds, generator={"type": "openai_compatible", "endpoint": "loopback"},
-                             options={"filters": {"near_duplicate": None, "diversity_rouge_l": None}})
-            return await wait_final(client, job["job_id"])
+                             filters={"near_duplicate": None, "diversity_rouge_l": None})
+            return await wait_final(client, job["job"]["id"])
 
     with open_service(configured) as service:
         job = anyio.run(main, service)
@@ -304,7 +303,7 @@ def test_qa_from_documents_keeps_the_chunk_each_pair_came_from(service: ServiceC
                                  {"question": "What does the Gridbook say right after this: {sentence}",
                                   "answer": "It says: {sentence}"}]},
                              options={"chunk_chars": 400, "output_format": "prompt_completion"})
-            return await wait_final(client, job["job_id"])
+            return await wait_final(client, job["job"]["id"])
 
     job = anyio.run(main)
     assert job["state"] == "succeeded", job["error"]
@@ -334,7 +333,7 @@ def test_rest_and_cli_start_synth_jobs_and_refuse_bad_requests_with_the_field(
     body = _template_request(num_records=10, filters={"diversity_rouge_l": None}, options={})
     started = client.post("/v1/synthetic-data", json=body)
     assert started.status_code == 200, started.text
-    job_id = started.json()["job_id"]
+    job_id = started.json()["job"]["id"]
     job = client.post(f"/v1/jobs/{job_id}/wait", params={"timeout_seconds": 50}).json()
     while job["state"] not in ("succeeded", "failed", "cancelled"):
         job = client.post(f"/v1/jobs/{job_id}/wait", params={"timeout_seconds": 50}).json()
@@ -360,8 +359,7 @@ def test_a_job_at_its_token_cap_registers_what_it_made_as_partial_and_a_refusal_
              {"prompt": "Who handles T2 tickets?", "completion": "The field team."}]
     request = {"task": "instructions", "num_records": 8, "seed_examples": seeds,
                "generator": {"type": "model", "model": str(tiny_model), "max_new_tokens": 8, "batch_size": 8},
-               "options": {"limits": {"max_tokens": 40},
-                           "filters": {"near_duplicate": None, "diversity_rouge_l": None}}}
+               "limits": {"max_tokens": 40}, "filters": {"near_duplicate": None, "diversity_rouge_l": None}}
 
     async def main() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         async with Client(build_mcp_server(ServiceRef(service), key)) as client:
@@ -369,7 +367,7 @@ def test_a_job_at_its_token_cap_registers_what_it_made_as_partial_and_a_refusal_
             refused = await client.call_tool("generate_synthetic_data", request | {"num_records": 5000})
             assert refused.is_error and "limit_exceeded" in refused.content[0].text
             job = await call(client, "generate_synthetic_data", **request)
-            return too_big, job, await wait_final(client, job["job_id"])
+            return too_big, job, await wait_final(client, job["job"]["id"])
 
     too_big, started, job = anyio.run(main)
     assert not too_big["admitted"] and "max_request_flops" in too_big["refusal"]

@@ -37,7 +37,7 @@ def test_agent_uploads_launches_lora_sft_follows_it_and_gets_a_model_that_genera
     progress: list[float] = []
 
     async def main() -> tuple[dict[str, Any], dict[str, Any]]:
-        async with Client(build_mcp_server(ServiceRef(service))) as client:
+        async with Client(build_mcp_server(ServiceRef(service), toolsets=("all",))) as client:
             upload = await call(client, "upload_dataset", path=str(data))
             assert upload["ok"] and upload["dataset"]["format"] == "messages"
             launched = await call(client, "launch_training", base_model=str(service.settings.data_roots[1] / "tiny"),
@@ -90,7 +90,7 @@ def test_retry_with_same_key_returns_same_job_and_a_changed_request_is_refused(
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(24))
 
     async def main(ctx: ServiceContext) -> None:
-        async with Client(build_mcp_server(ServiceRef(ctx))) as client:
+        async with Client(build_mcp_server(ServiceRef(ctx), toolsets=("all",))) as client:
             ds = (await call(client, "upload_dataset", path=str(data)))["dataset"]["id"]
             request = {"base_model": str(settings.data_roots[1] / "tiny"), "datasets": [ds],
                        "hyperparameters": quick_hyperparameters(), "idempotency_key": "nightly-1"}
@@ -113,7 +113,9 @@ def test_agent_cannot_see_cancel_or_train_on_another_agents_objects(service: Ser
 
     async def main() -> None:
         ref = ServiceRef(service)
-        async with Client(build_mcp_server(ref, key_a)) as a, Client(build_mcp_server(ref, key_b)) as b:
+        every = ("all",)
+        async with Client(build_mcp_server(ref, key_a, toolsets=every)) as a, \
+                Client(build_mcp_server(ref, key_b, toolsets=every)) as b:
             ds = (await call(a, "upload_dataset", path=str(data)))["dataset"]["id"]
             job = (await call(a, "launch_training", base_model=str(service.settings.data_roots[1] / "tiny"),
                               datasets=[ds], merge_adapter=True, hyperparameters=quick_hyperparameters()))["job"]

@@ -22,7 +22,7 @@ from tests.conftest import chat_records, quick_hyperparameters, write_jsonl
 from tests.server.api.test_mcp_in_memory import call, wait_final
 from tools import TOOLS as TOOL_LIST
 
-TOOLS = {tool.name for tool in TOOL_LIST}
+TOOLS = {tool.name for tool in TOOL_LIST if tool.toolset == "core"}  # what `serve` lists by default
 
 
 
@@ -74,12 +74,12 @@ def test_cli_uploads_trains_and_watches_a_job_to_its_end(http_service, settings:
     env = {**os.environ, "WEIGHTSMITH_URL": base, "WEIGHTSMITH_API_KEY": key}
     cli = [sys.executable, "-m", "server.cli.main"]
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(24))
-    uploaded = subprocess.run([*cli, "datasets", "upload", str(data)], env=env, capture_output=True, text=True,
-                              check=True)
+    uploaded = subprocess.run([*cli, "datasets", "upload", str(data), "--json"], env=env, capture_output=True,
+                              text=True, check=True)
     dataset_id = json.loads(uploaded.stdout)["dataset"]["id"]
     trained = subprocess.run([*cli, "train", "--base-model", str(settings.data_roots[1] / "tiny"), "--dataset",
-                              dataset_id, "--max-steps", "6", "--watch"], env=env, capture_output=True, text=True,
-                             check=False, timeout=300)
+                              dataset_id, "--max-steps", "6", "--watch", "--json"], env=env, capture_output=True,
+                             text=True, check=False, timeout=300)
     assert trained.returncode == 0, trained.stdout + trained.stderr
     assert '"state": "succeeded"' in trained.stdout
     listed = subprocess.run([*cli, "jobs", "list"], env=env, capture_output=True, text=True, check=True)

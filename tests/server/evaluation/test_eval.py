@@ -71,7 +71,7 @@ def test_malformed_suites_are_refused_field_by_field_and_store_nothing(service: 
     data = write_jsonl(tmp_path / "items.jsonl", eval_records(12))
 
     async def main() -> None:
-        async with Client(build_mcp_server(ServiceRef(service), local_key=agent_keys[0])) as client:
+        async with Client(build_mcp_server(ServiceRef(service), local_key=agent_keys[0], toolsets=("all",))) as client:
             dataset = (await call(client, "upload_dataset", path=str(data)))["dataset"]["id"]
             bad = (f"name: broken\ndataset: {dataset}\nkpis:\n  - {{name: a, grader: {{type: bleu}}}}\n"
                    "  - {name: b, grader: {type: regex, pattern: '(['}}\n"
@@ -99,7 +99,7 @@ def test_agent_runs_an_eval_on_a_model_directory_and_reads_the_report(
     data = write_jsonl(tmp_path / "items.jsonl", eval_records(24))
 
     async def main() -> tuple[dict[str, Any], dict[str, Any], str]:
-        async with Client(build_mcp_server(ServiceRef(service), local_key=agent_keys[0])) as client:
+        async with Client(build_mcp_server(ServiceRef(service), local_key=agent_keys[0], toolsets=("all",))) as client:
             dataset = (await call(client, "upload_dataset", path=str(data)))["dataset"]["id"]
             created = await call(client, "create_eval_suite", definition=SUITE_YAML.format(dataset=dataset))
             again = await call(client, "create_eval_suite", definition=SUITE_YAML.format(dataset=dataset))
@@ -108,10 +108,10 @@ def test_agent_runs_an_eval_on_a_model_directory_and_reads_the_report(
             started = await call(client, "run_eval", model=str(tiny_model), suite_id=created["id"], baseline="none")
             assert started["admitted"] and started["models_to_run"] == [str(tiny_model)]
             assert started["estimate_flops"] > 0
-            job = await wait_final(client, started["job_id"])
+            job = await wait_final(client, started["job"]["id"])
             assert job["state"] == "succeeded", job["error"]
             assert job["kind"] == "eval" and job["flops_used"] > 0
-            report = await call(client, "read_eval_report", ref=started["job_id"])
+            report = await call(client, "read_eval_report", ref=started["job"]["id"])
             page = await call(client, "read_eval_report", ref=job["metrics"]["report_id"], page=2)
             resource = await client.read_resource(f"weightsmith://reports/{job['metrics']['report_id']}.html")
             return report, page, resource.contents[0].text
@@ -139,7 +139,7 @@ def test_train_job_with_an_eval_suite_is_gated_against_its_base_and_the_html_rep
     items = write_jsonl(tmp_path / "items.jsonl", eval_records(24))
 
     async def main() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], str]:
-        async with Client(build_mcp_server(ServiceRef(service), local_key=agent_keys[0])) as client:
+        async with Client(build_mcp_server(ServiceRef(service), local_key=agent_keys[0], toolsets=("all",))) as client:
             train_ds = (await call(client, "upload_dataset", path=str(train)))["dataset"]["id"]
             items_ds = (await call(client, "upload_dataset", path=str(items)))["dataset"]["id"]
             suite_id = (await call(client, "create_eval_suite", definition=SUITE_YAML.format(dataset=items_ds)))["id"]
@@ -175,7 +175,7 @@ def test_train_job_with_an_eval_suite_is_gated_against_its_base_and_the_html_rep
     priced = rest.post("/v1/evals", json={"model": trained["model_id"], "suite_id": suite_id, "dry_run": True})
     # Its base already has a report on the suite, so only the model itself would run again.
     assert priced.status_code == 200 and priced.json()["models_to_run"] == [trained["model_id"]]
-    assert priced.json()["admitted"] and priced.json()["job_id"] == ""
+    assert priced.json()["admitted"] and priced.json()["job"] is None
     by_model = rest.get(f"/v1/reports/{trained['model_id']}")
     assert by_model.status_code == 200 and by_model.json()["verdict"] == report["verdict"]
     html = rest.get(by_model.json()["html_url"])

@@ -23,7 +23,7 @@ from server.settings import Settings
 from server.store import agents as auth
 from server.store import jobs
 from server.store.db import LEGACY_VERSION_TABLE, VERSION_TABLE, alembic_config, make_engine, migrate
-from server.store.tables import Job, JobEvent, JobState
+from server.store.tables import Agent, Job, JobEvent, JobState
 from server.tuning.optuna_study import studies_storage
 from tests import postgres
 
@@ -104,6 +104,23 @@ def _make_store_the_old_way(engine: Engine, revision: str) -> None:
         MigrationContext.configure(connection).stamp(ScriptDirectory.from_config(config), revision)
 
 
+def _insert_as_of(engine: Engine, row: SQLModel) -> None:
+    """Insert a row into an older schema: the columns its table had then, nothing newer."""
+    name = row.__tablename__  # type: ignore[attr-defined]
+    with engine.begin() as connection:
+        present = {c["name"] for c in inspect(connection).get_columns(name)}
+        values = {key: value for key, value in row.model_dump().items() if key in present}
+        columns = type(row).__table__.c  # type: ignore[attr-defined]
+        connection.execute(table(name, *(column(key, columns[key].type) for key in values)).insert().values(**values))
+
+
+def _old_agent(engine: Engine, settings: Settings, name: str) -> tuple[Agent, str]:
+    key = f"ws_{name}-key"
+    agent = Agent(name=name, key_hash=auth.hash_key(key), **auth.default_limits(settings))
+    _insert_as_of(engine, agent)
+    return agent, key
+
+
 def _revisions(engine: Engine) -> dict[str, list[str]]:
     with engine.connect() as connection:
         tables = inspect(connection).get_table_names()
@@ -120,7 +137,7 @@ def test_an_older_store_keeps_its_data_and_revision_and_takes_in_the_studies(
         store.home.mkdir(parents=True, exist_ok=True)
         engine = make_engine(store.db_url)
         _make_store_the_old_way(engine, "0005")  # one revision behind: adopted, then upgraded
-        agent, key = auth.create_agent(engine, store, "veteran")
+        agent, key = _old_agent(engine, store, "veteran")
         assert _revisions(engine) == {LEGACY_VERSION_TABLE: ["0005"]}
         engine.dispose()
 
@@ -224,18 +241,14 @@ def test_upgrading_takes_the_password_out_of_older_tune_rows_and_nothing_else(
         with engine.begin() as connection:  # the store as the service left it at 0006
             config.attributes["connection"] = connection
             command.upgrade(config, "0006")
-        agent, _ = auth.create_agent(engine, store, "veteran")
+        agent, _ = _old_agent(engine, store, "veteran")
         with_password = "postgresql+psycopg://weightsmith:hunter2@db.example:5432/studies"
         older = {"n_trials": 4, "studies_url": with_password, "strategy": {"sampler": "tpe"}}
         rows = [Job(agent_id=agent.id, kind="tune", resolved=older),
                 Job(agent_id=agent.id, kind="tune", resolved={**older, "studies_url": "sqlite:////srv/ws.db"}),
                 Job(agent_id=agent.id, kind="train", resolved={"note": with_password})]  # not a studies URL
-        with engine.begin() as connection:  # the columns of the 0006 schema only
-            for row in rows:
-                values = {name: value for name, value in row.model_dump().items() if name != "handed_back"}
-                columns = Job.__table__.c  # type: ignore[attr-defined]
-                old_job = table("job", *(column(name, columns[name].type) for name in values))
-                connection.execute(old_job.insert().values(**values))
+        for row in rows:
+            _insert_as_of(engine, row)
 
         migrate(engine)
         with Session(engine) as session:

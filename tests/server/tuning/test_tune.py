@@ -497,14 +497,14 @@ def test_a_slow_step_of_the_study_driver_keeps_its_lease(service: ServiceContext
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # Queueing a trial hashes its dataset snapshots, seconds for a multi-GB file: here, twice the lease.
     # Renewed only between steps of its loop, the lease expired and the service took the study over again.
-    from server.tuning import driver as driver_module
+    from server.admission import snapshots
 
     def slow_queue(*args: Any, **kwargs: Any) -> None:
         time.sleep(2 * service.settings.lease_seconds)
         real_queue(*args, **kwargs)
 
-    real_queue = driver_module.queue_after_snapshot_check
-    monkeypatch.setattr(driver_module, "queue_after_snapshot_check", slow_queue)
+    real_queue = snapshots.queue_after_check
+    monkeypatch.setattr(snapshots, "queue_after_check", slow_queue)
     agent = auth.ensure_local_agent(service.engine, service.settings)
     template = _template(service, _dataset(service, agent, tmp_path), max_steps=2)
     study_id = _start(service, agent, template=template, search_space=LR, n_trials=1, budget_flops=1e12,
