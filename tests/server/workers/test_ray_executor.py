@@ -133,6 +133,7 @@ with open_service(settings):
 """
 
 
+@pytest.mark.timeout(1500)
 def test_two_service_processes_on_postgres_with_ray_run_each_of_20_jobs_once(
         settings: Settings, ray_cluster: RayCluster, tmp_path: Path) -> None:
     bin_dir, reason = postgres.available_or_reason()
