@@ -13,7 +13,7 @@ import re
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -24,6 +24,7 @@ from server.store.tables import Agent
 Access = Literal["read", "write", "idempotent_write", "destructive"]
 """How a call touches the service: MCP annotations and the CLI's confirmations read it."""
 ProgressReporter = Callable[[float, float | None, str], Awaitable[None]]
+M = TypeVar("M", bound=BaseModel)
 
 
 class ToolRequest(RequestModel):
@@ -103,3 +104,9 @@ def _plain(annotation: Any) -> bool:
 def one_or_many(value: Any) -> Any:
     """For list fields: a single value is taken as a list of one (`state: "running"`)."""
     return [value] if isinstance(value, str) else value
+
+
+def as_core(model: type[M], request: BaseModel) -> M:
+    """The core's request inside a tool's (which adds what only a call carries: dry_run, a key), with
+    only the fields the caller set, so defaults that depend on being left out stay left out."""
+    return model.model_validate(request.model_dump(include=set(model.model_fields), exclude_unset=True))

@@ -9,7 +9,7 @@ from server.admission import guardrails
 from server.admission.synth import SynthRequest, admit_synth, build_synth_job
 from server.context import ServiceContext
 from server.store.tables import Agent
-from tools.base import Command, Route, Tool, ToolResult
+from tools.base import Command, Route, Tool, ToolResult, as_core
 from tools.views import JobView, job_view
 
 
@@ -33,7 +33,7 @@ class SynthLaunch(ToolResult):
 
 
 def generate_synthetic_data(ctx: ServiceContext, agent: Agent, request: GenerateSyntheticDataRequest) -> SynthLaunch:
-    synth = SynthRequest.model_validate(request.model_dump(include=set(SynthRequest.model_fields)))
+    synth = as_core(SynthRequest, request)
     if request.dry_run:
         _, price, _ = build_synth_job(ctx, agent, synth)
         verdict, _ = guardrails.dry_run(ctx.engine, agent.id, price.estimate)

@@ -12,7 +12,7 @@ from server.admission import guardrails
 from server.admission.train import TrainRequest, admit_train, build_train_job
 from server.context import ServiceContext
 from server.store.tables import Agent
-from tools.base import Command, Route, Tool, ToolResult
+from tools.base import Command, Route, Tool, ToolResult, as_core
 from tools.views import JobView, job_view
 
 
@@ -50,7 +50,7 @@ class LaunchResult(ToolResult):
 
 
 def launch_training(ctx: ServiceContext, agent: Agent, request: LaunchTrainingRequest) -> LaunchResult:
-    train = TrainRequest.model_validate(request.model_dump(include=set(TrainRequest.model_fields)))
+    train = as_core(TrainRequest, request)
     if request.dry_run:
         estimate = build_train_job(ctx, agent, train).estimate
         verdict, left = guardrails.dry_run(ctx.engine, agent.id, estimate)

@@ -12,7 +12,7 @@ from pydantic import Field
 from server.context import ServiceContext
 from server.schedules import definitions, work
 from server.store.tables import Agent, Schedule
-from tools.base import Command, Route, Tool, ToolResult
+from tools.base import Command, Route, Tool, ToolResult, as_core
 from tools.views import iso
 
 NEXT_SHOWN = 3
@@ -65,8 +65,7 @@ def run_view(run: Any) -> RunView:
 
 
 def schedule_run(ctx: ServiceContext, agent: Agent, request: ScheduleRunRequest) -> ScheduleView:
-    fields = set(definitions.ScheduleSpec.model_fields)
-    spec = definitions.ScheduleSpec.model_validate(request.model_dump(include=fields))
+    spec = as_core(definitions.ScheduleSpec, request)
     now = time.time()
     if request.dry_run:
         trigger = definitions.check(ctx, agent, spec, now)

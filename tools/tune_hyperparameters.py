@@ -11,7 +11,7 @@ from server.errors import InvalidRequest
 from server.store import jobs
 from server.store.tables import Agent
 from server.tuning.admission import TuneRequest, admit_tune
-from tools.base import Command, Route, Tool, ToolResult
+from tools.base import Command, Route, Tool, ToolResult, as_core
 
 
 class TuneHyperparametersRequest(TuneRequest):
@@ -32,7 +32,7 @@ class TuneStarted(ToolResult):
 
 
 def tune_hyperparameters(ctx: ServiceContext, agent: Agent, request: TuneHyperparametersRequest) -> TuneStarted:
-    tune = TuneRequest.model_validate(request.model_dump(include=set(TuneRequest.model_fields)))
+    tune = as_core(TuneRequest, request)
     job = admit_tune(ctx, agent, tune, request.idempotency_key)
     return TuneStarted(study_id=job.id, state=job.state, budget_flops=job.resolved["budget_flops"],
                        trial_estimate_flops=job.resolved["trial_estimate_flops"],
