@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -47,8 +46,8 @@ class ToolResult(BaseModel):
 @dataclass(frozen=True)
 class Route:
     """The tool's REST route under /v1. Fields named in `path` come from the path; the others from
-    the query string for GET (and for a POST whose other fields are all plain values), else from a
-    JSON body."""
+    the query string for GET, from a JSON body otherwise (which may be left out when every field
+    has a default)."""
 
     method: Literal["GET", "POST", "DELETE"]
     path: str
@@ -92,13 +91,7 @@ class Tool:
 
     def takes_query(self) -> bool:
         """Whether the fields not in the path travel in the query string (else in a JSON body)."""
-        rest = [f for name, f in self.request.model_fields.items() if name not in self.path_fields()]
-        return self.route.method == "GET" or all(_plain(f.annotation) for f in rest)
-
-
-def _plain(annotation: Any) -> bool:
-    options = [a for a in typing.get_args(annotation) or (annotation,) if a is not type(None)]
-    return all(option in (str, int, float, bool) for option in options)
+        return self.route.method == "GET"
 
 
 def one_or_many(value: Any) -> Any:

@@ -62,8 +62,11 @@ def _add_tool_route(router: APIRouter, tool: Tool) -> None:
             str, PathParam(description=fields[name].description)]))
     if rest:
         model = tool.request if not path_names else _model_of(tool.request, rest)
+        optional = not in_query and not any(field.is_required() for field in rest.values())
         where = Query() if in_query else Body()
-        params.append(inspect.Parameter("given", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[model, where]))
+        kind = model | None if optional else model
+        params.append(inspect.Parameter("given", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[kind, where],
+                                        default=None if optional else inspect.Parameter.empty))
 
     async def endpoint(service: ServiceContext, agent: Agent, given: BaseModel | None = None,
                        **path: str) -> BaseModel:

@@ -42,7 +42,7 @@ def follow(job_id: str, as_json: bool = False) -> None:
 
 
 def _wait(job_id: str, seconds: float) -> dict[str, Any]:
-    return call("POST", f"/v1/jobs/{job_id}/wait", params={"timeout_seconds": seconds})
+    return call("POST", f"/v1/jobs/{job_id}/wait", body={"timeout_seconds": seconds})
 
 
 def _progress_bar(job_id: str) -> dict[str, Any]:

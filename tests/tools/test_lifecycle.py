@@ -103,7 +103,8 @@ def test_pretrain_sft_dpo_grpo_chain_learns_at_each_step_and_keeps_its_lineage(
             models = {}
             for listed in (await call(client, "list_models"))["models"]:
                 detail = await call(client, "get_model", model=listed["id"])
-                models[listed["job_id"]] = {**listed, "path": detail["path"], "merged_path": detail["merged_path"]}
+                models[listed["job_id"]] = {**listed, "path": detail["path"], "merged_path": detail["merged_path"],
+                                            "metrics": detail["metrics"]}
             return {"jobs": jobs, "history": history, "models": models}
 
     found = anyio.run(main)

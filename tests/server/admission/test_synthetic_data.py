@@ -334,9 +334,9 @@ def test_rest_and_cli_start_synth_jobs_and_refuse_bad_requests_with_the_field(
     started = client.post("/v1/synthetic-data", json=body)
     assert started.status_code == 200, started.text
     job_id = started.json()["job"]["id"]
-    job = client.post(f"/v1/jobs/{job_id}/wait", params={"timeout_seconds": 50}).json()
+    job = client.post(f"/v1/jobs/{job_id}/wait", json={"timeout_seconds": 50}).json()
     while job["state"] not in ("succeeded", "failed", "cancelled"):
-        job = client.post(f"/v1/jobs/{job_id}/wait", params={"timeout_seconds": 50}).json()
+        job = client.post(f"/v1/jobs/{job_id}/wait", json={"timeout_seconds": 50}).json()
     assert job["state"] == "succeeded" and job["kind"] == "synth" and job["metrics"]["records"] == 10
     bad = client.post("/v1/synthetic-data", json={**body, "generator": {"type": "template", "templates": [
         {"prompt": "How do I {fix} it?", "completion": "Carefully."}]}})

@@ -97,9 +97,9 @@ def test_rest_api_runs_the_same_operations_with_json_errors(http_service, settin
                             "hyperparameters": quick_hyperparameters()}
     launched = a.post("/v1/trainings", json=body).json()
     job_id = launched["job"]["id"]
-    job = a.post(f"/v1/jobs/{job_id}/wait", params={"timeout_seconds": 50}).json()
+    job = a.post(f"/v1/jobs/{job_id}/wait", json={"timeout_seconds": 50}).json()
     while job["state"] not in ("succeeded", "failed", "cancelled"):
-        job = a.post(f"/v1/jobs/{job_id}/wait", params={"timeout_seconds": 50}).json()
+        job = a.post(f"/v1/jobs/{job_id}/wait", json={"timeout_seconds": 50}).json()
     assert job["state"] == "succeeded" and job["model_id"]
     assert a.get("/v1/models").json()["models"][0]["id"] == job["model_id"]
     assert a.get(f"/v1/jobs/{job_id}/events").json()["events"]
