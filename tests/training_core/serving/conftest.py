@@ -37,9 +37,10 @@ def lora_adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return [make_lora_adapter(tiny_model, root / f"lora{seed}", seed) for seed in (1, 2)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def engine_url(tiny_model: Path) -> Iterator[str]:
-    """`http://127.0.0.1:PORT/v1` of an engine with room for everything these tests load."""
+    """`http://127.0.0.1:PORT/v1` of an engine with room for everything these tests load (one for all of
+    them: starting one costs seconds of imports)."""
     with EngineProcess(memory_mb=256, env=ENGINE_ENV) as engine:
         assert engine.base_url is not None
         yield engine.base_url
