@@ -54,7 +54,7 @@ from training_core.serving.rows import ChoiceFinished, Row, RowProgress, RowSamp
 
 logger = logging.getLogger(__name__)
 
-BURST_S = 0.005
+BURST_S = 0.02
 """Requests sent together (within this) start together, even into an idle engine."""
 
 

@@ -1,21 +1,22 @@
 """The models the engine holds: loaded on first use, evicted least-recently-used within a byte budget.
 
     cache = ModelCache(budget_bytes=2 << 30, device="cpu")
-    base = cache.base("/abs/model")                           # loads it, or returns it from the cache
-    name = cache.adapter(base, "/abs/adapter", pinned=...)    # the adapter's PEFT name on that base
+    base = cache.base("/abs/model", pinned=set())             # loads it, or returns it from the cache
+    name = cache.adapter(base, "/abs/adapter", pinned={...})  # the adapter's PEFT name on that base
 
 A LoRA model is its PEFT adapter on the cached base, never a merged copy: the first adapter of a base
 wraps it in a `PeftModel` (which injects the LoRA layers into the same modules), later ones are
 `load_adapter`ed beside it, and a batch names each row's adapter (`adapter_names`, "__base__" for the
-base itself). When a base's last adapter is evicted, `unload()` gives the plain model back.
+base itself). When a base's last adapter is evicted, `unload()` gives the plain model back; an adapter
+that fails to load (made for another base) is undone the same way and answered with a 404.
 
 What counts against the budget: the weights and buffers of every base and every adapter, measured
 after loading (before loading, the safetensors files' sizes are the estimate used to make room). Not
 counted: the KV cache and activations of a running batch, the tokenizers, Python's own overhead;
 leave headroom for them. Eviction never touches what the batch being prepared uses (`pinned`).
 
-Only this engine's worker thread calls `base` and `adapter`; `listing` and `usage` are read from the
-HTTP side under the same lock.
+Only this engine's worker thread calls `base` and `adapter`; `listing` and `used_bytes` are read from
+the HTTP side under the same lock.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
+from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from training_core.modelinfo import weight_files
@@ -110,14 +111,14 @@ class ModelCache:
             self._adapter_counter += 1
             name = f"adapter_{self._adapter_counter}"  # PEFT names become module keys: no dots, no slashes
             try:
+                # PeftModel.from_pretrained in two steps, so that a failure leaves a wrapper to undo it with.
                 if base.peft is None:
-                    base.peft = PeftModel.from_pretrained(base.model, directory, adapter_name=name).eval()
-                else:
-                    base.peft.load_adapter(directory, adapter_name=name)
+                    config = PeftConfig.from_pretrained(directory)
+                    config.inference_mode = True
+                    base.peft = get_peft_model(base.model, config, adapter_name=name).eval()
+                base.peft.load_adapter(directory, adapter_name=name)
             except Exception as error:  # noqa: BLE001 -- whatever PEFT raises, the request gets a 404 saying why
-                # PEFT may have injected layers before failing: the base leaves the cache and reloads
-                # clean when next used (a batch holding it keeps its object; no row of it uses the name).
-                self._evict((base.directory, None))
+                _discard_adapter(base, name)
                 raise EngineError(404, f"cannot load adapter {directory!r} on model {base.directory!r}: "
                                   f"{type(error).__name__}: {error}", code="model_not_found",
                                   param="adapter") from None
@@ -175,6 +176,16 @@ class ModelCache:
         gc.collect()
         if self.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def _discard_adapter(base: LoadedBase, name: str) -> None:
+    """Undo an adapter that failed half-way (layers injected, weights refused), leaving the base as it was."""
+    if base.peft is None or name not in base.peft.peft_config:
+        return
+    if len(base.peft.peft_config) > 1:
+        base.peft.delete_adapter(name)
+    else:
+        base.model, base.peft = base.peft.unload(), None
 
 
 class BudgetInUse(Exception):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import openai
 
-from tests.training_core.serving.conftest import stats
+from tests.training_core.serving.conftest import make_lora_adapter, stats
+from training_core import presets
 from training_core.modelinfo import weight_files
+from training_core.shapes import PRESETS
 
 PROMPTS = ["What is a red-drop?", "When is the quiet window?", "Who handles T2 tickets?",
            "What does PARKED mean?", "Where are splice cabinets listed?", "What is an ONT reseat?",
@@ -59,3 +62,19 @@ def test_a_lora_model_and_its_base_are_served_together_on_one_copy_of_the_base(
     assert any(int(mix) > 1 for mix in state["models_per_batch"]), state["models_per_batch"]
     listed = httpx.get(f"{engine_url}/models", timeout=30).json()["data"]
     assert {m["id"]: m["parent"] for m in listed} == loaded
+
+
+def test_an_adapter_made_for_another_base_answers_404_and_leaves_the_base_as_it_was(
+        engine_url: str, tiny_model: Path, lora_adapters: list[Path], tmp_path: Path):
+    before = [greedy_chat(engine_url, tiny_model, prompt, adapter) for prompt in PROMPTS[:2]
+              for adapter in (None, lora_adapters[0])]
+    wider = presets.build_base_model(replace(PRESETS["tiny"], hidden_size=256), tiny_model, tmp_path / "wide")
+    foreign = make_lora_adapter(wider, tmp_path / "foreign", seed=3)
+
+    refused = httpx.post(f"{engine_url}/completions", timeout=120,
+                         json={"model": str(tiny_model), "adapter": str(foreign), "prompt": "The"})
+
+    assert refused.status_code == 404 and refused.json()["error"]["param"] == "adapter"
+    assert [greedy_chat(engine_url, tiny_model, prompt, adapter) for prompt in PROMPTS[:2]
+            for adapter in (None, lora_adapters[0])] == before
+    assert str(foreign) not in {entry["id"] for entry in stats(engine_url)["loaded"]}
