@@ -4,7 +4,7 @@ every tool and core function that needs them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import Engine
 
@@ -29,6 +29,9 @@ class ServiceContext:
     engine: Engine
     executor: Workers | None = None
     """None where this process runs no workers (a second API process; tests of the store)."""
+    serving: Any = None
+    """The gateway to the serving engine (`server.serving.gateway.Gateway`; typed loosely because the
+    gateway itself needs this context). `gateway_of(ctx)` gets it."""
 
     def wake_workers(self) -> None:
         if self.executor is not None:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 from server.context import ServiceContext
 from server.schedules.scheduler import Scheduler
+from server.serving.gateway import Gateway
 from server.settings import Settings
 from server.store.agents import ensure_local_agent
 from server.store.db import make_engine, migrate
@@ -32,6 +33,7 @@ def open_service(settings: Settings, *, workers: bool = True, scheduler: bool = 
     if executor is not None:
         executor.start()
     ctx = ServiceContext(settings=settings, engine=engine, executor=executor)
+    ctx.serving = Gateway(ctx)  # the engine itself starts on the first request that needs it
     firing = Scheduler(ctx, owner=executor.owner if executor else f"scheduler:{os.getpid()}") if scheduler else None
     if firing is not None:
         firing.start()
@@ -42,4 +44,5 @@ def open_service(settings: Settings, *, workers: bool = True, scheduler: bool = 
             firing.stop()
         if executor is not None:
             executor.stop()
+        ctx.serving.close()
         engine.dispose()

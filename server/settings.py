@@ -67,6 +67,17 @@ class Settings(BaseSettings):
                                         "and again before SIGKILL.")
     max_attempts: int = Field(3, description="Runs of one job that may end without a result before it fails as "
                               "crashed; a run given back at a clean service stop does not count.")
+    serve_engine: Literal["cpu", "vllm"] = Field("cpu", description=(
+        "What generates for /openai/v1: the built-in engine (batched transformers generate, LoRA adapters on a "
+        "cached base), or vLLM on a GPU machine (one `vllm serve` per base model, adapters loaded at run time)."))
+    serve_memory_mb: int = Field(4096, description="Memory the built-in engine keeps models in (least recently "
+                                 "used evicted first).")
+    serve_threads: int | None = Field(None, description="CPU threads of the built-in engine (default one per "
+                                      "core; 1 or 2 where training jobs share the cores).")
+    serve_max_tokens: int = Field(1024, description="Most tokens one request may generate (max_tokens x n).")
+    serve_max_concurrent: int = Field(8, description="Requests one agent may have generating at once.")
+    public_url: str | None = Field(None, description="How agents reach this service (what list_models shows for "
+                                   "the OpenAI-compatible endpoint); default http://HOST:PORT.")
     job_memory_mb: int = Field(default_factory=lambda: _job_memory_mb(), description=(
         "Memory for one job's whole process tree (its sandboxes included), enforced by a control group where "
         "the machine allows one; default: the machine's memory less 2 GB for the service, shared among the slots."))

@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 
@@ -25,6 +28,8 @@ from server.store import agents as auth
 from server.store.db import make_engine, migrate
 from tests import ray_cluster as ray_cluster_module
 from tests.ray_cluster import RayCluster
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CHAT_FACTS = [
     ("What is a red-drop?", "A red-drop is a customer whose light level is under -27 dBm."),
@@ -67,6 +72,36 @@ def settings(tmp_path: Path, tiny_model: Path) -> Settings:
 def service(settings: Settings) -> Iterator[ServiceContext]:
     with open_service(settings) as ctx:
         yield ctx
+
+
+def serve_process(settings: Settings, log: Path, **env_settings: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`weightsmith serve` as its own process, as an operator runs it; returns it and its base URL.
+    `env_settings`: more settings, as the operator's environment gives them (serve_max_tokens="64")."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "WEIGHTSMITH_HOME": str(settings.home),
+           "WEIGHTSMITH_DATA_ROOTS": json.dumps([str(root) for root in settings.data_roots]),
+           "WEIGHTSMITH_LEASE_SECONDS": "3", "WEIGHTSMITH_HEARTBEAT_SECONDS": "0.5", "WEIGHTSMITH_WORKER_SLOTS": "1",
+           **{f"WEIGHTSMITH_{name.upper()}": value for name, value in env_settings.items()}}
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli.main", "serve", "--port", str(port)], env=env,
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        assert proc.poll() is None, log.read_text(encoding="utf-8")
+        try:
+            return httpx.get(f"{base}/docs", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(answers, timeout=60, interval=0.2)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, base
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 120.0, interval: float = 0.2) -> Any:

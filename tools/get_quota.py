@@ -21,7 +21,7 @@ class Quota(ToolResult):
     agent: str
     budget_flops: float
     budget_window_seconds: float
-    budget_flops_spent: float = Field(description="Settled use plus open reservations in the window.")
+    budget_flops_spent: float = Field(description="Settled use, open reservations and serving in the window.")
     budget_flops_left: float
     active_jobs: int
     max_concurrent_jobs: int

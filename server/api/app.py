@@ -1,4 +1,5 @@
-"""The HTTP service: REST under /v1, MCP (streamable HTTP) at /mcp, OpenAPI docs at /docs.
+"""The HTTP service: REST under /v1, MCP (streamable HTTP) at /mcp, the OpenAI-compatible API under
+/openai/v1 (an agent's own models), OpenAPI docs at /docs.
 
     weightsmith serve            # or: uvicorn --factory server.api.app:create_app
 """
@@ -21,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server.api import auth
 from server.api.errors import as_weightsmith, rest_body
 from server.api.mcp import DEFAULT_TOOLSETS, build_mcp_server
+from server.api.openai import build_openai_router
 from server.api.rest import build_router
 from server.context import ServiceRef
 from server.errors import Unauthorized, WeightsmithError
@@ -42,9 +44,12 @@ def create_app(settings: Settings | None = None, *, workers: bool = True,
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         with open_service(settings, workers=workers) as ctx:
             service.ctx = ctx
-            async with mcp.session_manager.run():  # the host app's lifespan must run MCP's sessions
-                yield
-            service.ctx = None
+            try:
+                async with mcp.session_manager.run():  # the host app's lifespan must run MCP's sessions
+                    yield
+            finally:
+                await ctx.serving.aclose()
+                service.ctx = None
 
     app = rest_app(service, lifespan=lifespan)
     # Last, so /v1 and /docs match first; the MCP app answers /mcp itself.
@@ -59,6 +64,7 @@ def rest_app(service: ServiceRef, lifespan: Any = None) -> FastAPI:
                               '{"error": {"code", "message", "param"}}.')
     app.state.service = service
     app.include_router(build_router())
+    app.include_router(build_openai_router())
     for kind in (WeightsmithError, ValidationError, RequestValidationError, Exception):
         app.add_exception_handler(kind, error_handler)
     return app

@@ -36,7 +36,13 @@ console = Console()
 
 def main() -> None:
     """The console script: the commands below, and one command per tool."""
-    app(prog_name="weightsmith")
+    from server.errors import WeightsmithError
+
+    try:
+        app(prog_name="weightsmith", standalone_mode=True)
+    except WeightsmithError as err:  # the local administration commands: one line, never a traceback
+        typer.secho(f"error: {err.message}", fg="red", err=True)
+        sys.exit(2)
 
 
 # ---- the service ---------------------------------------------------------------------------------
@@ -58,8 +64,9 @@ def serve(stdio: Annotated[bool, typer.Option("--stdio", help="MCP over stdin/st
           toolsets: Annotated[str, typer.Option(help="MCP tool lists, comma-separated: core (the default), "
                                                      "inspect (details), all.")] = "core",
           executor: Executor = None, ray_address: RayAddress = None) -> None:
-    """Run the service: REST /v1, MCP /mcp, docs /docs, and the embedded workers."""
+    """Run the service: REST /v1, MCP /mcp, the OpenAI-compatible /openai/v1, docs /docs, and the workers."""
     settings = _settings(executor, ray_address)
+    settings.host, settings.port = host or settings.host, port or settings.port  # what list_models tells agents
     chosen = tuple(t.strip() for t in toolsets.split(",") if t.strip())
     if stdio:
         import anyio
@@ -78,7 +85,7 @@ def serve(stdio: Annotated[bool, typer.Option("--stdio", help="MCP over stdin/st
 
     from server.api.app import create_app
 
-    uvicorn.run(create_app(settings, toolsets=chosen), host=host or settings.host, port=port or settings.port,
+    uvicorn.run(create_app(settings, toolsets=chosen), host=settings.host, port=settings.port,
                 log_level="info")
 
 
@@ -146,6 +153,23 @@ def agents_revoke(name: str) -> None:
 
     agent = agents.revoke_key(_engine(), name)
     console.print(f"agent {agent.name}: key revoked; 'weightsmith agents rotate {name}' issues a new one")
+
+
+@agents_app.command("set")
+def agents_set(name: str, limits: Annotated[list[str], typer.Argument(
+        help="LIMIT=VALUE pairs, e.g. budget_flops=1e15 max_concurrent_jobs=2.")]) -> None:
+    """Change agent NAME's limits (see 'weightsmith agents list' for their names and values)."""
+    from server.store import agents
+
+    values: dict[str, float] = {}
+    for pair in limits:
+        field, _, value = pair.partition("=")
+        try:
+            values[field] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"{pair!r}: write LIMIT=NUMBER, e.g. budget_flops=1e15") from None
+    agent = agents.set_limits(_engine(), name, values)
+    console.print(f"agent {agent.name}: " + ", ".join(f"{k}={getattr(agent, k):g}" for k in values))
 
 
 @agents_app.command("list")

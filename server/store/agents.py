@@ -13,7 +13,7 @@ import time
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from server.errors import Conflict, NotFound, Unauthorized
+from server.errors import Conflict, InvalidRequest, NotFound, Unauthorized
 from server.settings import Settings
 from server.store.db import write_transaction
 from server.store.tables import Agent
@@ -81,6 +81,25 @@ def revoke_key(engine: Engine, name: str) -> Agent:
         agent.key_hash, agent.revoked_at = None, time.time()
         session.add(agent)
     return agent
+
+
+def set_limits(engine: Engine, name: str, limits: dict[str, float]) -> Agent:
+    """Change some of an agent's limits; they hold from its next request (running jobs keep theirs)."""
+    unknown = sorted(set(limits) - set(LIMIT_FIELDS))
+    if unknown:
+        raise InvalidRequest(f"{unknown[0]} is not a limit; the limits are {', '.join(LIMIT_FIELDS)}", param=unknown[0])
+    bad = [field for field, value in limits.items() if not value > 0 or value == float("inf")]
+    if bad:
+        raise InvalidRequest(f"{bad[0]} must be a positive number", param=bad[0])
+    with write_transaction(engine) as session:
+        agent = _named(session, name)
+        for field, value in limits.items():
+            setattr(agent, field, int(value) if field in INTEGER_LIMITS else value)
+        session.add(agent)
+    return agent
+
+
+INTEGER_LIMITS = ("max_request_params", "max_request_tokens", "max_dataset_bytes", "max_concurrent_jobs")
 
 
 def _named(session: Session, name: str) -> Agent:

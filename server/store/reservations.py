@@ -13,21 +13,37 @@ from sqlalchemy import Engine, func, update
 from sqlmodel import Session, col, select
 
 from server.store.db import is_sqlite
-from server.store.tables import ACTIVE_STATES, Agent, Job, Reservation
+from server.store.tables import ACTIVE_STATES, Agent, Job, Reservation, Usage
 
 
 def budget_spent(session: Session, agent: Agent, now: float) -> float:
-    """Compute charged in the rolling window: what settled jobs used, what open ones reserved.
+    """Compute charged in the rolling window: what settled jobs used, what open ones reserved, and
+    what serving used (`Usage`).
 
     A study's trials are left out: their compute is carved out of the study's own reservation."""
     charged = func.coalesce(Reservation.flops_used, Reservation.flops_reserved)
     window_start = now - agent.budget_window_seconds
-    total = session.exec(
+    jobs = session.exec(
         select(func.coalesce(func.sum(charged), 0.0)).where(
             Reservation.agent_id == agent.id, Reservation.created_at >= window_start,
             col(Reservation.within_job_id).is_(None))
     ).one()
-    return float(total)
+    served = session.exec(select(func.coalesce(func.sum(Usage.flops), 0.0)).where(
+        Usage.agent_id == agent.id, Usage.created_at >= window_start)).one()
+    return float(jobs) + float(served)
+
+
+def seconds_until_budget_frees(session: Session, agent: Agent, now: float) -> float:
+    """When the oldest charge in the window leaves it: a refused caller may try again then."""
+    window_start = now - agent.budget_window_seconds
+    oldest = [session.exec(select(func.min(table.created_at)).where(
+        table.agent_id == agent.id, table.created_at >= window_start)).one() for table in (Reservation, Usage)]
+    times = [t for t in oldest if t is not None]
+    return max(1.0, min(times) + agent.budget_window_seconds - now) if times else 1.0
+
+
+def record_usage(session: Session, agent_id: str, kind: str, model_id: str | None, tokens: int, flops: float) -> None:
+    session.add(Usage(agent_id=agent_id, kind=kind, model_id=model_id, tokens=tokens, flops=flops))
 
 
 def active_job_count(session: Session, agent: Agent) -> int:

@@ -295,3 +295,16 @@ class ScheduleRun(SQLModel, table=True):
     job_id: str | None = None
     reason: str = ""
     created_at: float = Field(default_factory=time.time)
+
+
+class Usage(SQLModel, table=True):
+    """Compute an agent spent outside jobs: serving its models (2 x parameters x tokens a request).
+    It counts in the rolling budget like a job's settled reservation."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    agent_id: str = Field(foreign_key="agent.id", index=True)
+    kind: str = "serve"
+    model_id: str | None = None
+    tokens: int = Field(default=0, sa_type=BigInteger)
+    flops: float = 0.0
+    created_at: float = Field(default_factory=time.time, index=True)

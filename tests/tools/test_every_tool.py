@@ -31,6 +31,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "get_metric_history": {"job_id": "{job}"},
     "list_models": {},
     "get_model": {"model": "{model}"},
+    "sample_model": {"model": "{model}", "prompts": ["What is SC-1?", "And SC-2?"], "max_tokens": 4},
     "get_quota": {},
     "generate_synthetic_data": {"task": "instructions", "generator": TEMPLATE_GENERATOR, "num_records": 4,
                                 "dry_run": True},

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ from server.tuning import kpi_objective
 from server.tuning.admission import Strategy, final_retrain_request, resolve_strategy
 from server.tuning.optuna_study import open_study
 from tests import postgres
-from tests.conftest import chat_records, quick_hyperparameters, wait_until, write_jsonl
+from tests.conftest import chat_records, quick_hyperparameters, serve_process, wait_until, write_jsonl
 from tests.server.api.test_mcp_in_memory import call, wait_final
 from tests.server.evaluation.test_eval import eval_records
 from tools.create_eval_suite import CreateEvalSuiteRequest, create_eval_suite
@@ -294,34 +293,6 @@ def test_restart_mid_study_loses_no_trial_and_runs_none_twice(settings: Settings
     assert sum(s == optuna.trial.TrialState.COMPLETE for s in states.values()) == 3
 
 
-def _serve(settings: Settings, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """`weightsmith serve` as its own process, as an operator runs it; returns it and its base URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "WEIGHTSMITH_HOME": str(settings.home),
-           "WEIGHTSMITH_DATA_ROOTS": json.dumps([str(root) for root in settings.data_roots]),
-           "WEIGHTSMITH_LEASE_SECONDS": "3", "WEIGHTSMITH_HEARTBEAT_SECONDS": "0.5", "WEIGHTSMITH_WORKER_SLOTS": "1"}
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli.main", "serve", "--port", str(port)], env=env,
-                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        assert proc.poll() is None, log.read_text(encoding="utf-8")
-        try:
-            return httpx.get(f"{base}/docs", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(answers, timeout=60, interval=0.2)
-    except BaseException:
-        proc.kill()
-        raise
-    return proc, base
-
-
 def _gone(pid: int) -> bool:
     """The process has exited (a zombie nobody reaps yet counts: it runs nothing)."""
     try:
@@ -345,7 +316,7 @@ def test_a_sigkilled_service_resumes_its_study_losing_and_repeating_no_trial(set
     headers = {"Authorization": f"Bearer {key}"}
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(48))
     log = tmp_path / "serve.log"
-    service, base = _serve(settings, log)
+    service, base = serve_process(settings, log)
     replacement = None
     try:
         dataset = httpx.post(f"{base}/v1/datasets", json={"path": str(data)}, headers=headers, timeout=60).json()
@@ -370,7 +341,7 @@ def test_a_sigkilled_service_resumes_its_study_losing_and_repeating_no_trial(set
         [child] = _training_pids(engine, agent.id, interrupted.id)
         wait_until(lambda: _gone(child), timeout=10, interval=0.1)
 
-        replacement, base = _serve(settings, log)
+        replacement, base = serve_process(settings, log)
         study = wait_until(lambda: (j := jobs.get(engine, agent.id, study_id)).state in FINAL and j, timeout=240)
         quota = httpx.get(f"{base}/v1/quota", headers=headers, timeout=30).json()
     finally:

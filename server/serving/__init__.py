@@ -1,0 +1,1 @@
+"""Serving the agents' models: the OpenAI-compatible endpoint's core (`gateway.py`)."""
