@@ -4,10 +4,11 @@
     from training_core.serving.client import EngineProcess                              # no torch
 
 The service answers agents at `/openai/v1` (keys, names, guardrails, charging) and forwards each
-request here, or to a vLLM server on a GPU machine (`vllm.py`): both speak the same protocol.
+request here, or to a vLLM server on a GPU machine (`vllm.py`, untested): both speak the same protocol.
 Modules: `protocol` (request bodies, errors), `rows` (per-row sampling and stopping inside one
 `generate`), `models` (loading, LoRA adapters on a shared base, LRU eviction), `engine` (dynamic
 batching on a worker thread), `app` (routes), `client` (the process, from the service's side).
 
-Nothing is imported here, so `client` stays free of torch.
+Nothing is imported here, so `client`, `protocol` (pydantic only: the service's proxy can validate a
+body exactly as the engine will, whichever back end serves it) and `vllm` stay free of torch.
 """

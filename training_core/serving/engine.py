@@ -22,8 +22,9 @@ early in a static batch idle until the batch ends; requests with very different 
 batch anyway. That is the price of keeping every OpenAI parameter and mixed adapters.
 
 Generation never runs on the event loop: the worker thread loads models, tokenizes, generates, and
-hands events back with `call_soon_threadsafe`. A client that goes away cancels its request: dropped if
-still waiting, its rows ended at the next step if running.
+hands events back with `call_soon_threadsafe`. A streaming client that goes away cancels its request:
+dropped if still waiting, its rows ended at the next step if running (a non-streamed request runs to
+its end: the HTTP server does not tell its handler that the client left).
 
 Seeds: a seeded request draws from its own `torch.Generator`, so its tokens do not depend on what
 else is in the batch, except through float rounding, which differs slightly with the batch's shape
