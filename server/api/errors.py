@@ -15,8 +15,9 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
-from server.errors import InvalidRequest, WeightsmithError, invalid_request, problems_from
+from server.errors import InvalidRequest, NotFound, WeightsmithError, invalid_request, problems_from
 
 log = logging.getLogger("weightsmith.api")
 
@@ -35,9 +36,24 @@ def as_weightsmith(err: Exception) -> WeightsmithError:
         # FastAPI says where a value came from first (body, query, path): the field's name is what matters.
         errors = [{**e, "loc": tuple(e["loc"][1:]) or ("body",)} for e in err.errors()]
         return InvalidRequest.of(problems_from(errors) or [("", "the request is not valid")])
+    if isinstance(err, HTTPException):
+        return _from_http(err)
     log.error("internal error", exc_info=err)
     return InternalError("the service failed on this request; it is logged. Try again, and report it if it "
                          "persists")
+
+
+def _from_http(err: HTTPException) -> WeightsmithError:
+    """What the web framework refuses before a route runs: a path no route matches, a body that cannot
+    be read, a method the route does not take."""
+    if err.status_code == 404:
+        return NotFound("no route has this path; the routes are listed at /docs and /openapi.json")
+    if err.status_code == 400:
+        return InvalidRequest("the body could not be read (it is not UTF-8 JSON); send a JSON object", param="body")
+    refused = InvalidRequest("this route does not take this HTTP method; /openapi.json lists each route's method"
+                             if err.status_code == 405 else f"the request was refused: {err.detail}")
+    refused.http_status = err.status_code
+    return refused
 
 
 def rest_body(err: WeightsmithError) -> dict[str, Any]:
