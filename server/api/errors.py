@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from server.errors import InvalidRequest, NotFound, WeightsmithError, invalid_request, problems_from
@@ -25,6 +25,36 @@ log = logging.getLogger("weightsmith.api")
 class InternalError(WeightsmithError):
     code = "internal_error"
     http_status = 500
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the details some errors add: problems, limit, ...
+
+    code: str = Field(description="invalid_request, invalid_dataset, not_found, conflict, limit_exceeded, "
+                      "unauthorized, or internal_error (a bug, logged).")
+    message: str = Field(description="What went wrong and what to change.")
+    param: str | None = Field(description="The field to change, where one is at fault.")
+
+
+class ErrorBody(BaseModel):
+    """Every REST error: `{"error": {"code", "message", "param"}}`."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description} for status, description in (
+        (401, "unauthorized: no key, or an unknown or revoked one"),
+        (404, "not_found: no such object of yours, or no such route"),
+        (409, "conflict: the object's state does not allow it"),
+        (422, "invalid_request or invalid_dataset: what to change, naming the field"),
+        (429, "limit_exceeded: which limit, and what would fit"))}
+"""What the OpenAPI document says each operation may answer besides its result."""
+ERROR_RESPONSES_BESIDE_HTML = {
+    status: {"description": response["description"],
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    for status, response in ERROR_RESPONSES.items()}
+"""The same for a route whose result is HTML (FastAPI would give its errors the result's media type)."""
 
 
 def as_weightsmith(err: Exception) -> WeightsmithError:

@@ -1,4 +1,5 @@
-"""REST errors the web framework raises before a route runs are answered in our form."""
+"""REST errors the web framework raises before a route runs are answered in our form, and the OpenAPI
+document describes that form for every operation."""
 
 from __future__ import annotations
 
@@ -35,3 +36,14 @@ def test_a_method_the_route_does_not_take_answers_405_in_our_form_with_allow(ser
         response = client.delete("/v1/quota")
     assert response.status_code == 405 and response.headers["allow"] == "GET"
     assert response.json()["error"]["code"] == "invalid_request"
+
+
+def test_the_openapi_document_gives_every_operation_our_error_form(service: ServiceContext) -> None:
+    with _client(service) as client:
+        document = client.get("/openapi.json").json()
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for status in ("401", "404", "409", "422", "429"):
+                schema = operation["responses"][status]["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, status)
+    assert "HTTPValidationError" not in document["components"]["schemas"]
