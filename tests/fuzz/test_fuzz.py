@@ -17,6 +17,8 @@ from tests.fuzz.store import child_processes
 from tests.fuzz.tool_calls import fuzz_tools
 from tests.tools.conftest import Seeded
 
+pytestmark = pytest.mark.slow
+
 REST_CASES_PER_OPERATION = 40
 """Generated cases per REST operation, half admitted by its schema; three requests each."""
 TOOL_SETS_PER_TOOL = 120
