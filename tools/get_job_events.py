@@ -18,7 +18,9 @@ EventType = Literal["message", "metrics", "checkpoint"]
 
 class GetJobEventsRequest(ToolRequest):
     job_id: str = Field(description="The job's id (job_...).")
-    after_seq: int = Field(0, ge=0, description="Events after this one (next_after_seq of the previous page).")
+    # le: the store's integers are 64-bit; a larger one would fail in the query, not be refused naming it.
+    after_seq: int = Field(0, ge=0, le=2**63 - 1,
+                           description="Events after this one (next_after_seq of the previous page).")
     limit: int = Field(20, ge=1, le=200, description="Events per page.")
     types: Annotated[list[EventType], BeforeValidator(one_or_many)] = Field(
         default_factory=lambda: ["message", "checkpoint"],

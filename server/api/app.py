@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -65,7 +66,8 @@ def rest_app(service: ServiceRef, lifespan: Any = None) -> FastAPI:
     app.state.service = service
     app.include_router(build_router())
     app.include_router(build_openai_router())
-    for kind in (WeightsmithError, ValidationError, RequestValidationError, Exception):
+    # HTTPException: FastAPI's own refusals (no route, wrong method, unreadable body) answered in our form too.
+    for kind in (WeightsmithError, ValidationError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(kind, error_handler)
     return app
 
@@ -73,6 +75,8 @@ def rest_app(service: ServiceRef, lifespan: Any = None) -> FastAPI:
 async def error_handler(_request: Request, err: Exception) -> JSONResponse:
     error = as_weightsmith(err)
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, Unauthorized) else None
+    if isinstance(err, HTTPException) and err.headers:
+        headers = dict(err.headers)  # the Allow header of a 405
     return JSONResponse(status_code=error.http_status, content=rest_body(error), headers=headers)
 
 

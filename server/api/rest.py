@@ -20,6 +20,7 @@ from pydantic.fields import FieldInfo
 
 from server.admission.requests import RequestModel
 from server.api import auth
+from server.api.errors import ERROR_RESPONSES, ERROR_RESPONSES_BESIDE_HTML
 from server.context import ServiceContext, ServiceRef
 from server.store.tables import Agent
 from tools import TOOLS, Tool
@@ -43,7 +44,7 @@ CurrentAgent = Annotated[Agent, Depends(agent_dep)]
 
 
 def build_router() -> APIRouter:
-    router = APIRouter(prefix="/v1")
+    router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
     _extra_routes(router)  # first: /reports/{id}.html must match before /reports/{ref}
     for tool in TOOLS:
         _add_tool_route(router, tool)
@@ -96,6 +97,7 @@ def _extra_routes(router: APIRouter) -> None:
     def get_study_trials(study_id: str, service: Service, agent: CurrentAgent) -> dict[str, Any]:
         return {"study_id": study_id, "trials": study_trials(service, agent, study_id)}
 
-    @router.get("/reports/{report_id}.html", response_class=HTMLResponse, tags=["eval"])
+    @router.get("/reports/{report_id}.html", response_class=HTMLResponse, tags=["eval"],
+                responses=ERROR_RESPONSES_BESIDE_HTML)
     def get_report_html(report_id: str, service: Service, agent: CurrentAgent) -> HTMLResponse:
         return HTMLResponse(read_eval_report_html(service, agent, report_id))

@@ -8,10 +8,11 @@ import json
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, problems_of
 from server.store.db import owned, write_transaction
 from server.store.tables import Dataset, EvalSuite
 from training_core import suite
@@ -21,12 +22,13 @@ EVAL_FORMATS = ("prompt_completion", "messages")
 
 def create_suite(engine: Engine, agent_id: str, raw: dict[str, Any]) -> EvalSuite:
     """Validate and store a suite; the same definition on the same data returns the stored one."""
-    found = suite.problems(raw)
-    if found:
-        listed = "; ".join(f"{where}: {message}" for where, message in found)
-        raise InvalidRequest(f"the suite has {len(found)} problem(s): {listed}", param=found[0][0],
-                             details={"problems": [{"field": w, "message": m} for w, m in found]})
-    definition = suite.SuiteDefinition.model_validate(raw)
+    try:
+        definition = suite.SuiteDefinition.model_validate(raw)
+    except ValidationError as err:
+        found = problems_of(err, model=suite.SuiteDefinition)  # in our words, not pydantic's
+        listed = "; ".join(f"{where}: {message}" if where else message for where, message in found)
+        raise InvalidRequest(f"the suite has {len(found)} problem(s): {listed}", param=found[0][0] or None,
+                             details={"problems": [{"param": w, "message": m} for w, m in found]}) from None
     with Session(engine) as session:
         dataset = owned(session, Dataset, definition.dataset, agent_id, "dataset")
     if not dataset.valid or dataset.format not in EVAL_FORMATS:

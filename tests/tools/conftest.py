@@ -1,5 +1,6 @@
-"""A store seeded with real objects, made once for the tool tests: datasets, a finished train job and
-its model, a cancelled job, an eval suite with a report. Every tool can be called on it for real."""
+"""A store seeded with real objects, made once for the tool tests (and the fuzz tests): datasets, a finished
+train job and its model, a cancelled job, an eval suite with a report, a schedule. Every tool can be called
+on it for real."""
 
 from __future__ import annotations
 
@@ -63,40 +64,45 @@ async def finished(client: Client, job_id: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Seeded]:
     root = tmp_path_factory.mktemp("seeded")
-    settings = Settings(home=root / "home", data_roots=[root, tiny_model.parent], worker_slots=1,
-                        lease_seconds=3.0, heartbeat_seconds=0.5, cancel_grace_seconds=3.0)
-    chats = write_jsonl(root / "chat.jsonl", chat_records(48))
-    items = write_jsonl(root / "items.jsonl", eval_records(16))
+    settings = seed_settings(root, tiny_model)
     with open_service(settings) as ctx:
         _, key = agents.create_agent(ctx.engine, settings, "seeded")
         seeded = Seeded(ctx, key, {"tiny": str(tiny_model)})
-
-        async def seed() -> None:
-            async with seeded.mcp() as client:
-                ids = seeded.ids
-                ids["dataset"] = (await call(client, "upload_dataset", path=str(chats)))["dataset"]["id"]
-                ids["items"] = (await call(client, "upload_dataset", path=str(items)))["dataset"]["id"]
-                launched = await call(client, "launch_training", base_model=ids["tiny"], datasets=[ids["dataset"]],
-                                      merge_adapter=True, hyperparameters=quick_hyperparameters())
-                job = await finished(client, launched["job"]["id"])
-                assert job["state"] == "succeeded", job["error"]
-                ids["job"], ids["model"] = job["id"], job["model_id"]
-                queued = await call(client, "launch_training", base_model=ids["tiny"], datasets=[ids["dataset"]],
-                                    hyperparameters=quick_hyperparameters(max_steps=50))
-                ids["cancelled"] = (await call(client, "cancel_job", job_id=queued["job"]["id"]))["id"]
-                suite = await call(client, "create_eval_suite", definition=SUITE.format(dataset=ids["items"]))
-                ids["suite"] = suite["id"]
-                started = await call(client, "run_eval", model=ids["model"], suite_id=ids["suite"])
-                evaluated = await finished(client, started["job"]["id"])
-                assert evaluated["state"] == "succeeded", evaluated["error"]
-                ids["eval_job"] = evaluated["id"]
-                ids["report"] = (await call(client, "read_eval_report", ref=evaluated["id"]))["id"]
-                ids["schedule"] = (await call(client, "schedule_run", name="nightly-eval", kind="eval",
-                                              trigger={"cron": "0 3 * * *", "timezone": "UTC"},
-                                              request={"model": ids["model"], "suite_id": ids["suite"]}))["id"]
-
-        anyio.run(seed)
+        anyio.run(seed_objects, seeded, root)
         yield seeded
+
+
+def seed_settings(root: Path, tiny_model: Path) -> Settings:
+    return Settings(home=root / "home", data_roots=[root, tiny_model.parent], worker_slots=1,
+                    lease_seconds=3.0, heartbeat_seconds=0.5, cancel_grace_seconds=3.0)
+
+
+async def seed_objects(seeded: Seeded, root: Path) -> None:
+    """Through the real tools, as `seeded`'s agent, on a service whose workers run: fills `seeded.ids`."""
+    chats = write_jsonl(root / "chat.jsonl", chat_records(48))
+    items = write_jsonl(root / "items.jsonl", eval_records(16))
+    async with seeded.mcp() as client:
+        ids = seeded.ids
+        ids["dataset"] = (await call(client, "upload_dataset", path=str(chats)))["dataset"]["id"]
+        ids["items"] = (await call(client, "upload_dataset", path=str(items)))["dataset"]["id"]
+        launched = await call(client, "launch_training", base_model=ids["tiny"], datasets=[ids["dataset"]],
+                              merge_adapter=True, hyperparameters=quick_hyperparameters())
+        job = await finished(client, launched["job"]["id"])
+        assert job["state"] == "succeeded", job["error"]
+        ids["job"], ids["model"] = job["id"], job["model_id"]
+        queued = await call(client, "launch_training", base_model=ids["tiny"], datasets=[ids["dataset"]],
+                            hyperparameters=quick_hyperparameters(max_steps=50))
+        ids["cancelled"] = (await call(client, "cancel_job", job_id=queued["job"]["id"]))["id"]
+        suite = await call(client, "create_eval_suite", definition=SUITE.format(dataset=ids["items"]))
+        ids["suite"] = suite["id"]
+        started = await call(client, "run_eval", model=ids["model"], suite_id=ids["suite"])
+        evaluated = await finished(client, started["job"]["id"])
+        assert evaluated["state"] == "succeeded", evaluated["error"]
+        ids["eval_job"] = evaluated["id"]
+        ids["report"] = (await call(client, "read_eval_report", ref=evaluated["id"]))["id"]
+        ids["schedule"] = (await call(client, "schedule_run", name="nightly-eval", kind="eval",
+                                      trigger={"cron": "0 3 * * *", "timezone": "UTC"},
+                                      request={"model": ids["model"], "suite_id": ids["suite"]}))["id"]
 
 
 def chat_jsonl(n: int) -> str:

@@ -133,6 +133,13 @@ def test_a_json_nan_is_refused_naming_the_field_not_a_server_error(seeded: Seede
             assert response.json()["error"]["param"] == param
 
 
+def test_a_number_past_what_the_store_holds_is_refused_naming_the_field(seeded: Seeded) -> None:
+    with seeded.rest() as client:
+        response = client.get(f"/v1/jobs/{seeded.ids['job']}/events", params={"after_seq": 10**30})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == "after_seq"
+
+
 def test_a_request_whose_parts_cannot_work_together_is_refused_naming_the_field(seeded: Seeded) -> None:
     cases = [({"method": "pretrain", "adapter": "lora", "options": {"preset": "tiny"}}, "adapter"),
              ({"base_model": seeded.ids["tiny"], "adapter": "full", "lora": {"r": 8}}, "lora"),

@@ -79,8 +79,8 @@ def test_malformed_suites_are_refused_field_by_field_and_store_nothing(service: 
             refused = await client.call_tool("create_eval_suite", {"definition": bad})
             message = refused.content[0].text
             assert refused.is_error and "3 problem(s)" in message
-            for field in ("kpis.0.grader", "unknown grader type 'bleu'", "kpis.1.grader", "invalid regular expression",
-                          "kpis.2.direction"):
+            for field in ("kpis[0].grader", "unknown grader type 'bleu'", "kpis[1].grader",
+                          "invalid regular expression", "kpis[2].direction"):
                 assert field in message
             formula = await client.call_tool("create_eval_suite", {"definition": json.dumps({
                 "name": "f", "dataset": dataset, "kpis": [{"name": "a", "grader": {"type": "exact"}}],
@@ -92,6 +92,20 @@ def test_malformed_suites_are_refused_field_by_field_and_store_nothing(service: 
             assert (await call(client, "list_eval_suites"))["suites"] == []
 
     anyio.run(main)
+
+
+def test_a_suite_missing_its_fields_is_refused_in_our_words_not_pydantics(service: ServiceContext,
+                                                                          agent_keys: tuple[str, str]) -> None:
+    async def main() -> Any:
+        async with Client(build_mcp_server(ServiceRef(service), local_key=agent_keys[0])) as client:
+            return await client.call_tool("create_eval_suite", {"definition": json.dumps({"suite": 1})})
+
+    refused = anyio.run(main)
+    text = refused.content[0].text
+    assert refused.is_error and text.startswith("invalid_request: the suite has 4 problem(s): name: is required")
+    assert "suite: is not a field here; the fields are name, dataset" in text
+    assert "Field required" not in text and "Extra inputs" not in text
+    assert refused.structured_content["error"]["problems"][0] == {"param": "name", "message": "is required"}
 
 
 def test_agent_runs_an_eval_on_a_model_directory_and_reads_the_report(
