@@ -189,7 +189,7 @@ def _message(error: dict[str, Any]) -> str:
         return f"is not valid JSON ({ctx.get('error', 'cannot be parsed')}); send a JSON object"
     else:
         text = error["msg"].replace("Input should be", "must be").replace("Value error, ", "")
-    if kind not in ("missing", "extra_forbidden") and "input" in error:
+    if kind not in ("missing", "extra_forbidden") and "input" in error and error.get("loc"):  # not a whole model
         text += f" (got {_shown(error['input'])})"
     return text
 

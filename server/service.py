@@ -20,9 +20,11 @@ log = logging.getLogger("weightsmith")
 
 
 @contextmanager
-def open_service(settings: Settings, *, workers: bool = True, scheduler: bool = True) -> Iterator[ServiceContext]:
+def open_service(settings: Settings, *, workers: bool = True, scheduler: bool = True,
+                 serving: bool = True) -> Iterator[ServiceContext]:
     """The service's context, open until the block ends; undoes everything on exit. `scheduler`:
-    fire due schedules in this process (service processes do; `weightsmith worker` does not)."""
+    fire due schedules in this process (service processes do; `weightsmith worker` does not);
+    `serving`: answer /openai/v1 and sample_model (the engine starts on the first such request)."""
     for directory in (settings.home, settings.datasets_dir, settings.runs_dir, settings.models_dir):
         directory.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.db_url)
@@ -33,7 +35,7 @@ def open_service(settings: Settings, *, workers: bool = True, scheduler: bool = 
     if executor is not None:
         executor.start()
     ctx = ServiceContext(settings=settings, engine=engine, executor=executor)
-    ctx.serving = Gateway(ctx)  # the engine itself starts on the first request that needs it
+    ctx.serving = Gateway(ctx) if serving else None
     firing = Scheduler(ctx, owner=executor.owner if executor else f"scheduler:{os.getpid()}") if scheduler else None
     if firing is not None:
         firing.start()
@@ -44,5 +46,6 @@ def open_service(settings: Settings, *, workers: bool = True, scheduler: bool = 
             firing.stop()
         if executor is not None:
             executor.stop()
-        ctx.serving.close()
+        if ctx.serving is not None:
+            ctx.serving.close()
         engine.dispose()

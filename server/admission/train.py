@@ -145,10 +145,11 @@ def build_train_job(ctx: ServiceContext, agent: Agent, request: TrainRequest, re
     method_options = check_train_request(request)
     method = methods.METHODS[request.method]
     adapter = adapter_of(request)
-    if request.devices > (ctx.executor.max_devices() if ctx.executor else request.devices):
-        assert ctx.executor is not None
+    # A process without workers knows the workers' devices only where the operator set max_devices.
+    most = ctx.executor.max_devices() if ctx.executor else ctx.settings.max_devices
+    if most is not None and request.devices > most:
         raise InvalidRequest(f"{request.devices} devices is more than the workers can give one job "
-                             f"({ctx.executor.max_devices()}); ask for at most that", param="devices")
+                             f"({most}); ask for at most that", param="devices")
     with Session(ctx.engine) as session:
         datasets = owned_valid_datasets(session, agent.id, request.datasets, "datasets")
         _check_formats(request.method, datasets)

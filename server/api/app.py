@@ -49,7 +49,8 @@ def create_app(settings: Settings | None = None, *, workers: bool = True,
                 async with mcp.session_manager.run():  # the host app's lifespan must run MCP's sessions
                     yield
             finally:
-                await ctx.serving.aclose()
+                if ctx.serving is not None:
+                    await ctx.serving.aclose()
                 service.ctx = None
 
     app = rest_app(service, lifespan=lifespan)

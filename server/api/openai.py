@@ -39,7 +39,8 @@ Service = Annotated[ServiceContext, Depends(_service)]
 
 
 def build_openai_router() -> APIRouter:
-    router = APIRouter(prefix="/openai/v1", tags=["openai-compatible"])
+    # Left out of /openapi.json: OpenAI's own reference documents these routes, and their errors are OpenAI's.
+    router = APIRouter(prefix="/openai/v1", include_in_schema=False)
 
     @router.get("/models")
     async def models(service: Service, authorization: Annotated[str | None, Header()] = None) -> Response:

@@ -4,8 +4,8 @@ and an alias, all owned by one agent with generous limits, so fuzzed calls get p
 past the limits into admission.
 
 What keeps a fuzzed call from starting work: the store is seeded by a service whose workers run, then
-opened again with `workers=False, scheduler=False`. Launches are admitted and queue; nothing claims
-them, no schedule fires, and no child process starts (`child_processes` lets a test check that).
+opened again with `workers=False, scheduler=False, serving=False`. Launches are admitted and queue;
+nothing claims them, no schedule fires, no serving engine starts, and no child process starts (`child_processes` lets a test check that).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def fuzz_store(root: Path, tiny_model: Path) -> Iterator[Seeded]:
         _, key = agents.create_agent(ctx.engine, settings, "fuzzer", **GENEROUS_LIMITS)
         seeded = Seeded(ctx, key, {"tiny": str(tiny_model)})
         anyio.run(seed_objects, seeded, root)
-    with open_service(settings, workers=False, scheduler=False) as ctx:
+    with open_service(settings, workers=False, scheduler=False, serving=False) as ctx:
         seeded = Seeded(ctx, key, seeded.ids)
         anyio.run(_queued_objects, seeded)
         yield seeded
