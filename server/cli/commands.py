@@ -84,7 +84,7 @@ def _command(tool: Tool) -> Callable[..., None]:
     add("config", Path | None, typer.Option(None, "--config", exists=True, dir_okay=False, help=(
         "The request as a JSON or YAML file; options given on top replace its values.")))
     add("as_json", bool, typer.Option(False, "--json", help="Print the result as JSON."))
-    if tool.access != "read":
+    if {"job", "study_id"} & set(tool.result.model_fields):  # the fields follow_result reads
         add("watch_job", bool, typer.Option(False, "--watch", help="Follow the job it starts until it ends."))
 
     def run(**given: Any) -> None:
