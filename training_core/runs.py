@@ -10,6 +10,7 @@ lives here.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import time
@@ -185,12 +186,23 @@ def train(trainer: Trainer, spec: JobSpec, events: EventWriter) -> tuple[TrainOu
 
 
 def newest_checkpoint(output_dir: Path) -> Path | None:
-    """The complete `checkpoint-N` with the highest N, or None: a half-written one is passed over."""
+    """The complete `checkpoint-N` with the highest N short of the last step, or None.
+
+    A half-written one is passed over, and so is one at the last step (its run was killed before its
+    result): resumed from there, transformers takes a step before it looks at max_steps, one past the
+    job's end. The run resumes from the checkpoint before it and does those steps again instead."""
     if not output_dir.is_dir():
         return None
-    complete = [path for path in output_dir.iterdir()
-                if _CHECKPOINT.match(path.name) and (path / _TRAINER_STATE).exists()]
-    return max(complete, key=step_of, default=None)
+    resumable = [path for path in output_dir.iterdir() if _CHECKPOINT.match(path.name) and _steps_left(path)]
+    return max(resumable, key=step_of, default=None)
+
+
+def _steps_left(checkpoint: Path) -> bool:
+    try:  # the trainer state is written last: a checkpoint without it (or cut off) is half-written
+        state = json.loads((checkpoint / _TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return int(state["global_step"]) < int(state["max_steps"])
 
 
 def step_of(checkpoint: Path) -> int:

@@ -11,6 +11,7 @@ import secrets
 import time
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from server.errors import Conflict, InvalidRequest, NotFound, Unauthorized
@@ -45,12 +46,19 @@ def create_agent(engine: Engine, settings: Settings, name: str, **limits: float 
 
 
 def ensure_local_agent(engine: Engine, settings: Settings) -> Agent:
-    """The identity of a caller over stdio without a key: the operator's own machine."""
-    with write_transaction(engine) as session:
-        agent = session.exec(select(Agent).where(Agent.name == settings.local_agent)).first()
-        if agent is None:
-            agent = Agent(name=settings.local_agent, **default_limits(settings))
-            session.add(agent)
+    """The identity of a caller over stdio without a key: the operator's own machine.
+
+    Every service start makes it if missing. Starts at once on PostgreSQL may all find it missing (its
+    reads take no lock); the unique name lets one insert win, and the others read the winner's."""
+    try:
+        with write_transaction(engine) as session:
+            agent = session.exec(select(Agent).where(Agent.name == settings.local_agent)).first()
+            if agent is None:
+                agent = Agent(name=settings.local_agent, **default_limits(settings))
+                session.add(agent)
+    except IntegrityError:
+        with Session(engine, expire_on_commit=False) as session:
+            agent = session.exec(select(Agent).where(Agent.name == settings.local_agent)).one()
     return agent
 
 

@@ -269,6 +269,26 @@ def test_a_token_or_flop_cap_stops_the_run_before_it_passes_the_cap(tmp_path: Pa
     assert (Path(spec.output_dir) / f"checkpoint-{result.steps}" / "trainer_state.json").exists()
 
 
+def test_a_run_killed_after_its_last_checkpoint_trains_again_to_max_steps_and_no_step_past_it(
+        tmp_path: Path, tiny_model: Path) -> None:
+    # Killed between its checkpoint at max_steps and its result: the next run resumed from that
+    # checkpoint, and transformers took a step before it looked at max_steps (step 7 of 6).
+    spec = _spec(tmp_path, tiny_model, hyperparameters={"max_steps": 6, "save_steps": 2})
+    assert _run_in_process(spec).status == "succeeded"
+    assert (Path(spec.output_dir) / "checkpoint-6" / "trainer_state.json").exists()
+    (Path(spec.run_dir) / "result.json").unlink(missing_ok=True)
+    written = len(_events(spec))
+
+    result = _run_in_process(spec)
+
+    assert result.status == "succeeded" and result.steps == 6
+    second_run = _events(spec)[written:]
+    steps = [e["data"]["step"] for e in second_run if e["type"] == "metrics" and "loss" in e["data"]]
+    assert [e["data"]["step"] for e in second_run if e["message"].startswith("resuming from step")] == [4]
+    assert steps == [5, 6]
+    assert [s for s, _ in metric_history(_events(spec), "loss")] == list(range(1, 7))
+
+
 def test_a_run_killed_after_a_checkpoint_resumes_from_it_on_the_same_spec(
         tmp_path: Path, tiny_model: Path) -> None:
     spec = _spec(tmp_path, tiny_model, hyperparameters={"max_steps": 60, "save_steps": 5})

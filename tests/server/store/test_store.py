@@ -16,7 +16,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, column, inspect, table, text
-from sqlmodel import Session, SQLModel, func, select
+from sqlmodel import Session, SQLModel, col, func, select
 
 from server.service import open_service
 from server.settings import Settings
@@ -229,6 +229,39 @@ def test_service_processes_starting_at_once_on_an_empty_store_migrate_one_after_
         _check_models_match(engines[0])
         for engine in engines:
             engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_service_processes_starting_at_once_all_get_the_one_local_agent(backend: str, settings: Settings) -> None:
+    # Each start reads the local agent and makes it if missing; on PostgreSQL two starts at once both
+    # read nothing, and the second insert broke its service's start on the unique name.
+    with _store_settings(backend, settings) as store:
+        store.home.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(store.db_url)
+        migrate(engine)
+        errors: list[BaseException] = []
+        found: list[str] = []
+        for start_up in range(5):  # a fresh name each time: a race each time
+            local = store.model_copy(update={"local_agent": f"local-{start_up}"})
+            start = threading.Barrier(8)
+
+            def start_one(local: Settings = local, start: threading.Barrier = start) -> None:
+                start.wait()
+                try:
+                    found.append(auth.ensure_local_agent(engine, local).id)
+                except BaseException as error:  # noqa: BLE001 -- a lost race is what this looks for
+                    errors.append(error)
+
+            threads = [threading.Thread(target=start_one, daemon=True) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+        with Session(engine) as session:
+            named_local = col(Agent.name).startswith("local-")
+            made = session.exec(select(func.count()).select_from(Agent).where(named_local)).one()
+        engine.dispose()
+    assert errors == [] and len(found) == 40 and len(set(found)) == made == 5
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
