@@ -180,6 +180,8 @@ def train(trainer: Trainer, spec: JobSpec, events: EventWriter) -> tuple[TrainOu
     checkpoint = newest_checkpoint(Path(spec.output_dir))
     resumed_from = step_of(checkpoint) if checkpoint else 0
     if checkpoint is not None:
+        # Announced again: a run killed between saving it and announcing it left the store without it.
+        events.checkpoint(resumed_from, str(checkpoint), _saved_metrics(checkpoint))
         events.message(f"resuming from step {resumed_from}", step=resumed_from, path=str(checkpoint))
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return output, resumed_from
@@ -203,6 +205,13 @@ def _steps_left(checkpoint: Path) -> bool:
     except (OSError, ValueError):
         return False
     return int(state["global_step"]) < int(state["max_steps"])
+
+
+def _saved_metrics(checkpoint: Path) -> dict[str, Any]:
+    """What the trainer last logged before saving the checkpoint (its loss, learning rate)."""
+    state = json.loads((checkpoint / _TRAINER_STATE).read_text(encoding="utf-8"))
+    logged = [entry for entry in state.get("log_history", []) if "loss" in entry]
+    return {key: value for key, value in (logged[-1] if logged else {}).items() if key != "step"}
 
 
 def step_of(checkpoint: Path) -> int:

@@ -45,7 +45,8 @@ def test_commands_print_summaries_and_json_on_request(http_service, settings: Se
     refused = weightsmith("train", "--dataset", dataset, "--method", "finetune", url=url, key=key,
                           home=settings.home)
     assert refused.returncode == 1 and "invalid_request" in refused.stderr and "method" in refused.stderr
-    assert weightsmith("models", "list", url=url, key=key, home=settings.home).stdout.strip() == "no models"
+    models = weightsmith("models", "list", url=url, key=key, home=settings.home).stdout.strip().splitlines()
+    assert models[0] == "no models" and models[1].endswith("/openai/v1 (model: an id, name or alias)")
 
 
 def test_a_revoked_key_is_refused_at_once_over_rest_and_mcp_and_a_rotated_one_works(

@@ -355,9 +355,12 @@ def _history_problems(ctx: Any, agent: Any, job_id: str, raw: list[dict[str, Any
             problems.append(f"{job_id}: run {run} reported step {step} after run {runs[-1]} began")
         else:
             runs.append(run)
-            # From a checkpoint an earlier run reached. (Not necessarily one in the events: a run killed
-            # between saving a checkpoint and writing its event leaves a checkpoint nobody announced.)
+            # From a checkpoint an earlier run reached, and listed: a run killed between saving a checkpoint
+            # and announcing it leaves it to the run that resumes from it to announce.
             resumed_from = data["resumed_from"]
+            if resumed_from and resumed_from not in history.checkpoints:
+                problems.append(f"{job_id}: run {run} resumed from step {resumed_from}, which is not among the "
+                                f"listed checkpoints {history.checkpoints}")
             if resumed_from % SAVE_STEPS or resumed_from > furthest or step != resumed_from + 1:
                 problems.append(f"{job_id}: run {run} began at step {step}, resumed from {resumed_from}; "
                                 f"earlier runs reached step {furthest}")
