@@ -59,7 +59,9 @@ def test_a_revoked_key_is_refused_at_once_over_rest_and_mcp_and_a_rotated_one_wo
     mcp = httpx.post(f"{url}/mcp", headers={**headers, "accept": "application/json, text/event-stream"},
                      json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
     assert mcp.status_code == 401
+    assert httpx.get(f"{url}/openai/v1/models", headers=headers).status_code == 401
     rotated = weightsmith("agents", "rotate", "http-a", url=url, key=None, home=settings.home)
     new_key = rotated.stdout.strip().splitlines()[-1]
     assert httpx.get(f"{url}/v1/quota", headers={"Authorization": f"bearer {new_key}"}).status_code == 200
+    assert httpx.get(f"{url}/openai/v1/models", headers={"Authorization": f"Bearer {new_key}"}).status_code == 200
     assert httpx.get(f"{url}/v1/quota", headers={"Authorization": new_key}).status_code == 401  # no scheme
