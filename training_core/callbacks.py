@@ -46,6 +46,7 @@ class JobCallback(TrainerCallback):
         """`started` is the `time.monotonic()` reading when the process began: caps and the time to
         the first step count from there, model loading included."""
         self.device = device
+        self.dtype = hardware.training_dtype(device, spec.hyperparameters.precision)
         self._peak_flops: float | None = None
         self.events = events
         self.cancel_path = Path(spec.run_dir) / CANCEL_FILE
@@ -78,13 +79,14 @@ class JobCallback(TrainerCallback):
         return self.tokens_seen(state) / seconds if seconds > 0 else 0.0
 
     def mfu(self, tokens_per_second: float) -> float:
-        """Model FLOPs utilisation: model FLOPs per second over the device's measured matmul peak
-        (summed over the processes of a several-device job, since each counts its own tokens)."""
+        """Model FLOPs utilisation: model FLOPs per second over the device's measured matmul peak in
+        the precision training runs in (summed over the processes of a several-device job, since
+        each counts its own tokens)."""
         if self._peak_flops is None:
             # Measured once, at the first report, not before the first step: the ~0.3 s it takes is
             # taken off the training clock, so it changes neither the time to the first step nor tokens/s.
             before = time.monotonic()
-            self._peak_flops = hardware.measure_matmul_peak_flops(self.device)
+            self._peak_flops = hardware.measure_matmul_peak_flops(self.device, self.dtype)
             self._train_started += time.monotonic() - before
             self._last_step_end += time.monotonic() - before
         # Token counts are the whole job's (Trainer gathers them from every process); the peak is one device's.
