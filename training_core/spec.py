@@ -110,6 +110,10 @@ class JobSpec:
     """6 x trainable-path parameters: what one trained token costs, for the compute cap."""
     devices: int = 1
     """Processes training together (`accelerate launch`): GPUs, or CPU processes where there are none."""
+    token_cache_dir: str | None = None
+    """Where `pretrain` and `continued_pretrain` keep the token files of the snapshots they read
+    (`training_core.corpus`), shared by later jobs; None: beside each snapshot, or in `output_dir`
+    where the snapshot's directory cannot be written."""
     options: dict[str, Any] = field(default_factory=dict)
     """Method-specific settings that only that method's module reads (DPO's beta, GRPO's rewards,
     an eval job's suite, a synth job's task); plain JSON values."""
