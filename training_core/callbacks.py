@@ -57,6 +57,7 @@ class JobCallback(TrainerCallback):
         self.cancelled = False
         self.cap_reached: JobError | None = None
         self.time_to_first_step: float | None = None
+        self.setup_peak_memory: int | None = None
         self.last_logs: dict[str, float] = {}
         self._tokens_at_start = 0
         self._step_at_start = 0
@@ -101,6 +102,8 @@ class JobCallback(TrainerCallback):
         self._step_at_start = state.global_step
         self._train_started = self._last_step_end = time.monotonic()
         self._last_step_tokens = 0
+        # What preparing the data and the model took, before training's own peak starts over.
+        self.setup_peak_memory = hardware.peak_memory_bytes(self.device)
         hardware.reset_peak_memory(self.device)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

@@ -26,6 +26,7 @@ shorter piece dropped (`test_token_blocks_equal_in_memory_packing`).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -194,16 +195,19 @@ def _build(snapshot: Path, tokenizer: PreTrainedTokenizerBase, identity: dict[st
     """Tokenize the snapshot in batches straight to disk, under temporary names renamed when whole."""
     started = time.monotonic()
     dtype = np.dtype(identity["dtype"])
+    backend = tokenizer.backend_tokenizer if tokenizer.is_fast else None
+    if backend is not None and (backend.truncation or backend.padding):
+        backend = None  # left set by an earlier call: the wrapper resets them, the backend would apply them
     suffix = f".{os.getpid()}.tmp"
     tokens_tmp, offsets_tmp = Path(f"{tokens_path}{suffix}"), Path(f"{offsets_path}{suffix}")
     tokens = documents_seen = text_bytes = 0
     try:
-        with tokens_tmp.open("wb") as tokens_out, offsets_tmp.open("wb") as offsets_out:
+        with tokens_tmp.open("wb") as tokens_out, offsets_tmp.open("wb") as offsets_out, parallel_tokenizers():
             offsets_out.write(np.zeros(1, np.uint64).tobytes())
             texts = documents([snapshot])
             while batch := list(islice(texts, language_modeling.TOKENIZE_BATCH)):
                 text_bytes += sum(len(text.encode("utf-8")) for text in batch)
-                encoded = language_modeling.encode(tokenizer, batch)
+                encoded = language_modeling.encode(tokenizer, batch, backend)
                 lengths = np.fromiter((len(ids) for ids in encoded), np.uint64, len(encoded))
                 np.fromiter(chain.from_iterable(encoded), dtype, int(lengths.sum())).tofile(tokens_out)
                 (tokens + np.cumsum(lengths, dtype=np.uint64)).tofile(offsets_out)
@@ -224,6 +228,26 @@ def _build(snapshot: Path, tokenizer: PreTrainedTokenizerBase, identity: dict[st
         reused=False, documents=documents_seen, tokens=tokens, text_bytes=text_bytes, seconds=seconds,
         megabytes_per_second=text_bytes / 1e6 / seconds, tokens_per_second=tokens / seconds)
     return built
+
+
+@contextlib.contextmanager
+def parallel_tokenizers() -> Iterator[None]:
+    """Tokenize (and train tokenizers) on the job's threads, not one.
+
+    The worker starts every job with `TOKENIZERS_PARALLELISM=false`: a process that forks after the
+    tokenizers' thread pool has started can deadlock in the child. Building a token file forks
+    nothing, and on two threads it runs twice as fast, so the pool is allowed for its duration,
+    sized to the job's share of the machine (its torch threads, `OMP_NUM_THREADS`)."""
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    os.environ.setdefault("RAYON_NUM_THREADS", str(torch.get_num_threads()))  # read once, when the pool starts
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
 
 
 # Blocks.

@@ -24,16 +24,23 @@ from itertools import islice
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TOKENIZE_BATCH = 1000
 """Documents per tokenizer call: enough to keep the fast tokenizer busy, few enough to stay small."""
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """Each document's tokens followed by the end-of-text token (one batched tokenizer call)."""
+def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], backend: Tokenizer | None = None
+           ) -> list[list[int]]:
+    """Each document's tokens followed by the end-of-text token (one batched tokenizer call).
+
+    `backend`, a fast tokenizer's own (`tokenizer.backend_tokenizer`), encodes the same ids a third
+    faster than the transformers wrapper, which builds offsets and attention masks nobody reads here."""
     eos = tokenizer.eos_token_id
-    return [ids + [eos] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    if backend is None:
+        return [ids + [eos] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [encoding.ids + [eos] for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 def token_stream(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> list[int]:

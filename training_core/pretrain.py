@@ -116,7 +116,8 @@ def _initial_model(spec: JobSpec, texts: Iterable[str], events: EventWriter) -> 
         tokenizer_options["extra_special_tokens"] = list(options["special_tokens"])
     if options.get("chat_template"):
         tokenizer_options["chat_template"] = options["chat_template"]
-    presets.build_base_model(shape, texts, building, seed=spec.hyperparameters.seed, **tokenizer_options)
+    with corpus.parallel_tokenizers():
+        presets.build_base_model(shape, texts, building, seed=spec.hyperparameters.seed, **tokenizer_options)
     try:
         building.rename(init_dir)  # whole or absent: a run killed while building starts it again
     except OSError:  # another process's identical copy is in place

@@ -218,6 +218,7 @@ def run_metrics(callback: JobCallback, state: TrainerState, device: str, paramet
     return {
         "tokens_per_second": tokens_per_second,
         "peak_memory_bytes": hardware.peak_memory_bytes(device),
+        "setup_peak_memory_bytes": callback.setup_peak_memory,
         "mfu": callback.mfu(tokens_per_second),
         "precision": "bf16" if callback.dtype == torch.bfloat16 else "fp32",
         "time_to_first_step_seconds": callback.time_to_first_step,
