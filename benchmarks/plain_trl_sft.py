@@ -64,17 +64,18 @@ def main() -> None:
     if args.attention == "packed_sdpa":
         from training_core import attention
 
-        attention.implementation("cpu", args.bf16)  # registers it
+        attention.implementation("cpu", args.bf16)  # registers it (on any device)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, attn_implementation=args.attention)
     clock = Clock()
     levers = {"optim": args.optim} if args.optim else {}
     if args.group_by_length:
         levers["train_sampling_strategy"] = "group_by_length"
+    bf16 = args.bf16 or (cuda and torch.cuda.is_bf16_supported())
     config = SFTConfig(output_dir="/tmp/plain-trl-sft", max_steps=args.steps, per_device_train_batch_size=args.batch,
                        max_length=args.seq_len, learning_rate=1e-3, report_to="none", save_strategy="no",
                        logging_steps=1, include_num_input_tokens_seen="non_padding", disable_tqdm=True,
                        assistant_only_loss=True, gradient_checkpointing=args.gradient_checkpointing,
-                       bf16=args.bf16 or (cuda and torch.cuda.is_bf16_supported()), use_cpu=args.bf16 and not cuda,
+                       bf16=bf16, use_cpu=args.bf16 and not cuda,
                        packing=args.packing, torch_compile=args.compile, **levers)
     collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True) \
         if args.padding_free else None
@@ -85,7 +86,8 @@ def main() -> None:
     tokens = trainer.state.num_input_tokens_seen
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     print(json.dumps({"first_step_time": clock.first_step_time, "tokens": tokens, "tokens_per_second": tokens / seconds,
-                      "train_loss": output.training_loss, "final_loss": sum(losses[-5:]) / len(losses[-5:])}))
+                      "train_loss": output.training_loss, "final_loss": sum(losses[-5:]) / len(losses[-5:]),
+                      "precision": "bf16" if bf16 else "fp32"}))
 
 
 if __name__ == "__main__":

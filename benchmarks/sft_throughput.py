@@ -2,10 +2,12 @@
 
     .venv/bin/python benchmarks/sft_throughput.py [--steps 40] [--batch 8] [--seq-len 128] [--repeats 3]
 
-Three sides on the same ~8M-parameter Llama-style model (preset `small`, tokenizer trained on the
-sample corpus), data (the sample support chats), steps, seed and schedule, full fine-tuning:
+Three sides on the same ~8M-parameter Llama-style model (preset `small` unless `--preset`,
+tokenizer trained on the sample corpus), data (the sample support chats), steps, seed and schedule,
+full fine-tuning:
 
-- the plain TRL script as a user writes it for the device (`plain_trl_sft.py`: fp32 on a CPU);
+- the plain TRL script as a user writes it for the device (`plain_trl_sft.py`: fp32 on a CPU, bf16
+  on a GPU that has it, where the next side is the same script);
 - the same script with the best precision the device offers (`--bf16`: bf16 autocast);
 - the job, launched through the real MCP client (in memory) against the embedded service (SQLite,
   one local worker), with the service's defaults (precision auto, padding-free batches).
@@ -45,9 +47,9 @@ from training_core import hardware, modelinfo, presets
 SAMPLE = ROOT / "examples" / "sample_corpus"
 
 
-def build_model(work: Path) -> Path:
+def build_model(work: Path, preset: str) -> Path:
     texts = [p.read_text(encoding="utf-8") for p in sorted(SAMPLE.glob("*.txt"))]
-    return presets.build_base_model("small", texts, work / "small")
+    return presets.build_base_model(preset, texts, work / preset)
 
 
 def plain(model_dir: Path, steps: int, batch: int, seq_len: int, *flags: str) -> dict[str, Any]:
@@ -101,17 +103,19 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="Alternating runs of each side; medians.")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of each side (OMP_NUM_THREADS).")
+    parser.add_argument("--preset", default="small", help="model size; on a GPU, 125m says more")
     args = parser.parse_args()
     # Every side inherits it: the service's child keeps an OMP_NUM_THREADS it is given.
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)  # and the matmul peaks here are measured with as many
-    peaks = {"fp32": hardware.measure_matmul_peak_flops("cpu", torch.float32),
-             "bf16": hardware.measure_matmul_peak_flops("cpu", torch.bfloat16)}
-    hardware.cpu_bf16_is_faster()  # the once-a-machine probe, so no side's first run pays for it
+    device = hardware.pick_device()
+    peaks = {"fp32": hardware.measure_matmul_peak_flops(device, torch.float32),
+             "bf16": hardware.measure_matmul_peak_flops(device, torch.bfloat16)}
+    hardware.use_bf16(device)  # a CPU's once-a-machine probe, so no side's first run pays for it
     shape = (args.steps, args.batch, args.seq_len)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model_dir = build_model(work)
+        model_dir = build_model(work, args.preset)
         params = modelinfo.count_parameters(model_dir)
         plain(model_dir, 1, args.batch, args.seq_len)  # warm-up: file cache and bytecode for every side
         sides: dict[str, list[dict[str, Any]]] = {"plain": [], "plain_bf16": [], "job": []}
@@ -124,9 +128,9 @@ def main() -> None:
     med["plain"]["to_first_step"] = statistics.median(r["start_to_first_step"] for r in sides["plain"])
     med["plain_bf16"]["to_first_step"] = statistics.median(r["start_to_first_step"] for r in sides["plain_bf16"])
     med["job"]["to_first_step"] = statistics.median(r["call_to_first_step"] for r in sides["job"])
-    precision = {"plain": "fp32", "plain_bf16": "bf16", "job": sides["job"][0]["precision"]}
+    precision = {side: runs[0]["precision"] for side, runs in sides.items()}
     job_mfu = statistics.median(r["mfu"] for r in sides["job"])
-    print(f"model: {params:,} parameters; {args.steps} steps x batch {args.batch} x seq {args.seq_len}; "
+    print(f"model: {params:,} parameters; {args.steps} steps x batch {args.batch} x seq {args.seq_len}; {device}, "
           f"{args.threads} thread(s); median of {args.repeats} alternating runs; matmul peak "
           f"{peaks['fp32'] / 1e9:.1f} GFLOP/s fp32, {peaks['bf16'] / 1e9:.1f} bf16")
     print(f"{'':26}{'precision':>10}{'tokens/s':>10}{'MFU':>7}{'train loss':>12}{'final loss':>12}"

@@ -1,6 +1,7 @@
-"""The attention a job's model computes with: FlashAttention where installed, else `packed_sdpa`.
+"""The attention a job's model computes with: `packed_sdpa` on a CPU, SDPA or FlashAttention on a GPU.
 
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention.implementation(device, bf16))
+    # FlashAttention where installed, on a GPU, for padding-free batches; `packed_sdpa` on a CPU.
 
 Padding-free batches (`Hyperparameters.padding_free`) put a step's records one after another in a
 single row, with position ids that restart at every record and the records' boundaries
@@ -15,9 +16,9 @@ On the CPU, SDPA's fused kernel is about three times slower in bf16 than in fp32
 backward, measured with torch 2.13 on a processor with avx512_bf16), so under bf16 autocast the
 attention is computed in fp32; the matmuls around it, where bf16 pays, stay in bf16.
 
-What it does not cover: GPUs without FlashAttention get plain `sdpa` (the caller turns padding-free
-off there, see `padding_free_supported`), and only decoder models whose attention modules call
-transformers' attention interface (Llama, Qwen, Mistral, Gemma and their kin) use it at all.
+What it does not cover: GPUs use transformers' own kernels (padding-free SFT turns itself off on a
+GPU without FlashAttention, see `padding_free_supported`), and only decoder models whose attention
+modules call transformers' attention interface (Llama, Qwen, Mistral, Gemma and their kin) use it.
 """
 
 from __future__ import annotations
@@ -34,18 +35,21 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 PACKED_SDPA = "packed_sdpa"
 
 
-def implementation(device: str, bf16: bool) -> str:
-    """The `attn_implementation` a model is loaded with on `device` (bf16: whether training autocasts)."""
+def implementation(device: str, bf16: bool, padding_free: bool = False) -> str:
+    """The `attn_implementation` a model is loaded with on `device` (bf16: whether training autocasts;
+    padding_free: whether its batches are padding-free rows, SFT's default)."""
     if device == "cuda":
-        # FlashAttention computes in fp16/bf16 only; an fp32 run keeps SDPA.
-        return "flash_attention_2" if bf16 and flash_attention_installed() else "sdpa"
+        # FlashAttention computes in fp16/bf16 only, and a forward outside autocast (held-out
+        # perplexity, generation) would hand it fp32: only padding-free training, where its varlen
+        # kernel is what makes the rows pay, uses it; SDPA's own flash kernel serves the rest.
+        return "flash_attention_2" if padding_free and bf16 and flash_attention_installed() else "sdpa"
     _register()
     return PACKED_SDPA
 
 
 def padding_free_supported(device: str, bf16: bool) -> bool:
     """Whether padding-free batches attend at the records' own cost here (see the module docstring)."""
-    return implementation(device, bf16) in (PACKED_SDPA, "flash_attention_2")
+    return implementation(device, bf16, padding_free=True) in (PACKED_SDPA, "flash_attention_2")
 
 
 def flash_attention_installed() -> bool:

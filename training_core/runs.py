@@ -99,14 +99,18 @@ def quiet(trainer: Trainer) -> Trainer:
     return trainer
 
 
-def load_model(spec: JobSpec, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(spec: JobSpec, device: str, padding_free: bool = False
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model and its tokenizer; `padding_free`: the job trains on padding-free rows (SFT),
+    which picks the attention kernel (`training_core.attention`)."""
     # The frozen base of a LoRA run needs no fp32 master copy; trained weights keep one (see above).
     dtype = hardware.training_dtype(device, spec.hyperparameters.precision) if spec.adapter == "lora" \
         else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
         model = AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=dtype,
-                                                     attn_implementation=attention_implementation(spec, device))
+                                                     attn_implementation=attention_implementation(
+                                                         spec, device, padding_free))
     except (OSError, ValueError) as error:
         where = "" if Path(spec.base_model).is_dir() else " (no such directory; as a hub id it failed too)"
         raise JobError("invalid_model", f"cannot load the base model {spec.base_model}{where}: {error}",
@@ -114,8 +118,8 @@ def load_model(spec: JobSpec, device: str) -> tuple[PreTrainedModel, PreTrainedT
     return model, tokenizer
 
 
-def attention_implementation(spec: JobSpec, device: str) -> str:
-    return attention.implementation(device, hardware.use_bf16(device, spec.hyperparameters.precision))
+def attention_implementation(spec: JobSpec, device: str, padding_free: bool = False) -> str:
+    return attention.implementation(device, hardware.use_bf16(device, spec.hyperparameters.precision), padding_free)
 
 
 def liger_kernels_installed() -> bool:

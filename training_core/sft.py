@@ -50,7 +50,8 @@ def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> Job
     start, from which the caps and the time to the first optimizer step count."""
     started, device = runs.begin(started)
 
-    model, tokenizer = runs.load_model(spec, device)
+    hyper = spec.hyperparameters
+    model, tokenizer = runs.load_model(spec, device, padding_free=hyper.padding_free or hyper.packing)
     data_format, train_records, eval_records = runs.load_records(spec, SFT_FORMATS, MAX_EVAL_RECORDS)
     if data_format == "messages" and not tokenizer.chat_template:
         raise JobError("invalid_model", (
