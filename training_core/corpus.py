@@ -146,8 +146,8 @@ def token_file(snapshot: Path, tokenizer: PreTrainedTokenizerBase, spec: JobSpec
 
 def tokenizer_key(tokenizer: PreTrainedTokenizerBase) -> str:
     """16 hex digits that change whenever the tokenizer would encode any text differently."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)  # a slow (Python) tokenizer has none
-    described = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    described = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast \
+        else json.dumps(tokenizer.get_vocab(), sort_keys=True)  # a slow (Python) tokenizer has no backend
     return hashlib.sha256(f"{described}|eos={tokenizer.eos_token_id}".encode()).hexdigest()[:16]
 
 
@@ -175,19 +175,15 @@ def _complete(sidecar: Path, identity: dict[str, Any], tokens_path: Path, offset
     return found
 
 
-class _locked:
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
     """An exclusive `flock` on `path` for the `with` block (released by the kernel if the process dies)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> None:
-        self.handle = self.path.open("a")
-        fcntl.flock(self.handle, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _build(snapshot: Path, tokenizer: PreTrainedTokenizerBase, identity: dict[str, Any], tokens_path: Path,
