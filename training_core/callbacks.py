@@ -63,6 +63,7 @@ class JobCallback(TrainerCallback):
         self._step_at_start = 0
         self._train_started = started
         self._last_step_end = started
+        self._train_started_cpu = self._last_step_cpu = 0.0
         self._last_step_tokens = 0
 
     # What this run has used so far.
@@ -79,6 +80,12 @@ class JobCallback(TrainerCallback):
         seconds = self._last_step_end - self._train_started
         return self.tokens_seen(state) / seconds if seconds > 0 else 0.0
 
+    def tokens_per_cpu_second(self, state: TrainerState) -> float:
+        """Tokens over the CPU time the process spent in the training loop (all its threads): on a
+        shared machine, what the loop would do on an idle one with as many threads."""
+        seconds = self._last_step_cpu - self._train_started_cpu
+        return self.tokens_seen(state) / seconds if seconds > 0 else 0.0
+
     def mfu(self, tokens_per_second: float) -> float:
         """Model FLOPs utilisation: model FLOPs per second over the device's measured matmul peak in
         the precision training runs in (summed over the processes of a several-device job, since
@@ -86,10 +93,12 @@ class JobCallback(TrainerCallback):
         if self._peak_flops is None:
             # Measured once, at the first report, not before the first step: the ~0.3 s it takes is
             # taken off the training clock, so it changes neither the time to the first step nor tokens/s.
-            before = time.monotonic()
+            before, before_cpu = time.monotonic(), time.process_time()
             self._peak_flops = hardware.measure_matmul_peak_flops(self.device, self.dtype)
             self._train_started += time.monotonic() - before
             self._last_step_end += time.monotonic() - before
+            self._train_started_cpu += time.process_time() - before_cpu
+            self._last_step_cpu += time.process_time() - before_cpu
         # Token counts are the whole job's (Trainer gathers them from every process); the peak is one device's.
         return self.flops_per_token * tokens_per_second / (self._peak_flops * hardware.world_size())
 
@@ -101,6 +110,7 @@ class JobCallback(TrainerCallback):
         self._tokens_at_start = state.num_input_tokens_seen
         self._step_at_start = state.global_step
         self._train_started = self._last_step_end = time.monotonic()
+        self._train_started_cpu = self._last_step_cpu = time.process_time()
         self._last_step_tokens = 0
         # What preparing the data and the model took, before training's own peak starts over.
         self.setup_peak_memory = hardware.peak_memory_bytes(self.device)
@@ -110,6 +120,7 @@ class JobCallback(TrainerCallback):
                     **kwargs: Any) -> None:
         now = time.monotonic()
         step_seconds, self._last_step_end = now - self._last_step_end, now
+        self._last_step_cpu = time.process_time()
         tokens = self.tokens_seen(state)
         step_tokens = tokens - self._last_step_tokens
         self._last_step_tokens = tokens

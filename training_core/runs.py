@@ -221,6 +221,7 @@ def run_metrics(callback: JobCallback, state: TrainerState, device: str, paramet
     tokens_per_second = callback.tokens_per_second(state)
     return {
         "tokens_per_second": tokens_per_second,
+        "tokens_per_cpu_second": callback.tokens_per_cpu_second(state),
         "peak_memory_bytes": hardware.peak_memory_bytes(device),
         "setup_peak_memory_bytes": callback.setup_peak_memory,
         "mfu": callback.mfu(tokens_per_second),
