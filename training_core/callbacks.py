@@ -48,6 +48,7 @@ class JobCallback(TrainerCallback):
         """`started` is the `time.monotonic()` reading when the process began: caps and the time to
         the first step count from there, model loading included."""
         self.device = device
+        self.dtype = hardware.training_dtype(device, spec.hyperparameters.precision)
         self._peak_flops: float | None = None
         self.events = events
         self.cancel_path = Path(spec.run_dir) / CANCEL_FILE
@@ -61,12 +62,14 @@ class JobCallback(TrainerCallback):
         """Set when a step's loss or gradient norm is NaN or infinite: the weights are no longer
         numbers, training stops there, and no model is saved."""
         self.time_to_first_step: float | None = None
+        self.setup_peak_memory: int | None = None
         self.last_logs: dict[str, float] = {}
         self._tokens_at_start = 0
         self._step_at_start = 0
         self._resumed_from: int | None = None
         self._train_started = started
         self._last_step_end = started
+        self._train_started_cpu = self._last_step_cpu = 0.0
         self._last_step_tokens = 0
 
     # What this run has used so far.
@@ -83,16 +86,25 @@ class JobCallback(TrainerCallback):
         seconds = self._last_step_end - self._train_started
         return self.tokens_seen(state) / seconds if seconds > 0 else 0.0
 
+    def tokens_per_cpu_second(self, state: TrainerState) -> float:
+        """Tokens over the CPU time the process spent in the training loop (all its threads): on a
+        shared machine, what the loop would do on an idle one with as many threads."""
+        seconds = self._last_step_cpu - self._train_started_cpu
+        return self.tokens_seen(state) / seconds if seconds > 0 else 0.0
+
     def mfu(self, tokens_per_second: float) -> float:
-        """Model FLOPs utilisation: model FLOPs per second over the device's measured matmul peak
-        (summed over the processes of a several-device job, since each counts its own tokens)."""
+        """Model FLOPs utilisation: model FLOPs per second over the device's measured matmul peak in
+        the precision training runs in (summed over the processes of a several-device job, since
+        each counts its own tokens)."""
         if self._peak_flops is None:
             # Measured once, at the first report, not before the first step: the ~0.3 s it takes is
             # taken off the training clock, so it changes neither the time to the first step nor tokens/s.
-            before = time.monotonic()
-            self._peak_flops = hardware.measure_matmul_peak_flops(self.device)
+            before, before_cpu = time.monotonic(), time.process_time()
+            self._peak_flops = hardware.measure_matmul_peak_flops(self.device, self.dtype)
             self._train_started += time.monotonic() - before
             self._last_step_end += time.monotonic() - before
+            self._train_started_cpu += time.process_time() - before_cpu
+            self._last_step_cpu += time.process_time() - before_cpu
         # Token counts are the whole job's (Trainer gathers them from every process); the peak is one device's.
         return self.flops_per_token * tokens_per_second / (self._peak_flops * hardware.world_size())
 
@@ -104,13 +116,17 @@ class JobCallback(TrainerCallback):
         self._tokens_at_start = state.num_input_tokens_seen
         self._step_at_start = self._resumed_from = state.global_step
         self._train_started = self._last_step_end = time.monotonic()
+        self._train_started_cpu = self._last_step_cpu = time.process_time()
         self._last_step_tokens = 0
+        # What preparing the data and the model took, before training's own peak starts over.
+        self.setup_peak_memory = hardware.peak_memory_bytes(self.device)
         hardware.reset_peak_memory(self.device)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
         now = time.monotonic()
         step_seconds, self._last_step_end = now - self._last_step_end, now
+        self._last_step_cpu = time.process_time()
         tokens = self.tokens_seen(state)
         step_tokens = tokens - self._last_step_tokens
         self._last_step_tokens = tokens

@@ -3,7 +3,8 @@
     python -m training_core SPEC.json        # a JobSpec with "method": "continued_pretrain"
 
 Read top to bottom: `run` loads the base model and its tokenizer (full weights, or a LoRA adapter
-on a frozen base), holds out documents of the new text, packs the rest like `pretrain` does, and
+on a frozen base), holds out documents of the new text, streams the rest from a token file in
+blocks like `pretrain` does (`training_core.corpus`: tokenized once per snapshot and tokenizer), and
 measures held-out perplexity and bits per byte twice, before and after training: on the new
 domain, and on a held-out slice of what the base model was trained on, so forgetting is visible.
 
@@ -19,7 +20,7 @@ from typing import Any
 
 from transformers import Trainer, TrainingArguments, default_data_collator
 
-from training_core import data, language_modeling, runs
+from training_core import corpus, data, language_modeling, runs
 from training_core.callbacks import JobCallback
 from training_core.events import EventWriter
 from training_core.pretrain import HELDOUT_FILE, MAX_EVAL_DOCUMENTS, write_heldout
@@ -32,13 +33,16 @@ def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> Job
     model, tokenizer = runs.load_model(spec, device)
     if spec.adapter == "lora":
         model = _with_adapter(spec, model)
-    _, train_records, eval_records = runs.load_records(spec, ("text",), MAX_EVAL_DOCUMENTS)
-    new_texts = [r["text"] for r in eval_records]
+    snapshots = [Path(path) for path in spec.train_files]
+    hyper = spec.hyperparameters
+    held_out = corpus.hold_out(snapshots, hyper.eval_fraction, MAX_EVAL_DOCUMENTS, hyper.seed)
+    new_texts = held_out.texts
     base_texts = _base_heldout(spec, events)
-    block_size = spec.hyperparameters.max_seq_length
-    blocks = language_modeling.pack(tokenizer, [r["text"] for r in train_records], block_size)
-    events.message(f"packed {len(train_records)} new documents into {len(blocks)} blocks of {block_size} tokens",
-                   blocks=len(blocks), held_out=len(new_texts), base_held_out=len(base_texts))
+    block_size = hyper.max_seq_length
+    token_files = [corpus.token_file(path, tokenizer, spec, events) for path in snapshots]
+    blocks = corpus.TokenBlocks(token_files, block_size, skip=held_out.ordinals)
+    events.message(f"packed {held_out.documents - len(new_texts)} new documents into {len(blocks)} blocks of "
+                   f"{block_size} tokens", blocks=len(blocks), held_out=len(new_texts), base_held_out=len(base_texts))
 
     parameters = model.num_parameters()
     callback = JobCallback(events, spec, spec.flops_per_token or 6.0 * parameters, started, device)

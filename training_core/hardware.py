@@ -1,22 +1,35 @@
 """The device a job trains on, its precision, and what that device can do.
 
     from training_core import hardware
-    device = hardware.pick_device()                  # "cuda" or "cpu"
-    hardware.measure_matmul_peak_flops(device)       # e.g. 1.2e11 on two CPU cores
+    device = hardware.pick_device()                          # "cuda" or "cpu"
+    bf16 = hardware.use_bf16(device, "auto")                 # measured on a CPU, see below
+    hardware.measure_matmul_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
 
-Model FLOPs utilisation (MFU) is `6 x parameters x tokens/s` over the device's peak. Datasheet peaks
-do not exist for CPUs and overstate GPUs under real clocks, so the peak is measured: a short timed
-matmul in the precision training uses, cached per process.
+Precision: `auto` trains under bf16 autocast where the device is faster with it. GPUs report bf16
+support. A CPU is measured: with bf16 instructions (avx512_bf16, AMX, Arm bf16) a bf16 matmul can
+be 2-3x faster than an fp32 one (two cores of this machine: ~94 against ~34 GFLOP/s on one thread),
+without them it is emulated and slower. The measurement (a short matmul in each precision) is kept
+per machine in `cache_dir()`, so it costs ~0.6 s once, not at every job.
+
+Model FLOPs utilisation (MFU) is `6 x parameters x tokens/s` over the device's peak in the precision
+that ran. Datasheet peaks do not exist for CPUs and overstate GPUs under real clocks, so the peak is
+measured: a short timed matmul, once per process.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import platform
 import resource
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
+
+from training_core.spec import JobError
 
 
 def pick_device() -> str:
@@ -44,19 +57,85 @@ def agree(*flags: bool) -> tuple[bool, ...]:
     return tuple(bool(vote) for vote in votes.tolist())
 
 
-def use_bf16(device: str) -> bool:
-    """bf16 mixed precision on GPUs that support it; the CPU trains in fp32, where bf16 autocast is slower."""
-    return device == "cuda" and torch.cuda.is_bf16_supported()
+def use_bf16(device: str, precision: str = "auto") -> bool:
+    """Whether training autocasts to bf16: `precision` as the job asked (`auto`, `bf16`, `fp32`), where
+    `auto` is bf16 on GPUs that have it and on processors where a bf16 matmul is measured faster than
+    an fp32 one (`cpu_bf16_is_faster`), fp32 elsewhere. Master weights and optimizer state stay fp32."""
+    if precision == "fp32":
+        return False
+    if precision == "bf16":
+        if device == "cuda" and not torch.cuda.is_bf16_supported():
+            raise JobError("invalid_request", f"precision bf16: this GPU ({torch.cuda.get_device_name()}) has no "
+                           "bf16; use precision auto or fp32", param="hyperparameters.precision")
+        return True
+    if precision != "auto":
+        raise JobError("invalid_request", f"precision {precision!r} is not one of auto, bf16, fp32",
+                       param="hyperparameters.precision")
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_bf16_is_faster()
 
 
-def training_dtype(device: str) -> torch.dtype:
-    return torch.bfloat16 if use_bf16(device) else torch.float32
+def training_dtype(device: str, precision: str = "auto") -> torch.dtype:
+    return torch.bfloat16 if use_bf16(device, precision) else torch.float32
+
+
+BF16_MIN_SPEEDUP = 1.3
+"""How much faster a bf16 matmul must be than an fp32 one for `auto` to pick bf16 on a CPU: autocast
+casts every weight once per step and runs softmax, norms and the loss in fp32, so a smaller matmul
+gain does not survive a whole training step."""
+
+
+def cpu_bf16_is_faster() -> bool:
+    """Whether this CPU trains faster in bf16: no without bf16 instructions (avx512_bf16 or amx_bf16 on
+    x86, bf16 on Arm), where bf16 is emulated; otherwise measured once per machine, torch version and
+    thread count (`cpu_matmul_probe`)."""
+    if not _cpu_has_bf16_instructions():
+        return False
+    probe = cpu_matmul_probe()
+    return probe["bf16_flops"] >= BF16_MIN_SPEEDUP * probe["fp32_flops"]
+
+
+def cpu_matmul_probe() -> dict[str, Any]:
+    """fp32 and bf16 matmul FLOP/s on this CPU, measured once and kept in the machine's cache
+    (`cache_dir()/hardware.json`, keyed by processor, torch version and threads): ~0.6 s the first
+    time, a file read after. A cache that cannot be written only costs the measurement again."""
+    key = f"{_cpu_model()}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    path = cache_dir() / "hardware.json"
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), dict) and {"fp32_flops", "bf16_flops"} <= known[key].keys():
+        return known[key]
+    known[key] = {"fp32_flops": _measure_matmul("cpu", torch.float32),
+                  "bf16_flops": _measure_matmul("cpu", torch.bfloat16), "measured_at": time.time()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=2), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return known[key]
+
+
+def cache_dir() -> Path:
+    """Where per-machine measurements live: `WEIGHTSMITH_CACHE_DIR`, else the user's cache directory."""
+    configured = os.environ.get("WEIGHTSMITH_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "weightsmith"
 
 
 @functools.cache
-def measure_matmul_peak_flops(device: str, seconds: float = 0.3) -> float:
-    """FLOP/s of a square matmul in the training precision, the best of repeated timings over ~`seconds`."""
-    dtype = training_dtype(device)
+def measure_matmul_peak_flops(device: str, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a square matmul in `dtype` (the precision training ran in), the best of repeated
+    timings over ~0.3 s; measured once per process."""
+    return _measure_matmul(device, dtype)
+
+
+def _measure_matmul(device: str, dtype: torch.dtype, seconds: float = 0.3) -> float:
     # Big enough to be compute-bound, small enough that one product stays well under the time budget.
     n = 8192 if device == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -72,6 +151,28 @@ def measure_matmul_peak_flops(device: str, seconds: float = 0.3) -> float:
         _synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def _cpu_has_bf16_instructions() -> bool:
+    flags = _cpu_info_field("flags") or _cpu_info_field("Features")
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags.split()))
+
+
+def _cpu_model() -> str:
+    return _cpu_info_field("model name") or platform.processor() or platform.machine()
+
+
+@functools.cache
+def _cpu_info_field(name: str) -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                label, _, value = line.partition(":")
+                if label.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
 
 
 def reset_peak_memory(device: str) -> None:

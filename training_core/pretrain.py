@@ -13,10 +13,15 @@ preset (or an explicit shape), next-token prediction on packed blocks with warmu
     chat_template   replaces the ChatML default
 
 Read top to bottom: `run` holds out documents, trains the tokenizer and writes the initial model
-to `output_dir/init` (once: a resumed run reuses it, so its checkpoints match), packs the rest into
-`max_seq_length` blocks, measures held-out perplexity and bits per byte, trains, measures again,
-and saves the model to `output_dir/model` with the held-out documents beside it (`heldout.jsonl`),
-so a later `continued_pretrain` can show how much of this corpus it forgets.
+to `output_dir/init` (once: a resumed run reuses it, so its checkpoints match), tokenizes the
+corpus into a token file (once per snapshot and tokenizer, `training_core.corpus`) and streams
+`max_seq_length` blocks from it, measures held-out perplexity and bits per byte, trains, measures
+again, and saves the model to `output_dir/model` with the held-out documents beside it
+(`heldout.jsonl`), so a later `continued_pretrain` can show how much of this corpus it forgets.
+
+The corpus is never held in memory: documents are streamed for the hold-out draw and the
+tokenizer (every k-th one beyond `corpus.TOKENIZER_SAMPLE_BYTES`), and blocks are read from the
+memory-mapped token file.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +41,7 @@ from transformers import (
     default_data_collator,
 )
 
-from training_core import hardware, language_modeling, presets, runs
+from training_core import corpus, hardware, language_modeling, presets, runs
 from training_core.callbacks import JobCallback
 from training_core.events import EventWriter
 from training_core.shapes import PRESETS, ModelPreset, shape_of
@@ -49,15 +55,21 @@ HELDOUT_FILE = "heldout.jsonl"
 def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> JobResult:
     started, device = runs.begin(started)
 
-    _, train_records, eval_records = runs.load_records(spec, ("text",), MAX_EVAL_DOCUMENTS)
-    train_texts, eval_texts = [r["text"] for r in train_records], [r["text"] for r in eval_records]
-    init_dir = _initial_model(spec, train_texts, events)
+    snapshots = [Path(path) for path in spec.train_files]
+    hyper = spec.hyperparameters
+    held_out = corpus.hold_out(snapshots, hyper.eval_fraction, MAX_EVAL_DOCUMENTS, hyper.seed)
+    # A generator: read only if the tokenizer is trained now (a resumed run reuses `init/`).
+    tokenizer_texts = corpus.documents(snapshots, skip=held_out.ordinals, every=corpus.sample_stride(snapshots))
+    init_dir = _initial_model(spec, tokenizer_texts, events)
     tokenizer = AutoTokenizer.from_pretrained(init_dir)
-    model = AutoModelForCausalLM.from_pretrained(init_dir)
-    block_size = spec.hyperparameters.max_seq_length
-    blocks = language_modeling.pack(tokenizer, train_texts, block_size)
-    events.message(f"packed {len(train_texts)} documents into {len(blocks)} blocks of {block_size} tokens; "
-                   f"{len(eval_texts)} documents held out", blocks=len(blocks), held_out=len(eval_texts),
+    model = AutoModelForCausalLM.from_pretrained(
+        init_dir, attn_implementation=runs.attention_implementation(spec, device))
+    block_size = hyper.max_seq_length
+    token_files = [corpus.token_file(path, tokenizer, spec, events) for path in snapshots]
+    blocks = corpus.TokenBlocks(token_files, block_size, skip=held_out.ordinals)
+    train_documents = held_out.documents - len(held_out.texts)
+    events.message(f"packed {train_documents} documents into {len(blocks)} blocks of {block_size} tokens; "
+                   f"{len(held_out.texts)} documents held out", blocks=len(blocks), held_out=len(held_out.texts),
                    vocab_size=len(tokenizer), parameters=model.num_parameters())
 
     parameters = model.num_parameters()
@@ -66,7 +78,7 @@ def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> Job
         model=model, args=TrainingArguments(**runs.common_arguments(spec, device)), train_dataset=blocks,
         data_collator=default_data_collator, processing_class=tokenizer, callbacks=[callback]))
 
-    before = language_modeling.heldout_figures(trainer.model, tokenizer, eval_texts, block_size)
+    before = language_modeling.heldout_figures(trainer.model, tokenizer, held_out.texts, block_size)
     output, _ = runs.train(trainer, spec, events)
 
     metrics: dict[str, Any] = {
@@ -78,16 +90,16 @@ def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> Job
     if result.status != "succeeded":
         return result
     metrics.update(language_modeling.prefixed("heldout_after", language_modeling.heldout_figures(
-        trainer.model, tokenizer, eval_texts, block_size)))
+        trainer.model, tokenizer, held_out.texts, block_size)))
     model_dir, _ = runs.save_model(spec, trainer, tokenizer)
-    write_heldout(model_dir, eval_texts)
+    write_heldout(model_dir, held_out.texts)
     result.model_dir = str(model_dir)
     events.message(f"saved the model to {model_dir}", model_dir=result.model_dir,
                    perplexity=metrics.get("heldout_after_perplexity"))
     return result
 
 
-def _initial_model(spec: JobSpec, texts: list[str], events: EventWriter) -> Path:
+def _initial_model(spec: JobSpec, texts: Iterable[str], events: EventWriter) -> Path:
     """Tokenizer and randomly initialised model in `output_dir/init`, built once per job."""
     init_dir = Path(spec.output_dir) / "init"
     if (init_dir / "config.json").exists():
@@ -104,7 +116,8 @@ def _initial_model(spec: JobSpec, texts: list[str], events: EventWriter) -> Path
         tokenizer_options["extra_special_tokens"] = list(options["special_tokens"])
     if options.get("chat_template"):
         tokenizer_options["chat_template"] = options["chat_template"]
-    presets.build_base_model(shape, texts, building, seed=spec.hyperparameters.seed, **tokenizer_options)
+    with corpus.parallel_tokenizers():
+        presets.build_base_model(shape, texts, building, seed=spec.hyperparameters.seed, **tokenizer_options)
     try:
         building.rename(init_dir)  # whole or absent: a run killed while building starts it again
     except OSError:  # another process's identical copy is in place

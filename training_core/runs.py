@@ -10,6 +10,7 @@ lives here.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import re
@@ -32,7 +33,7 @@ from transformers import (
 )
 from transformers.trainer_utils import TrainOutput
 
-from training_core import data, hardware
+from training_core import attention, data, hardware
 from training_core.callbacks import JobCallback
 from training_core.events import EventWriter
 from training_core.spec import JobError, JobResult, JobSpec
@@ -57,10 +58,12 @@ def begin(started: float | None) -> tuple[float, str]:
 def common_arguments(spec: JobSpec, device: str) -> dict[str, Any]:
     """TrainingArguments every method uses: the resolved hyperparameters, checkpoints, no hub, no tqdm.
 
-    Gradient checkpointing is off (TRL turns it on by default): the models this service trains on
-    one device fit without it, and it costs about a fifth of the throughput.
+    Gradient checkpointing is off unless the job asks for it (TRL turns it on by default): the
+    models this service trains on one device fit without it, and it costs an extra forward pass.
+    The optimizer is transformers' default, fused AdamW (one kernel over all parameters).
     """
     hyper = spec.hyperparameters
+    bf16 = hardware.use_bf16(device, hyper.precision)
     return {
         "output_dir": spec.output_dir,
         "max_steps": hyper.max_steps,
@@ -72,10 +75,12 @@ def common_arguments(spec: JobSpec, device: str) -> dict[str, Any]:
         "per_device_eval_batch_size": 2 * hyper.per_device_batch_size,  # no activations kept for backward
         "gradient_accumulation_steps": hyper.gradient_accumulation_steps,
         "seed": hyper.seed,
-        "bf16": hardware.use_bf16(device),
+        "bf16": bf16,
         # Explicit, so several CPU processes train as one job (gloo) rather than each on its own.
         "use_cpu": device == "cpu",
-        "activation_checkpointing": False,
+        "activation_checkpointing": hyper.gradient_checkpointing,
+        # Liger's Triton kernels (fused RMSNorm, SwiGLU, RoPE, linear cross-entropy) where installed.
+        "use_liger_kernel": device == "cuda" and hyper.liger_kernels and liger_kernels_installed(),
         "logging_steps": hyper.logging_steps,
         # A NaN or infinite loss is reported as it is (Trainer would log the window's other losses,
         # or 0), so that the job callback sees a diverged run and stops it.
@@ -98,17 +103,31 @@ def quiet(trainer: Trainer) -> Trainer:
     return trainer
 
 
-def load_model(spec: JobSpec, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(spec: JobSpec, device: str, padding_free: bool = False
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model and its tokenizer; `padding_free`: the job trains on padding-free rows (SFT),
+    which picks the attention kernel (`training_core.attention`)."""
     # The frozen base of a LoRA run needs no fp32 master copy; trained weights keep one (see above).
-    dtype = hardware.training_dtype(device) if spec.adapter == "lora" else torch.float32
+    dtype = hardware.training_dtype(device, spec.hyperparameters.precision) if spec.adapter == "lora" \
+        else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
-        model = AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=dtype,
+                                                     attn_implementation=attention_implementation(
+                                                         spec, device, padding_free))
     except (OSError, ValueError) as error:
         where = "" if Path(spec.base_model).is_dir() else " (no such directory; as a hub id it failed too)"
         raise JobError("invalid_model", f"cannot load the base model {spec.base_model}{where}: {error}",
                        param="base_model") from error
     return model, tokenizer
+
+
+def attention_implementation(spec: JobSpec, device: str, padding_free: bool = False) -> str:
+    return attention.implementation(device, hardware.use_bf16(device, spec.hyperparameters.precision), padding_free)
+
+
+def liger_kernels_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def load_records(spec: JobSpec, accepted: tuple[str, ...], max_eval_records: int
@@ -165,10 +184,10 @@ def save_model(spec: JobSpec, trainer: Trainer, tokenizer: PreTrainedTokenizerBa
     if not hardware.is_main_process():  # one process of a several-device job writes the merged copy
         return model_dir, Path(spec.output_dir) / "merged"
     merged_dir = Path(spec.output_dir) / "merged"
-    peft_model = trainer.model
-    assert isinstance(peft_model, PeftModel)
-    merged = peft_model.merge_and_unload()
-    # A bf16 base (LoRA on a GPU) is merged in bf16; saved as such, it loads like the base did.
+    # Merged into the base as stored (fp32, say), not into the bf16 copy training kept to save memory:
+    # the merged model is then as precise as the base was, and equals base plus adapter exactly.
+    base = AutoModelForCausalLM.from_pretrained(spec.base_model, dtype="auto")
+    merged = PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload()
     merged.save_pretrained(str(merged_dir))
     tokenizer.save_pretrained(str(merged_dir))
     return model_dir, merged_dir
@@ -226,8 +245,11 @@ def run_metrics(callback: JobCallback, state: TrainerState, device: str, paramet
     tokens_per_second = callback.tokens_per_second(state)
     return {
         "tokens_per_second": tokens_per_second,
+        "tokens_per_cpu_second": callback.tokens_per_cpu_second(state),
         "peak_memory_bytes": hardware.peak_memory_bytes(device),
+        "setup_peak_memory_bytes": callback.setup_peak_memory,
         "mfu": callback.mfu(tokens_per_second),
+        "precision": "bf16" if callback.dtype == torch.bfloat16 else "fp32",
         "time_to_first_step_seconds": callback.time_to_first_step,
         "parameters": parameters,
         "trainable_parameters": trainable_parameters,

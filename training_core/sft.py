@@ -12,15 +12,18 @@ Choices a reader would otherwise have to dig for:
 - Chat records train on the assistant's turns only when the tokenizer's chat template marks them
   (`{% generation %}`, as the presets' template does); otherwise on the whole conversation.
   Prompt-completion records train on the completion (TRL's default).
+- `padding_free` (on by default) lays a step's records one after another in a single row instead
+  of padding each to the longest: the same records and loss per step, no compute on pad tokens.
 - `packing` fills each sequence with several records (TRL's best-fit decreasing, padding-free).
   Each record still attends only to itself: the batch carries position ids that restart at every
-  record, from which transformers builds a block-diagonal mask (SDPA or eager) or FlashAttention
-  its varlen boundaries (`test_packed_records_see_only_themselves`).
+  record, from which FlashAttention reads its varlen boundaries and `training_core.attention`
+  attends record by record (`test_packed_records_see_only_themselves`).
 - The held-out set is `eval_fraction` of the records, drawn with the job's seed, and at most
   `MAX_EVAL_RECORDS`: the evaluation before training sits between the tool call and the first
   optimizer step, so its cost must stay small whatever the dataset's size.
-- Full fine-tuning keeps fp32 master weights (bf16 autocast on GPUs that have it); LoRA on such a
-  GPU loads the frozen base in bf16, since it needs no master copy, gradients or optimizer state.
+- Full fine-tuning keeps fp32 master weights (bf16 autocast where the device is faster with it,
+  `hardware.use_bf16`); LoRA then loads the frozen base in bf16, since it needs no master copy,
+  gradients or optimizer state.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ import datasets
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import has_generation_markers
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from training_core import runs
+from training_core import attention, hardware, runs
 from training_core.callbacks import JobCallback
 from training_core.events import EventWriter
 from training_core.spec import JobError, JobResult, JobSpec
@@ -46,7 +50,8 @@ def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> Job
     start, from which the caps and the time to the first optimizer step count."""
     started, device = runs.begin(started)
 
-    model, tokenizer = runs.load_model(spec, device)
+    hyper = spec.hyperparameters
+    model, tokenizer = runs.load_model(spec, device, padding_free=hyper.padding_free or hyper.packing)
     data_format, train_records, eval_records = runs.load_records(spec, SFT_FORMATS, MAX_EVAL_RECORDS)
     if data_format == "messages" and not tokenizer.chat_template:
         raise JobError("invalid_model", (
@@ -99,10 +104,26 @@ def _build_trainer(spec: JobSpec, model: PreTrainedModel, tokenizer: PreTrainedT
     )
     trainer = SFTTrainer(
         model=model, args=config, processing_class=tokenizer, peft_config=runs.lora_config(spec),
-        callbacks=[callback],
+        callbacks=[callback], data_collator=_padding_free_collator(spec, tokenizer, device),
         train_dataset=datasets.Dataset.from_list(train_records),
         eval_dataset=datasets.Dataset.from_list(eval_records) if eval_records else None)
     return runs.quiet(trainer)
+
+
+def _padding_free_collator(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, device: str
+                           ) -> DataCollatorForLanguageModeling | None:
+    """Padding-free batches of whole records (TRL's collator), or None for TRL's default: padded
+    batches, or with `packing` its own padding-free packed rows.
+
+    TRL's `padding_free` option refuses to run without packing when records are truncated to
+    `max_length`, since its collator does not truncate; truncation happens earlier, when TRL
+    prepares the dataset, so handing it the padding-free collator ourselves is safe."""
+    hyper = spec.hyperparameters
+    bf16 = hardware.use_bf16(device, hyper.precision)
+    if hyper.packing or not hyper.padding_free or not attention.padding_free_supported(device, bf16):
+        return None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True)
 
 
 def _evaluate(trainer: SFTTrainer, eval_records: list[dict[str, Any]]) -> float | None:

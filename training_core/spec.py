@@ -60,6 +60,21 @@ class Hyperparameters:
     save_steps: int = 50
     logging_steps: int = 1
     packing: bool = False
+    precision: str = "auto"
+    """`auto`, `bf16` or `fp32`: bf16 autocast (fp32 master weights and optimizer state) or plain fp32.
+    `auto` is bf16 on GPUs that support it and on CPUs where a bf16 matmul is measured faster
+    (`training_core.hardware.use_bf16`); the frozen base of a LoRA run is then stored in bf16 too."""
+    padding_free: bool = True
+    """SFT: a step's records are laid one after another in one row, with no padding and each record
+    attending only to itself (`training_core.attention`); same records per step as padded batches.
+    Off on GPUs without FlashAttention. Other methods have no padding (pretrain) or TRL's own (DPO, GRPO)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them: less memory for about one
+    more forward pass (8 rather than 6 FLOPs per parameter and token)."""
+    liger_kernels: bool = True
+    """On a GPU where `liger-kernel` is installed: its Triton kernels for RMSNorm, SwiGLU and RoPE
+    (and, for pretrain and continued_pretrain, the fused linear cross-entropy, which never holds the
+    logits). Nothing on a CPU or without the package."""
 
 
 @dataclass
@@ -95,6 +110,10 @@ class JobSpec:
     """6 x trainable-path parameters: what one trained token costs, for the compute cap."""
     devices: int = 1
     """Processes training together (`accelerate launch`): GPUs, or CPU processes where there are none."""
+    token_cache_dir: str | None = None
+    """Where `pretrain` and `continued_pretrain` keep the token files of the snapshots they read
+    (`training_core.corpus`), shared by later jobs; None: beside each snapshot, or in `output_dir`
+    where the snapshot's directory cannot be written."""
     options: dict[str, Any] = field(default_factory=dict)
     """Method-specific settings that only that method's module reads (DPO's beta, GRPO's rewards,
     an eval job's suite, a synth job's task); plain JSON values."""
