@@ -47,7 +47,8 @@ def main(comparisons: int) -> None:
         flagged = flagged_iid = detected = 0
         for trial in range(comparisons):
             cand, base, clusters = sample(rng, pass_fail, 0.0)
-            flagged += gate.compare(cand, base, pass_fail=pass_fail, clusters=clusters, seed=trial).verdict != "inconclusive"
+            verdict = gate.compare(cand, base, pass_fail=pass_fail, clusters=clusters, seed=trial).verdict
+            flagged += verdict != "inconclusive"
             flagged_iid += gate.compare(cand, base, pass_fail=pass_fail, seed=trial).verdict != "inconclusive"
             cand, base, clusters = sample(rng, pass_fail, shift)
             detected += gate.compare(cand, base, pass_fail=pass_fail, clusters=clusters, seed=trial).verdict == "fail"

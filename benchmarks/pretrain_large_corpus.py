@@ -96,7 +96,8 @@ def main() -> None:
         return max(metrics["setup_peak_memory_bytes"], metrics["peak_memory_bytes"])
 
     print_json({
-        "corpus_gb": round(written / 1e9, 3), "documents": documents, "generated_in_seconds": round(generated_seconds, 1),
+        "corpus_gb": round(written / 1e9, 3), "documents": documents,
+        "generated_in_seconds": round(generated_seconds, 1),
         "preset": args.preset, "parameters": large["parameters"], "precision": large["precision"],
         "tokens": tokenized["tokens"], "tokenize_seconds": round(tokenized["seconds"], 1),
         "tokenize_mb_per_second": round(tokenized["megabytes_per_second"], 2),

@@ -75,7 +75,8 @@ def main(starts: int, calls: int) -> None:
                 reward_scores(sb.call("regex_reward", completions=completions, prompts=["q"] * 64), 64, "regex_reward")
             batch = time.perf_counter() - began
         print(json.dumps({"isolation": backend, "start_ms_median": round(statistics.median(start_ms), 1),
-                          "start_ms_max": round(max(start_ms), 1), "close_ms_median": round(statistics.median(close_ms), 1),
+                          "start_ms_max": round(max(start_ms), 1),
+                          "close_ms_median": round(statistics.median(close_ms), 1),
                           **figures,
                           "empty_call_ms": round(1000 * empty / calls, 3), "empty_calls_per_s": round(calls / empty),
                           "batch64_call_ms": round(1000 * batch / calls, 3),

@@ -346,8 +346,9 @@ def main() -> None:
             print(line, flush=True)
             results.append(ratios)
     never = sum(r.of_budget == math.inf for r in results)
-    for name, ratios, target in (("random search's compute (the target)", [r.of_budget for r in results], " (target <= 0.4)"),
-                                 ("random search's compute until it found its best", [r.of_finding for r in results], "")):
+    measures = (("random search's compute (the target)", [r.of_budget for r in results], " (target <= 0.4)"),
+                ("random search's compute until it found its best", [r.of_finding for r in results], ""))
+    for name, ratios, target in measures:
         print(f"median ratio, TPE+Hyperband's compute to match random search's best / {name}, over {len(ratios)} "
               f"seeds: {statistics.median(ratios):.2f}{target}; <= 0.4 in {sum(r <= 0.4 for r in ratios)}")
     print(f"never matched in {never}; {time.monotonic() - started:.0f} s")

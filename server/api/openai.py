@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from server.api import auth
 from server.api.errors import as_weightsmith, openai_body
@@ -77,30 +78,31 @@ async def _generate(route: str, request: Request, service: ServiceContext, autho
     except Exception as err:  # noqa: BLE001 -- answered in OpenAI's words
         return openai_error(err)
     if body.get("stream"):
-        return StreamingResponse(_relay(gateway, agent, served, route, body), media_type="text/event-stream")
-    usage = None
+        ended: dict[str, Any] = {}  # the usage the stream reported, charged once it is sent
+        return StreamingResponse(_relay(gateway, agent, served, route, body, ended), media_type="text/event-stream",
+                                 background=BackgroundTask(lambda: gateway.charge(agent, served, ended.get("usage"))))
     try:
         reply = await gateway.forward(route, served, body)
         payload = reply.json()
-        usage = payload.get("usage") if reply.status_code == 200 else None
-        return JSONResponse(payload, status_code=reply.status_code)
     finally:
-        await anyio.to_thread.run_sync(gateway.release, agent, served, usage)
+        gateway.release(agent)
+    usage = payload.get("usage") if reply.status_code == 200 else None
+    return JSONResponse(payload, status_code=reply.status_code,
+                        background=BackgroundTask(gateway.charge, agent, served, usage))
 
 
-async def _relay(gateway: Gateway, agent: Agent, served: Served, route: str, body: dict[str, Any]
-                 ) -> AsyncIterator[bytes]:
-    usage = None
+async def _relay(gateway: Gateway, agent: Agent, served: Served, route: str, body: dict[str, Any],
+                 ended: dict[str, Any]) -> AsyncIterator[bytes]:
     try:
         async for piece in gateway.stream(route, served, body):
             if isinstance(piece, bytes):
                 yield piece
             elif "usage" in piece:
-                usage = piece["usage"]
+                ended["usage"] = piece["usage"]
             else:  # the engine refused before streaming: its error, as an event the client raises
                 yield f"data: {json.dumps(piece['body'])}\n\n".encode()
     finally:
-        await anyio.to_thread.run_sync(gateway.release, agent, served, usage)
+        gateway.release(agent)
 
 
 async def _body(request: Request) -> dict[str, Any]:

@@ -131,8 +131,14 @@ class Gateway:
                                     details={"retry_after": int(wait) + 1})
         self._busy[agent.id] += 1
 
-    def release(self, agent: Agent, served: Served, usage: dict[str, Any] | None) -> None:
+    def release(self, agent: Agent) -> None:
+        """The request stopped generating (its answer is out): it no longer counts against the limit."""
         self._busy[agent.id] -= 1
+
+    def charge(self, agent: Agent, served: Served, usage: dict[str, Any] | None) -> None:
+        """Record what a request generated against the agent's budget. Called after its answer is sent:
+        the client's next request need not wait on this write (clients that come back late miss the
+        engine's next batch)."""
         if not usage:
             return
         tokens = int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
@@ -216,7 +222,8 @@ class Gateway:
             usage = answer.get("usage")
             return answer
         finally:
-            self.release(agent, served, usage)
+            self.release(agent)
+            self.charge(agent, served, usage)
 
     def close(self) -> None:
         """Stop the engines this service started."""

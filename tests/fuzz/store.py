@@ -5,7 +5,8 @@ past the limits into admission.
 
 What keeps a fuzzed call from starting work: the store is seeded by a service whose workers run, then
 opened again with `workers=False, scheduler=False, serving=False`. Launches are admitted and queue;
-nothing claims them, no schedule fires, no serving engine starts, and no child process starts (`child_processes` lets a test check that).
+nothing claims them, no schedule fires, no serving engine starts, and no child process starts
+(`child_processes` lets a test check that).
 """
 
 from __future__ import annotations

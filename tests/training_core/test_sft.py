@@ -286,7 +286,7 @@ def test_a_run_killed_after_its_last_checkpoint_trains_again_to_max_steps_and_no
     steps = [e["data"]["step"] for e in second_run if e["type"] == "metrics" and "loss" in e["data"]]
     assert [e["data"]["step"] for e in second_run if e["message"].startswith("resuming from step")] == [4]
     # The checkpoint it resumed from is announced again (its first announcement may have been lost).
-    assert [e["data"]["step"] for e in second_run if e["type"] == "checkpoint"][0] == 4
+    assert next(e["data"]["step"] for e in second_run if e["type"] == "checkpoint") == 4
     assert steps == [5, 6]
     assert [s for s, _ in metric_history(_events(spec), "loss")] == list(range(1, 7))
 
