@@ -95,7 +95,8 @@ class JobCallback(TrainerCallback):
     def mfu(self, tokens_per_second: float) -> float:
         """Model FLOPs utilisation: model FLOPs per second over the device's measured matmul peak in
         the precision training runs in (summed over the processes of a several-device job, since
-        each counts its own tokens)."""
+        each counts its own tokens). With gradient checkpointing the recomputed forward pass counts
+        as work done, as it is charged to the job's compute."""
         if self._peak_flops is None:
             # Measured once, at the first report, not before the first step: the ~0.3 s it takes is
             # taken off the training clock, so it changes neither the time to the first step nor tokens/s.

@@ -37,12 +37,12 @@ LEARNING_RATE_RANGE = (1e-7, 1.0)
 
 class Hyperparameters(RequestModel):
     learning_rate: Annotated[float, Field(gt=0)] | Auto = Field(
-        "auto", description="Peak learning rate, 1e-7 to 1; auto picks by size and adapter.")
+        "auto", description="Peak, 1e-7 to 1; auto: by size and adapter.")
     max_steps: Annotated[StrictInt, Field(ge=1, le=10_000_000)] | Auto = Field(
         "auto", description="Optimizer steps; auto: epochs over the data.")
     epochs: float = Field(3.0, gt=0, le=100, description="Used when max_steps is auto.")
     per_device_batch_size: Annotated[StrictInt, Field(ge=1, le=1024)] | Auto = Field(
-        "auto", description="Sequences per device and step; auto: 8 (4 above 512 tokens).")
+        "auto", description="Per device and step; auto: 8 (4 over 512 tokens).")
     gradient_accumulation_steps: StrictInt = Field(1, ge=1, le=1024, description="Batches summed into one step.")
     max_seq_length: Annotated[StrictInt, Field(ge=16, le=131072)] | Auto = Field(
         "auto", description="Tokens per sequence; auto: fits the records.")
@@ -50,10 +50,14 @@ class Hyperparameters(RequestModel):
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
     seed: StrictInt = Field(0, ge=0, le=2**32 - 1, description="Seeds the split, shuffling and init.")
-    eval_fraction: float = Field(0.1, ge=0, lt=0.5, description="Held out for validation loss before and after.")
+    eval_fraction: float = Field(0.1, ge=0, lt=0.5, description="Held out for validation loss.")
     save_steps: Annotated[StrictInt, Field(ge=1)] | Auto = Field(
-        "auto", description="Checkpoint interval (a killed job resumes from one); auto: 5 a run.")
+        "auto", description="Checkpoint interval; auto: 5 a run.")
     packing: StrictBool = Field(False, description="SFT: several records a sequence, none seeing another.")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where measured faster.")
+    padding_free: StrictBool = Field(True, description="SFT: records unpadded, end to end.")
+    gradient_checkpointing: StrictBool = Field(False, description="Less memory, 8/6 the compute.")
+    liger_kernels: StrictBool = Field(True, description="GPU: Liger kernels if installed.")
 
 
 class LoraOptions(RequestModel):
@@ -80,8 +84,7 @@ class TrainRequest(RequestModel):
         "auto", description="auto: full for pretrain and continued_pretrain, lora otherwise.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Any may be auto.")
     lora: LoraOptions | None = Field(None, description="With adapter lora.")
-    merge_adapter: StrictBool = Field(False, description="With lora: also save merged weights (to train or "
-                                      "generate on).")
+    merge_adapter: StrictBool = Field(False, description="With lora: also save merged weights.")
     options: dict[str, Any] | None = Field(None, description="The method's options: " + methods.describe_options())
     devices: StrictInt = Field(1, ge=1, le=1024, description="GPUs (or CPU processes) training data parallel.")
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Caps for this job.")
@@ -168,11 +171,13 @@ def build_train_job(ctx: ServiceContext, agent: Agent, request: TrainRequest, re
         parameters = modelinfo.count_parameters(base_dir)
     lengths = _record_lengths(request.method, base_dir, datasets)
     hyper = _resolve(request, adapter, lengths, parameters, config)
+    # Recomputing the forward pass in backward costs one more forward: 2 FLOPs per parameter and token.
+    flops_per_parameter_token = method.flops_per_parameter_token + (2.0 if hyper.gradient_checkpointing else 0.0)
     estimate = guardrails.Estimate(
         parameters=parameters,
         tokens_per_step=request.devices * _tokens_per_step(request.method, hyper, method_options, lengths),
         max_steps=hyper.max_steps, dataset_bytes=sum(d.bytes for d in datasets),
-        max_seconds=request.limits.max_seconds, flops_per_parameter_token=method.flops_per_parameter_token)
+        max_seconds=request.limits.max_seconds, flops_per_parameter_token=flops_per_parameter_token)
 
     job = Job(agent_id=agent.id, kind="train", method=request.method, state=JobState.validating,
               request=request.model_dump(mode="json"), request_hash=request_hash, estimate_flops=estimate.flops)
@@ -184,7 +189,7 @@ def build_train_job(ctx: ServiceContext, agent: Agent, request: TrainRequest, re
         base_model=str(base_dir or ""), train_files=[d.path for d in datasets], hyperparameters=hyper,
         adapter=adapter, lora=LoraSpec(**lora.model_dump()), merge_adapter=request.merge_adapter,
         limits=job_limits(agent, request.limits.max_seconds, request.limits.max_flops),
-        flops_per_token=method.flops_per_parameter_token * parameters,
+        flops_per_token=flops_per_parameter_token * parameters,
         options=method_options | (extra_options or {}), devices=request.devices)
     job.resolved = {
         "spec": json.loads(spec.to_json()), "hyperparameters": json.loads(json.dumps(hyper.__dict__)),
@@ -317,7 +322,8 @@ def _resolve(request: TrainRequest, adapter: str, lengths: RecordLengths, parame
         learning_rate=lr, max_steps=steps, per_device_batch_size=batch,
         gradient_accumulation_steps=h.gradient_accumulation_steps, max_seq_length=seq, warmup_ratio=h.warmup_ratio,
         weight_decay=h.weight_decay, lr_scheduler=h.lr_scheduler, seed=h.seed, eval_fraction=h.eval_fraction,
-        save_steps=save_steps, packing=h.packing)
+        save_steps=save_steps, packing=h.packing, precision=h.precision, padding_free=h.padding_free,
+        gradient_checkpointing=h.gradient_checkpointing, liger_kernels=h.liger_kernels)
 
 
 def _packs_records(method: str, packing: bool) -> bool:

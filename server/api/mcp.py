@@ -34,12 +34,13 @@ from tools.get_job import GetJobRequest, get_job
 from tools.read_eval_report import ReadEvalReportRequest, read_eval_report, read_eval_report_html
 from tools.tune_hyperparameters import study_trials
 
+# Only what differs from MCP's defaults (readOnly false, destructive true, idempotent false, openWorld true);
+# destructive and idempotent mean nothing on a read-only tool. Every hint costs tokens in every tool list.
 ANNOTATIONS = {
-    "read": ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False),
-    "write": ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=False, openWorldHint=False),
-    "idempotent_write": ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=True,
-                                        openWorldHint=False),
-    "destructive": ToolAnnotations(readOnlyHint=False, destructiveHint=True, idempotentHint=True, openWorldHint=False),
+    "read": ToolAnnotations(readOnlyHint=True, openWorldHint=False),
+    "write": ToolAnnotations(destructiveHint=False, openWorldHint=False),
+    "idempotent_write": ToolAnnotations(destructiveHint=False, idempotentHint=True, openWorldHint=False),
+    "destructive": ToolAnnotations(idempotentHint=True, openWorldHint=False),
 }
 INSTRUCTIONS = (
     "weightsmith trains models on your data within your compute limits. Flow: upload_dataset (check ok) -> "

@@ -140,3 +140,24 @@ def test_a_chat_job_is_priced_at_what_it_trains_on_packed_or_not(service, tiny_m
     per_step = 4 * 256
     # One epoch's packed steps hold the data, with no step to spare (unpacked it would be 12 steps).
     assert (one_epoch.max_steps - 1) * per_step < data_tokens <= one_epoch.max_steps * per_step
+
+
+def test_the_performance_switches_reach_the_job_and_checkpointing_is_priced(service, tiny_model: Path,
+                                                                            tmp_path: Path) -> None:
+    agent = auth.ensure_local_agent(service.engine, service.settings)
+    ds = _dataset(service, agent, tmp_path)
+    plain = launch_training(service, agent, _request(tiny_model, ds, dry_run=True)).estimate
+    switches = {"precision": "fp32", "padding_free": False, "gradient_checkpointing": True, "liger_kernels": False}
+    checkpointed = launch_training(service, agent, _request(tiny_model, ds, dry_run=True, hyperparameters=(
+        quick_hyperparameters(**switches)))).estimate
+    assert checkpointed.flops == plain.flops * 8 / 6  # one more forward pass, recomputed in backward
+    started = launch_training(service, agent, _request(tiny_model, ds, hyperparameters=quick_hyperparameters(
+        max_steps=3, save_steps=1000, **switches)))
+    assert started.job is not None
+    done = wait_until(lambda: (j := jobs.get(service.engine, agent.id, started.job.id)).state in
+                      (JobState.succeeded, JobState.failed) and j)
+    assert done.state == JobState.succeeded, done.error
+    spec = done.resolved["spec"]["hyperparameters"]
+    assert {name: spec[name] for name in switches} == switches
+    assert done.metrics["precision"] == "fp32"
+
