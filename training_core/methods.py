@@ -57,8 +57,6 @@ class PretrainOptions(_Options):
                                              "instead of preset.")
     vocab_size: int | None = Field(None, ge=512, le=262144, description="Tokenizer vocabulary; default: the preset's.")
     special_tokens: list[str] = Field(default_factory=list, max_length=256, description="Tokens never split.")
-    split_digits: bool = Field(False, description="One token per digit (IDs, readings), as Llama and "
-                               "Qwen do: a small model learns to copy numbers far sooner.")
     chat_template: str | None = Field(None, max_length=20_000, description="Jinja chat template; default ChatML.")
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True, protected_namespaces=())
 

@@ -67,17 +67,14 @@ TINY_CORPUS = [
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, model_max_length: int = 2048,
-                    extra_special_tokens: Sequence[str] = (), chat_template: str = CHAT_TEMPLATE,
-                    split_digits: bool = False) -> PreTrainedTokenizerFast:
+                    extra_special_tokens: Sequence[str] = (), chat_template: str = CHAT_TEMPLATE
+                    ) -> PreTrainedTokenizerFast:
     """Train byte-level BPE on `texts` and save it, with its chat template, as a transformers tokenizer.
 
     `extra_special_tokens` (a domain's markers, tool-call tags) are never split; `chat_template` replaces
-    the ChatML default (it should keep `{% generation %}` around replies for assistant-only loss);
-    `split_digits` makes every digit its own token, so numbers are never merged into chunks."""
+    the ChatML default (it should keep `{% generation %}` around replies for assistant-only loss)."""
     tokenizer = Tokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    digits = pre_tokenizers.Digits(individual_digits=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level]) if split_digits else byte_level
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(

@@ -10,7 +10,6 @@ preset (or an explicit shape), next-token prediction on packed blocks with warmu
                     num_attention_heads, num_key_value_heads, vocab_size, max_position_embeddings
     vocab_size      the tokenizer's vocabulary (default: the preset's)
     special_tokens  extra tokens never split (a domain's markers)
-    split_digits    one token per digit
     chat_template   replaces the ChatML default
 
 Read top to bottom: `run` holds out documents, trains the tokenizer and writes the initial model
@@ -117,8 +116,6 @@ def _initial_model(spec: JobSpec, texts: Iterable[str], events: EventWriter) -> 
         tokenizer_options["extra_special_tokens"] = list(options["special_tokens"])
     if options.get("chat_template"):
         tokenizer_options["chat_template"] = options["chat_template"]
-    if options.get("split_digits"):
-        tokenizer_options["split_digits"] = True
     with corpus.parallel_tokenizers():
         presets.build_base_model(shape, texts, building, seed=spec.hyperparameters.seed, **tokenizer_options)
     try:

@@ -92,16 +92,6 @@ def test_the_tokenizer_takes_domain_special_tokens_and_a_chat_template(tmp_path:
     assert reloaded.convert_tokens_to_ids("<|ticket|>") == tokenizer.convert_tokens_to_ids("<|ticket|>")
 
 
-def test_a_tokenizer_that_splits_digits_gives_each_digit_a_token_and_decodes_back(tmp_path: Path) -> None:
-    texts = [f"ticket NW-{n:05d} on line HL-{n * 7:06d} reads -27.{n % 10} dBm" for n in range(400)]
-    presets.train_tokenizer(texts, 512, tmp_path, split_digits=True)
-    reloaded = AutoTokenizer.from_pretrained(tmp_path)
-    text = "Customer on NW-40112, line HL-127304."
-    tokens = reloaded.tokenize(text)
-    assert [t for t in tokens if any(c.isdigit() for c in t)] == list("40112127304")
-    assert reloaded.decode(reloaded(text)["input_ids"], skip_special_tokens=True) == text
-
-
 def test_an_explicit_shape_counts_its_parameters_like_the_model_does() -> None:
     from training_core.shapes import ModelPreset, parameter_count
 
