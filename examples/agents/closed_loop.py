@@ -1,7 +1,7 @@
 """A closed-loop agent: it makes its own model measurably better, over MCP only, in one command.
 
-    python examples/agents/closed_loop.py [--home DIR] [--pretrain-steps 300] [--traces 1500]
-                                          [--instructions 3000] [--sft-steps 400] [--next-steps 100]
+    python examples/agents/closed_loop.py [--home DIR] [--pretrain-steps 600] [--traces 800]
+                                          [--instructions 4000] [--sft-steps 800] [--next-steps 100]
 
 This is the loop an agent runs against weightsmith, written out as a script so every step is visible.
 It starts the service over MCP stdio (the way Claude Code or Cursor start it) and uses only its tools,
@@ -330,12 +330,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--home", type=Path, default=None,
                         help="a fresh service home (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--traces", type=int, default=1500, help="workflow traces generated in round 1")
-    parser.add_argument("--instructions", type=int, default=3000, help="instructions generated in round 1")
-    parser.add_argument("--sft-steps", type=int, default=400)
-    parser.add_argument("--sft-lr", type=float, default=2e-3)
-    parser.add_argument("--batch", type=int, default=16, help="records per fine-tuning step")
+    parser.add_argument("--pretrain-steps", type=int, default=600)
+    parser.add_argument("--traces", type=int, default=800, help="workflow traces generated in round 1")
+    parser.add_argument("--instructions", type=int, default=4000, help="instructions generated in round 1")
+    parser.add_argument("--sft-steps", type=int, default=800)
+    parser.add_argument("--sft-lr", type=float, default=3e-3)
+    # Small batches, many steps: for a model this small the number of updates seems to matter more than
+    # the records each one sees (on the same records and time, 800 x 8 reached p 0.003, 400 x 16 p 0.02).
+    parser.add_argument("--batch", type=int, default=8, help="records per fine-tuning step")
     parser.add_argument("--requests", type=int, default=4, help="new desk requests handed to production")
     parser.add_argument("--next-records", type=int, default=500, help="traces of the scheduled round")
     parser.add_argument("--next-steps", type=int, default=100, help="fine-tuning steps, scheduled round")

@@ -12,8 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # Smaller than the script's defaults so the run fits CI, still large enough for the gate to tell.
-CI_SIZE = ["--pretrain-steps", "200", "--traces", "800", "--instructions", "1600", "--sft-steps", "200",
-           "--requests", "2", "--next-records", "200", "--next-steps", "20"]
+CI_SIZE = ["--pretrain-steps", "400", "--sft-steps", "600", "--requests", "2", "--next-records", "100",
+           "--next-steps", "10"]
 
 
 @pytest.mark.slow
