@@ -265,6 +265,9 @@ def summary_markdown(args: argparse.Namespace, prepared: dict[str, Any], priced:
         vs = (f"{g['baseline']:.4g} | {g['delta']:+.4g} [{g['ci95'][0]:+.4g}, {g['ci95'][1]:+.4g}] | "
               f"{g['p_value']:.3g} | {g['verdict']}") if g else "- | - | - | -"
         lines.append(f"| {kpi['name']} | {kpi['value']:.4g} | {vs} |")
+    for item in report["items"][:2]:  # the worst items show what a score cannot: what the model says
+        lines.append(f"\nWorst item {item['index']} {item['scores']}: answered {item['output'][:100]!r}, "
+                     f"reference {item['reference'][:100]!r}")
     # Each KPI's gate may carry the same note: say it once.
     lines += ["", *(f"- next: {step}" for step in dict.fromkeys(report["next_steps"]))]
     return "\n".join(lines) + "\n"
