@@ -133,7 +133,9 @@ def _generate_all(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, it
         outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         processed = int(encoded["attention_mask"].sum()) + int((new_tokens != tokenizer.pad_token_id).sum())
         if perplexities is not None:
-            batch_ppl, scored = _perplexity(model, tokenizer, prompts, [item["reference"] for item in batch],
+            references = [item["reference"] for item in batch]
+            ends = [_answer_end(tokenizer, item["prompt"], item["reference"]) for item in batch]
+            batch_ppl, scored = _perplexity(model, tokenizer, prompts, references, ends,
                                             decoding.max_prompt_tokens, device)
             perplexities += batch_ppl
             processed += scored
@@ -141,13 +143,30 @@ def _generate_all(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, it
     return outputs, perplexities
 
 
+def _answer_end(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, str]], reference: str) -> int:
+    """The token that ends an answer, as fine-tuning teaches it: after a chat prompt the chat
+    template's end of turn (ChatML's <|im_end|>: SFT trains a model to emit it, and never the
+    end-of-text token there, so scoring end of text would count fine-tuning as a loss), after a
+    plain prompt end of text."""
+    if isinstance(prompt, str):
+        return tokenizer.eos_token_id
+    head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    whole = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": reference}], tokenize=False)
+    tail = whole[len(head) + len(reference):] if whole.startswith(head + reference) else ""
+    special = set(tokenizer.all_special_ids)
+    return next((i for i in tokenizer(tail, add_special_tokens=False)["input_ids"] if i in special),
+                tokenizer.eos_token_id)
+
+
 def _perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                references: list[str], max_prompt_tokens: int, device: str) -> tuple[list[float], int]:
-    """exp(mean NLL) of each reference's tokens after its prompt, and the tokens processed."""
+                references: list[str], ends: list[int], max_prompt_tokens: int,
+                device: str) -> tuple[list[float], int]:
+    """exp(mean NLL) of each reference's tokens and its end token after its prompt, and the tokens
+    processed."""
     values, processed = [], 0
-    for prompt, reference in zip(prompts, references, strict=True):
+    for prompt, reference, end in zip(prompts, references, ends, strict=True):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
-        reference_ids = tokenizer(reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        reference_ids = tokenizer(reference, add_special_tokens=False)["input_ids"] + [end]
         ids = prompt_ids + reference_ids
         start = max(len(prompt_ids), 1)  # without a prompt the first token has nothing to predict it
         logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, start - 1:-1]

@@ -50,3 +50,30 @@ def test_eval_stops_at_its_compute_cap_and_on_cancel(tmp_path: Path, tiny_model:
     with EventWriter(tmp_path / "run") as events:
         cancelled = evaluate.run(_spec(tmp_path, tiny_model, items), events)
     assert cancelled.status == "cancelled" and cancelled.steps == 1
+
+
+def test_a_chat_reference_is_scored_up_to_the_end_of_turn_fine_tuning_teaches(tmp_path: Path,
+                                                                              tiny_model: Path) -> None:
+    # SFT on chats trains the model to end its answer with the template's <|im_end|>, never with
+    # end of text: perplexity must score the end the model was taught, or fine-tuning reads as a loss.
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    items = write_jsonl(tmp_path / "chat.jsonl", chat_records(1))
+    with EventWriter(tmp_path / "run") as events:
+        result = evaluate.run(_spec(tmp_path, tiny_model, items), events)
+    row = json.loads(Path(result.metrics["runs"]["candidate"]["results_path"]).read_text(encoding="utf-8"))
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn != tokenizer.eos_token_id
+    prompt = tokenizer.apply_chat_template(json.loads(row["prompt"]), add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(row["reference"], add_special_tokens=False)["input_ids"] + [end_of_turn]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt_ids + answer_ids])).logits[0, len(prompt_ids) - 1:-1]
+    expected = math.exp(torch.nn.functional.cross_entropy(logits, torch.tensor(answer_ids)).item())
+    assert math.isclose(row["scores"]["ppl"], expected, rel_tol=1e-4)
