@@ -149,9 +149,10 @@ def http_service(settings: Settings) -> Iterator[tuple[str, str, str]]:
     server.should_exit = True
     thread.join(30)
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[RayCluster]:
-    """A local Ray head (127.0.0.1, 2 CPUs, the Jobs API) shared by the session's Ray tests."""
+    """A local Ray head (127.0.0.1, 2 CPUs, the Jobs API) shared by a module's Ray tests: an idle head's
+    dozen processes take a share of the two cores, so it does not outlive the module."""
     available, reason = ray_cluster_module.available_or_reason()
     if not available:
         pytest.skip(reason)

@@ -70,6 +70,8 @@ def _study_table(study_id: str) -> dict[str, Any]:
             live.update(trials_table({**study, "metrics": {**(study.get("metrics") or {}), "trials": trials}}))
             if study["state"] in FINAL:
                 break
+    if not console.is_terminal:  # Live ends its last frame with a newline only on a terminal
+        console.line()
     if study.get("model_id"):
         console.print(study_model_line(study), highlight=False)
     return study

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 import warnings
 from typing import Any
 
@@ -25,12 +26,14 @@ def studies_storage(url: str) -> optuna.storages.RDBStorage:
     Optuna makes its tables and stamps its schema version when a storage first opens a database; two
     processes (or drivers) doing so at once on a fresh one race, and the loser's CREATE TABLE or
     version stamp fails (seen: "table studies already exists", "UNIQUE constraint failed:
-    alembic_version.version_num"). Both are there by then, so the loser opens the storage again
-    rather than give the study up."""
-    try:
-        return _storage(url)
-    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.IntegrityError):
-        return _storage(url)
+    alembic_version.version_num"). The loser opens the storage again rather than give the study up;
+    with several at once the winner may still be stamping the version, so it tries a few times."""
+    for attempt in range(4):
+        try:
+            return _storage(url)
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.IntegrityError):
+            time.sleep(0.2 * (attempt + 1))
+    return _storage(url)
 
 
 def _storage(url: str) -> optuna.storages.RDBStorage:

@@ -302,7 +302,7 @@ def _gone(pid: int) -> bool:
 
 
 def _training_pids(engine: Engine, agent_id: str, job_id: str) -> list[int]:
-    return [e.data["pid"] for e in jobs.events(engine, agent_id, job_id, 0, 2000, "message")
+    return [int(e.data["process"]) for e in jobs.events(engine, agent_id, job_id, 0, 2000, ("message",))
             if e.message.startswith("training process")]
 
 
@@ -369,7 +369,7 @@ def test_a_sigkilled_service_resumes_its_study_losing_and_repeating_no_trial(set
     resumed = by_number[1]
     assert resumed.id == interrupted.id and resumed.attempts == 2
     assert len(_training_pids(engine, agent.id, resumed.id)) == 2
-    messages = [e.message for e in jobs.events(engine, agent.id, resumed.id, 0, 2000, "message")]
+    messages = [e.message for e in jobs.events(engine, agent.id, resumed.id, 0, 2000, ("message",))]
     resumed_from = [int(m.split()[-1]) for m in messages if m.startswith("resuming from step")]
     assert resumed_from and resumed_from[0] >= checkpoint_step, messages
     for number in (0, 2):
@@ -419,8 +419,8 @@ def test_cli_tune_starts_a_study_from_yaml_and_shows_its_trials(
     env = {**os.environ, "WEIGHTSMITH_URL": base, "WEIGHTSMITH_API_KEY": key, "COLUMNS": "200"}
     cli = [sys.executable, "-m", "server.cli.main"]
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(24))
-    uploaded = subprocess.run([*cli, "datasets", "upload", str(data)], env=env, capture_output=True, text=True,
-                              check=True)
+    uploaded = subprocess.run([*cli, "datasets", "upload", str(data), "--json"], env=env, capture_output=True,
+                              text=True, check=True)
     dataset_id = json.loads(uploaded.stdout)["dataset"]["id"]
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump({
@@ -428,18 +428,21 @@ def test_cli_tune_starts_a_study_from_yaml_and_shows_its_trials(
                      "hyperparameters": quick_hyperparameters(save_steps=100)},
         "search_space": LR, "n_trials": 2, "budget_flops": 1e12, "strategy": {"pruner": "none"}}),
         encoding="utf-8")
-    tuned = subprocess.run([*cli, "tune", str(study)], env=env, capture_output=True, text=True, check=False,
-                           timeout=400)
+    tuned = subprocess.run([*cli, "tune", "--config", str(study), "--watch"], env=env, capture_output=True,
+                           text=True, check=False, timeout=400)
     assert tuned.returncode == 0, tuned.stdout + tuned.stderr
     assert "succeeded" in tuned.stdout and "best" in tuned.stdout and "stopped: n_trials" in tuned.stdout
     assert tuned.stdout.count("complete") >= 2
-    study_id = re.search(r"study (job_\w+): budget", tuned.stdout).group(1)  # type: ignore[union-attr]
+    started = re.search(r"(job_\w+) queued: budget", tuned.stdout)
+    assert started, tuned.stdout
+    study_id = started.group(1)
     shown = httpx.get(f"{base}/v1/jobs/{study_id}", headers={"Authorization": f"Bearer {key}"}).json()
     # What the study hands over, last: no final retrain was asked for, so the best trial's model.
     assert f"model {shown['model_id']} (trial {shown['metrics']['best_trial']}); best parameters" in tuned.stdout
-    refused = subprocess.run([*cli, "tune", str(study), "--no-watch"], env={**env, "WEIGHTSMITH_API_KEY": "nope"},
+    refused = subprocess.run([*cli, "tune", "--config", str(study)], env={**env, "WEIGHTSMITH_API_KEY": "nope"},
                              capture_output=True, text=True, check=False)
-    assert refused.returncode == 1 and "unauthorized" in refused.stdout
+    # A key the service does not know: one line naming what to set, exit code 2 as for any missing set-up.
+    assert refused.returncode == 2 and "WEIGHTSMITH_API_KEY" in refused.stderr
 
 
 # The eval-suite KPI objective: a small suite (12 items, 4 new tokens) keeps each trial's eval short.

@@ -32,8 +32,8 @@ def _launch(service: ServiceContext, tmp_path: Path, name: str, **overrides: obj
 def _child_pid(service: ServiceContext, agent_id: str, job_id: str, after: int = 0) -> int:
     def started() -> int | None:
         for event in jobs.events(service.engine, agent_id, job_id, after, 500):
-            if "pid" in event.data and event.seq > after:
-                return int(event.data["pid"])
+            if event.message.startswith("training process") and event.seq > after:
+                return int(event.data["process"])  # a local child is named by its pid
         return None
 
     return wait_until(started, timeout=60, interval=0.05)
