@@ -13,7 +13,7 @@
 #   1. pre-training MFU on the 125m preset (target: 40% or more);
 #   2. the SFT throughput ratio of a launch_training job against the plain TRL script;
 #   3. LoRA's peak memory against full fine-tuning at 4 x 128 on the 125m preset (target: <= 0.6x);
-#   4. serving tokens/s, from benchmarks/serve_throughput.py when it is there (a placeholder line if not).
+#   4. serving tokens/s (benchmarks/serve_throughput.py, one round: the service, the bare engine, sequential).
 #
 # Each step has its own time limit, so one that hangs cannot take the others with it; the limits add
 # up to nine minutes, and the steps take about half that. The install adds a minute or two from a
@@ -87,10 +87,10 @@ echo "== 3. LoRA peak memory against full fine-tuning (target: <= 0.6x)"
 run 120 "$PY" benchmarks/lora_memory.py "${LORA[@]}"
 
 echo "== 4. serving tokens/s"
-if [[ -f benchmarks/serve_throughput.py ]]; then
-  if [[ "$DEVICE" == "cpu" ]]; then run 60 "$PY" benchmarks/serve_throughput.py --help; else run 90 "$PY" benchmarks/serve_throughput.py; fi
+if [[ "$DEVICE" == "cpu" ]]; then
+  run 60 "$PY" benchmarks/serve_throughput.py --help
 else
-  echo "serving tokens/s: not measured (benchmarks/serve_throughput.py is not in this checkout yet)"
+  run 150 "$PY" benchmarks/serve_throughput.py --rounds 1
 fi
 
 exit $FAILED

@@ -69,7 +69,7 @@ def service_job(work: Path, model_dir: Path, steps: int, batch: int, seq_len: in
     settings = Settings(home=work / "home", data_roots=[SAMPLE, model_dir.parent], worker_slots=1)
 
     async def drive(ctx: Any) -> dict[str, Any]:
-        async with Client(build_mcp_server(ServiceRef(ctx))) as client:
+        async with Client(build_mcp_server(ServiceRef(ctx), toolsets=("all",))) as client:
             upload = await client.call_tool("upload_dataset", {"path": str(SAMPLE / "support_chat.jsonl")})
             ds = upload.structured_content["dataset"]["id"]
             called = time.time()
@@ -88,8 +88,10 @@ def service_job(work: Path, model_dir: Path, steps: int, batch: int, seq_len: in
             from datetime import datetime
 
             first_time = datetime.fromisoformat(first["time"]).timestamp()
-            losses = (await client.call_tool("get_metric_history", {"job_id": job["id"], "metric": "loss"})
-                      ).structured_content["values"]
+            history = await client.call_tool("get_metric_history", {"job_id": job["id"], "metric": "loss",
+                                                                     "max_points": 1000})
+            assert not history.is_error, history.content[0].text
+            losses = history.structured_content["values"]
             metrics = job["metrics"]
             return {"tokens_per_second": metrics["tokens_per_second"], "call_to_first_step": first_time - called,
                     "tokens_per_cpu_second": metrics["tokens_per_cpu_second"],
