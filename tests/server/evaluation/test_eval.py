@@ -162,7 +162,10 @@ def test_train_job_with_an_eval_suite_is_gated_against_its_base_and_the_html_rep
                                   hyperparameters=quick_hyperparameters(max_steps=60, learning_rate=3e-3))
             trained = await wait_final(client, launched["job"]["id"])
             assert trained["state"] == "succeeded", trained["error"]
-            evals = (await call(client, "list_jobs", kind="eval"))["jobs"]
+            # The eval is queued just after the train job is marked succeeded, not in the same transaction.
+            with anyio.fail_after(60):
+                while not (evals := (await call(client, "list_jobs", kind="eval"))["jobs"]):
+                    await anyio.sleep(0.2)
             assert len(evals) == 1
             evaluated = await wait_final(client, evals[0]["id"])
             assert evaluated["state"] == "succeeded", evaluated["error"]
