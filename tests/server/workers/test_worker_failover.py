@@ -154,11 +154,11 @@ def test_jobs_left_validating_by_a_crash_are_checked_again_and_run_or_fail(setti
 def test_a_job_outlives_more_clean_service_restarts_than_max_attempts(settings: Settings, tmp_path: Path) -> None:
     restarts = settings.max_attempts + 1  # each claim is a run; before, the run after the 3rd restart failed it
     with open_service(settings, workers=False) as ctx:
-        agent, job = _queue_chat_job(ctx, settings, tmp_path, "restarted", records=32, max_steps=160, save_steps=8)
+        agent, job = _queue_chat_job(ctx, settings, tmp_path, "restarted", records=32, max_steps=48, save_steps=8)
     for run in range(1, restarts + 1):
         with open_service(settings) as ctx:  # leaving it stops the service, which hands the run back
             wait_until(lambda run=run: (j := jobs.get(ctx.engine, agent.id, job.id)).attempts == run
-                       and j.state == JobState.running, timeout=60, interval=0.05)
+                       and j.state == JobState.running, timeout=120, interval=0.05)
     with open_service(settings) as ctx:
         done = wait_until(lambda: (j := jobs.get(ctx.engine, agent.id, job.id)).state in
                           (JobState.succeeded, JobState.failed) and j, timeout=240)
