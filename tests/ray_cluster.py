@@ -32,7 +32,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from training_core.spec import JobResult
 
 START_TIMEOUT_SECONDS = 90.0
 """Seconds for the Jobs API to answer; the head takes about 9 on two busy CPU cores."""
@@ -193,3 +196,18 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.endswith("}")]
+
+
+def assert_resumed_to_the_end(run_dir: Path, checkpoints: list[int], max_steps: int) -> JobResult:
+    """The second run resumed from the newest checkpoint (or later), trained every step after it up to
+    `max_steps`, and left a succeeded result, which is returned."""
+    from training_core.spec import JobResult
+
+    events = read_events(run_dir)
+    [resumed] = [e for e in events if e["message"].startswith("resuming from step")]
+    assert resumed["data"]["step"] >= max(checkpoints)
+    after = [e["data"]["step"] for e in events[events.index(resumed):] if e["type"] == "metrics"]
+    assert after[0] == resumed["data"]["step"] + 1 and after[-1] == max_steps
+    result = JobResult.read(run_dir)
+    assert result is not None and result.status == "succeeded" and result.steps == max_steps
+    return result

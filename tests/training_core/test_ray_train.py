@@ -16,7 +16,14 @@ from transformers import AutoTokenizer
 
 from server.workers.ray_jobs import RayJobs, SubmissionStatus, training_entrypoint
 from tests.conftest import chat_records, wait_until
-from tests.ray_cluster import RayCluster, read_events, submission_env, training_processes, write_sft_spec
+from tests.ray_cluster import (
+    RayCluster,
+    assert_resumed_to_the_end,
+    read_events,
+    submission_env,
+    training_processes,
+    write_sft_spec,
+)
 from training_core.spec import JobResult
 
 pytestmark = pytest.mark.slow  # a Ray Train run starts a driver, a controller and two workers: a minute here
@@ -82,11 +89,5 @@ def test_a_ray_train_job_whose_driver_is_killed_stops_its_workers_and_resumes_fr
     status = _ended(ray_jobs, second)
 
     assert status.state == "succeeded", ray_jobs.logs(second)[-4000:]
-    events = read_events(run_dir)
-    [resumed] = [e for e in events if e["message"].startswith("resuming from step")]
-    assert resumed["data"]["step"] >= max(checkpoints)
-    after = [e["data"]["step"] for e in events[events.index(resumed):] if e["type"] == "metrics"]
-    assert after[0] == resumed["data"]["step"] + 1 and after[-1] == 60
-    result = JobResult.read(run_dir)
-    assert result is not None and result.status == "succeeded" and result.steps == 60
+    result = assert_resumed_to_the_end(run_dir, checkpoints, max_steps=60)
     assert result.metrics["devices"] == 2

@@ -32,6 +32,16 @@ def _dataset(ctx, agent, tmp_path: Path) -> str:  # type: ignore[no-untyped-def]
     return upload_dataset(ctx, agent, UploadDatasetRequest(path=str(path))).dataset.id
 
 
+def _trained(ctx, agent, request: LaunchTrainingRequest) -> Job:  # type: ignore[no-untyped-def]
+    """Launch the job and wait for it to succeed."""
+    started = launch_training(ctx, agent, request)
+    assert started.job is not None
+    done = wait_until(lambda: (j := jobs.get(ctx.engine, agent.id, started.job.id)).state in
+                      (JobState.succeeded, JobState.failed) and j)
+    assert done.state == JobState.succeeded, done.error
+    return done
+
+
 def _race_32_launches(settings: Settings, tiny_model: Path, tmp_path: Path) -> None:
     with open_service(settings, workers=False) as ctx:
         probe, _ = auth.create_agent(ctx.engine, settings, "probe")
@@ -122,12 +132,8 @@ def test_a_chat_job_is_priced_at_what_it_trains_on_packed_or_not(service, tiny_m
     agent = auth.ensure_local_agent(service.engine, service.settings)
     ds = _dataset(service, agent, tmp_path)
     hyper = {"max_seq_length": 256, "packing": packing}
-    started = launch_training(service, agent, _request(tiny_model, ds, hyperparameters=quick_hyperparameters(
+    done = _trained(service, agent, _request(tiny_model, ds, hyperparameters=quick_hyperparameters(
         max_steps=4, save_steps=1000, **hyper)))
-    assert started.job is not None
-    done = wait_until(lambda: (j := jobs.get(service.engine, agent.id, started.job.id)).state in
-                      (JobState.succeeded, JobState.failed) and j)
-    assert done.state == JobState.succeeded, done.error
     assert 0.7 * done.estimate_flops < done.flops_used <= done.estimate_flops
     one_epoch = launch_training(service, agent, _request(tiny_model, ds, dry_run=True, hyperparameters={
         **hyper, "epochs": 1, "per_device_batch_size": 4, "eval_fraction": 0.0})).estimate
@@ -151,12 +157,8 @@ def test_the_performance_switches_reach_the_job_and_checkpointing_is_priced(serv
     checkpointed = launch_training(service, agent, _request(tiny_model, ds, dry_run=True, hyperparameters=(
         quick_hyperparameters(**switches)))).estimate
     assert checkpointed.flops == plain.flops * 8 / 6  # one more forward pass, recomputed in backward
-    started = launch_training(service, agent, _request(tiny_model, ds, hyperparameters=quick_hyperparameters(
+    done = _trained(service, agent, _request(tiny_model, ds, hyperparameters=quick_hyperparameters(
         max_steps=3, save_steps=1000, **switches)))
-    assert started.job is not None
-    done = wait_until(lambda: (j := jobs.get(service.engine, agent.id, started.job.id)).state in
-                      (JobState.succeeded, JobState.failed) and j)
-    assert done.state == JobState.succeeded, done.error
     spec = done.resolved["spec"]["hyperparameters"]
     assert {name: spec[name] for name in switches} == switches
     assert done.metrics["precision"] == "fp32"

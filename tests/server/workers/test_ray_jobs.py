@@ -13,7 +13,14 @@ pytest.importorskip("ray.job_submission", reason="ray[default] is not installed;
 
 from server.workers.ray_jobs import LogTail, RayJobs, RayJobsError, SubmissionStatus, training_entrypoint
 from tests.conftest import wait_until
-from tests.ray_cluster import RayCluster, read_events, submission_env, training_processes, write_sft_spec
+from tests.ray_cluster import (
+    RayCluster,
+    assert_resumed_to_the_end,
+    read_events,
+    submission_env,
+    training_processes,
+    write_sft_spec,
+)
 from training_core.spec import JobResult
 
 
@@ -100,13 +107,7 @@ def test_a_killed_run_leaves_no_result_and_the_next_submission_resumes_from_its_
 
     assert second == "ws-job-kill-2" and status.state == "succeeded", ray_jobs.logs(second)[-3000:]
     assert [s.state for s in ray_jobs.submissions("job-kill")] == ["failed", "succeeded"]
-    events = read_events(run_dir)
-    [resumed] = [e for e in events if e["message"].startswith("resuming from step")]
-    assert resumed["data"]["step"] >= max(checkpoints)
-    after = [e["data"]["step"] for e in events[events.index(resumed):] if e["type"] == "metrics"]
-    assert after[0] == resumed["data"]["step"] + 1 and after[-1] == 60
-    result = JobResult.read(run_dir)
-    assert result is not None and result.status == "succeeded" and result.steps == 60
+    assert_resumed_to_the_end(run_dir, checkpoints, max_steps=60)
 
 
 def test_an_address_without_a_jobs_api_is_refused_naming_it() -> None:
