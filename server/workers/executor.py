@@ -80,11 +80,11 @@ class LocalExecutor:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop claiming, stop running children, and hand their jobs back for the next start."""
-        self._stopping.set()
-        self._wake.set()
-        with self._lock:
+        with self._lock:  # with `_start`: a lease claimed while stopping is handed back, never left running
+            self._stopping.set()
             studies = list(self._drivers.values())
             running = list(self._running.values())
+        self._wake.set()
         for lease, _ in studies:
             lease.stop("service stopping; it resumes when a worker next runs")
         for lease, _ in running:
@@ -130,8 +130,13 @@ class LocalExecutor:
         thread = threading.Thread(target=self._follow, args=(registry, lease, work, failure_reason, flops_used),
                                   name=f"job-{lease.job_id}", daemon=True)
         with self._lock:  # registered and started at once: `stop` never sees an unstarted thread
-            registry[lease.job_id] = (lease, thread)
-            thread.start()
+            stopping = self._stopping.is_set()
+            if not stopping:
+                registry[lease.job_id] = (lease, thread)
+                thread.start()
+        if stopping:  # claimed as the service began to stop: `stop` would not wait for its work
+            lease.give_back("service stopping before the run began; it resumes when a worker next runs",
+                            flops_used=None, run_seconds=self._job(lease).run_seconds, handed_back=True)
 
     def _follow(self, registry: dict[str, tuple[Lease, threading.Thread]], lease: Lease, work: Callable[[], None],
                 failure_reason: str, flops_used: Callable[[], float | None]) -> None:

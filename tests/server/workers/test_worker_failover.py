@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from server.settings import Settings
 from server.store import agents as auth
 from server.store import jobs
 from server.store.db import write_transaction
+from server.store import leases
 from server.store.leases import claim
 from server.store.tables import Agent, Dataset, Job, JobState, Reservation
 from server.workers import child
@@ -164,6 +166,34 @@ def test_a_job_outlives_more_clean_service_restarts_than_max_attempts(settings: 
                           (JobState.succeeded, JobState.failed) and j, timeout=240)
     assert done.state == JobState.succeeded, done.error
     assert (done.attempts, done.handed_back) == (restarts + 1, restarts)
+
+
+def test_a_job_claimed_just_as_the_service_stops_is_handed_back_and_not_run(settings: Settings, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    with open_service(settings, workers=False) as ctx:
+        agent, job = _queue_chat_job(ctx, settings, tmp_path, "late-claim", records=8, max_steps=4)
+    claimed = threading.Event()
+    real_claim = leases.claim
+
+    def claim_until_the_stop_begins(*args: Any, **kwargs: Any) -> leases.Lease | None:
+        lease = real_claim(*args, **kwargs)
+        if lease is not None and lease.job_id == job.id:
+            claimed.set()
+            wait_until(lambda: ctx.executor is not None and ctx.executor._stopping.is_set(), timeout=30, interval=0.01)
+        return lease
+
+    monkeypatch.setattr(leases, "claim", claim_until_the_stop_begins)
+    with open_service(settings) as ctx:
+        assert claimed.wait(60)
+    monkeypatch.undo()
+    row = jobs.get(ctx.engine, agent.id, job.id)
+    messages = [e.message for e in jobs.events(ctx.engine, agent.id, job.id, 0, 200)]
+    assert (row.state, row.attempts, row.handed_back) == (JobState.running, 1, 1), messages
+    assert not any(m.startswith("training process") for m in messages), messages
+    with open_service(settings) as ctx:
+        done = wait_until(lambda: (j := jobs.get(ctx.engine, agent.id, job.id)).state in
+                          (JobState.succeeded, JobState.failed) and j, timeout=120)
+    assert done.state == JobState.succeeded and done.attempts == 2, done.error
 
 
 def test_a_job_whose_runs_keep_crashing_fails_after_max_attempts_counting_no_clean_stop(settings: Settings) -> None:
