@@ -19,9 +19,8 @@ from server.context import ServiceContext
 from server.service import open_service
 from server.settings import Settings
 from server.store import agents as auth
-from server.store import jobs
+from server.store import jobs, leases
 from server.store.db import write_transaction
-from server.store import leases
 from server.store.leases import claim
 from server.store.tables import Agent, Dataset, Job, JobState, Reservation
 from server.workers import child
