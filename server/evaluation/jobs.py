@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from sqlmodel import Session
 from server.admission import guardrails, idempotency
 from server.admission.datasets import sha256_file
 from server.context import ServiceContext
-from server.errors import InvalidDataset, InvalidRequest
+from server.errors import InvalidDataset, InvalidRequest, LimitExceeded
 from server.evaluation.data_drift import data_drift_for
 from server.evaluation.reports import (
     gate_rows,
@@ -125,9 +126,11 @@ def prepare_eval_job(engine: Engine, runs_dir: Path, agent: Agent, suite_row: Ev
     return job, price
 
 
-def queue_after_training(engine: Engine, train_job: Job, model: Model) -> Job | None:
-    """The eval a train job asked for (`eval_suite`), baseline its parent; a refusal is recorded on
-    the train job as a warning, never turned into a failure of the training that succeeded."""
+def after_training(engine: Engine, train_job: Job, model: Model) -> Callable[[Session, Job], None]:
+    """The eval a train job asked for (`eval_suite`), baseline its parent, made ready to be queued in
+    the transaction that ends the train job: an agent that sees the train job succeeded sees its eval
+    too, and no crash between the two loses it. A refusal is recorded on the train job as a warning,
+    never turned into a failure of the training that succeeded."""
     runs_dir = Path(train_job.run_dir).parent  # every job's run directory lies in HOME/runs
     try:
         with Session(engine) as session:
@@ -139,22 +142,32 @@ def queue_after_training(engine: Engine, train_job: Job, model: Model) -> Job | 
                 ref=model.config["spec"]["base_model"], path=model.config["spec"]["base_model"], base_path=None,
                 parameters=model.parameters, family=candidate.family)
         assert agent is not None
-        job = queue_eval(engine, runs_dir, agent, suite_row, candidate, baseline,
-                         request={"model": model.id, "suite_id": suite_row.id, "after_job": train_job.id})
+        request = {"model": model.id, "suite_id": suite_row.id, "after_job": train_job.id}
+        eval_job, price = prepare_eval_job(engine, runs_dir, agent, suite_row, candidate, baseline, request=request)
+        eval_job.request_hash = idempotency.request_hash_of(request)
     except Exception as error:  # noqa: BLE001 -- any refusal is reported on the train job, not raised
-        _note(engine, train_job.id, "warning", f"the eval on {train_job.resolved['eval_suite']} was not "
-              f"started: {error}", {})
-        return None
-    _note(engine, train_job.id, "info", f"eval job {job.id} queued", {"eval_job_id": job.id})
-    return job
+        refusal = error
+        return lambda session, row: _not_started(session, row, refusal)
+
+    def queue(session: Session, row: Job) -> None:
+        verdict = guardrails.admit(session, engine, agent.id, price)  # reads only: a refusal leaves nothing
+        try:
+            guardrails.raise_if_refused(verdict, price)
+        except LimitExceeded as error:
+            _not_started(session, row, error)
+            return
+        session.add(eval_job)
+        session.flush()
+        session.add(Reservation(agent_id=agent.id, job_id=eval_job.id, flops_reserved=price.flops))
+        jobs.append_event(session, row, "info", "message", f"eval job {eval_job.id} queued",
+                          {"eval_job_id": eval_job.id})
+
+    return queue
 
 
-def _note(engine: Engine, job_id: str, level: str, message: str, data_: dict[str, Any]) -> None:
-    with write_transaction(engine) as session:
-        row = session.get(Job, job_id)
-        assert row is not None
-        jobs.append_event(session, row, level, "message", message, data_)
-        session.add(row)
+def _not_started(session: Session, train_job: Job, error: Exception) -> None:
+    jobs.append_event(session, train_job, "warning", "message", f"the eval on {train_job.resolved['eval_suite']} "
+                      f"was not started: {error}", {})
 
 
 def finish_eval_job(engine: Engine, job: Job, epoch: int, result: JobResult) -> None:

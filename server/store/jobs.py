@@ -7,7 +7,7 @@ worker whose lease was taken over (it stalled, another worker reclaimed the job)
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import Engine, update
@@ -124,8 +124,10 @@ def relay(engine: Engine, job_id: str, epoch: int, new_events: list[dict[str, An
 
 
 def finish(engine: Engine, job_id: str, epoch: int, state: str, *, error: dict[str, Any] | None = None,
-           metrics: dict[str, Any] | None = None, model: Model | None = None) -> bool:
-    """End a job and settle its reservation against the compute it used, in one transaction."""
+           metrics: dict[str, Any] | None = None, model: Model | None = None,
+           also: Callable[[Session, Job], None] | None = None) -> bool:
+    """End a job and settle its reservation against the compute it used, in one transaction;
+    `also` writes what follows from the ending (a train job's eval) in that same transaction."""
     with write_transaction(engine) as session:
         job = session.get(Job, job_id)
         if job is None or job.lease_epoch != epoch or job.state in FINAL_STATES:
@@ -141,6 +143,8 @@ def finish(engine: Engine, job_id: str, epoch: int, state: str, *, error: dict[s
                       {"state": state, **({"error": error} if error else {})})
         session.add(job)
         reservations.settle(session, job.id, job.flops_used)
+        if also is not None:
+            also(session, job)
         return True
 
 

@@ -20,9 +20,8 @@ from training_core.spec import JobResult
 
 def finish_train(engine: Engine, job: Job, epoch: int, result: JobResult) -> None:
     model = _registered_model(job, result)
-    finished = jobs.finish(engine, job.id, epoch, JobState.succeeded, metrics=result.metrics, model=model)
-    if finished and job.resolved.get("eval_suite"):
-        eval_jobs.queue_after_training(engine, job, model)
+    queue_eval = eval_jobs.after_training(engine, job, model) if job.resolved.get("eval_suite") else None
+    jobs.finish(engine, job.id, epoch, JobState.succeeded, metrics=result.metrics, model=model, also=queue_eval)
 
 
 def _finish_synth(engine: Engine, job: Job, epoch: int, result: JobResult) -> None:

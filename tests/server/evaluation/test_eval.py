@@ -162,10 +162,8 @@ def test_train_job_with_an_eval_suite_is_gated_against_its_base_and_the_html_rep
                                   hyperparameters=quick_hyperparameters(max_steps=60, learning_rate=3e-3))
             trained = await wait_final(client, launched["job"]["id"])
             assert trained["state"] == "succeeded", trained["error"]
-            # The eval is queued just after the train job is marked succeeded, not in the same transaction.
-            with anyio.fail_after(60):
-                while not (evals := (await call(client, "list_jobs", kind="eval"))["jobs"]):
-                    await anyio.sleep(0.2)
+            # Queued in the transaction that ended the train job: there the moment it is seen succeeded.
+            evals = (await call(client, "list_jobs", kind="eval"))["jobs"]
             assert len(evals) == 1
             evaluated = await wait_final(client, evals[0]["id"])
             assert evaluated["state"] == "succeeded", evaluated["error"]
@@ -233,3 +231,31 @@ def chromium() -> Iterator[str]:
     if found is None:
         pytest.skip("chromium is not installed and could not be installed (needs root and apt)")
     yield found
+
+
+def test_an_eval_that_no_longer_fits_after_training_is_noted_on_the_train_job_which_still_succeeds(
+        service: ServiceContext, tmp_path: Path, tiny_model: Path, agent_keys: tuple[str, str]) -> None:
+    """The eval a train job asked for is admitted when the train job ends: a limit lowered meanwhile
+    refuses it, and the refusal is a warning on the succeeded train job, with no eval job left behind."""
+    train = write_jsonl(tmp_path / "train.jsonl", chat_records(16))
+    items = write_jsonl(tmp_path / "items.jsonl", eval_records(24))
+
+    async def main() -> tuple[str, dict[str, Any], list[dict[str, Any]], list[str]]:
+        async with Client(build_mcp_server(ServiceRef(service), local_key=agent_keys[0], toolsets=("all",))) as client:
+            train_ds = (await call(client, "upload_dataset", path=str(train)))["dataset"]["id"]
+            items_ds = (await call(client, "upload_dataset", path=str(items)))["dataset"]["id"]
+            suite_id = (await call(client, "create_eval_suite", definition=SUITE_YAML.format(dataset=items_ds)))["id"]
+            launched = await call(client, "launch_training", base_model=str(tiny_model), datasets=[train_ds],
+                                  adapter="full", eval_suite=suite_id,
+                                  hyperparameters=quick_hyperparameters(max_steps=4))
+            auth.set_limits(service.engine, "eval-a", {"max_request_flops": 1.0})  # `weightsmith agents set`
+            trained = await wait_final(client, launched["job"]["id"])
+            evals = (await call(client, "list_jobs", kind="eval"))["jobs"]
+            events = await call(client, "get_job_events", job_id=trained["id"], limit=200)
+            return suite_id, trained, evals, [e["message"] for e in events["events"] if e["level"] == "warning"]
+
+    suite_id, trained, evals, warnings = anyio.run(main)
+    assert trained["state"] == "succeeded" and trained["model_id"], trained["error"]
+    assert evals == []
+    assert any(m.startswith(f"the eval on {suite_id} was not started") and
+               "max_request_flops" in m for m in warnings), warnings
