@@ -71,7 +71,8 @@ def main() -> None:
         for _ in range(args.repeats):
             for name in chosen:
                 results[name].append(run(model_dir, args.steps, args.batch, args.seq_len, LEVERS[name]))
-    median = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in results.items()}
+    median = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0] if key != "precision"}
+              for name, runs in results.items()}
     base = median[chosen[0]]
     print(f"{args.steps} steps x batch {args.batch} x seq {args.seq_len}; {args.threads} thread(s); "
           f"median of {args.repeats} alternating runs; ratios against '{chosen[0]}'")
