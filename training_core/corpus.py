@@ -17,7 +17,10 @@ last (its presence marks a complete file; it records the snapshot's size and mod
 replaced snapshot is tokenized afresh). The files sit beside the snapshot, whose content-addressed
 directory keys them by the snapshot's hash; where that directory cannot be written, in
 `JobSpec.token_cache_dir` (or the job's output directory) under a name that adds the snapshot's path.
-A file lock makes concurrent jobs (or the processes of one several-device job) build it once.
+A file lock makes concurrent jobs (or the processes of one several-device job) build it once. A
+pre-training tokenizer trained on the corpus's sample is kept the same way
+(`<snapshot>.tokenizer-<key of its inputs>/`), so a later job with the same options starts without
+training it again, and then reuses the token file too.
 
 Blocks are cut from the training documents' token stream, held-out documents left out, exactly as
 packing them in memory would: `block_size` tokens each, across document boundaries, the last
@@ -33,8 +36,9 @@ import json
 import math
 import os
 import random
+import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
@@ -104,6 +108,33 @@ def sample_stride(snapshots: list[Path]) -> int:
     """Every how many documents a pre-training tokenizer reads: 1 up to `TOKENIZER_SAMPLE_BYTES`."""
     total = sum(path.stat().st_size for path in snapshots)
     return max(1, math.ceil(total / TOKENIZER_SAMPLE_BYTES))
+
+
+def trained_tokenizer(snapshots: list[Path], spec: JobSpec, recipe: dict[str, Any], held_out: HeldOut,
+                      train: Callable[[Path], None]) -> Path:
+    """The directory of the tokenizer trained on this corpus's sample with `recipe` (its options, as
+    JSON): the one an earlier job left beside the first snapshot, or trained now by `train(directory)`
+    and kept there. Training a tokenizer on the sample takes minutes on a large corpus, and the same
+    inputs train the same tokenizer, so a later trial or rerun on the snapshot starts without it (and,
+    with the same tokenizer, reuses its token file too)."""
+    identity = {"snapshots": [_file_identity(path) for path in snapshots], "recipe": recipe,
+                "held_out": hashlib.sha256(json.dumps(sorted(held_out.ordinals)).encode()).hexdigest(),
+                "sample_bytes": TOKENIZER_SAMPLE_BYTES}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    directory = Path(f"{_token_file_stem(snapshots[0], spec)}.tokenizer-{key}")
+    if not (directory / "tokenizer_config.json").exists():
+        with _locked(Path(f"{directory}.lock")):
+            if not (directory / "tokenizer_config.json").exists():  # or trained while we waited
+                building = directory.with_name(f"{directory.name}.{os.getpid()}.tmp")
+                shutil.rmtree(building, ignore_errors=True)
+                train(building)
+                building.rename(directory)  # whole or absent
+    return directory
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"name": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 # Token files.

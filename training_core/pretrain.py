@@ -12,8 +12,9 @@ preset (or an explicit shape), next-token prediction on packed blocks with warmu
     special_tokens  extra tokens never split (a domain's markers)
     chat_template   replaces the ChatML default
 
-Read top to bottom: `run` holds out documents, trains the tokenizer and writes the initial model
-to `output_dir/init` (once: a resumed run reuses it, so its checkpoints match), tokenizes the
+Read top to bottom: `run` holds out documents, trains the tokenizer (or reuses the one an earlier
+job trained on the same snapshot and options) and writes the initial model to `output_dir/init`
+(once: a resumed run reuses it, so its checkpoints match), tokenizes the
 corpus into a token file (once per snapshot and tokenizer, `training_core.corpus`) and streams
 `max_seq_length` blocks from it, measures held-out perplexity and bits per byte, trains, measures
 again, and saves the model to `output_dir/model` with the held-out documents beside it
@@ -29,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +58,7 @@ def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> Job
     snapshots = [Path(path) for path in spec.train_files]
     hyper = spec.hyperparameters
     held_out = corpus.hold_out(snapshots, hyper.eval_fraction, MAX_EVAL_DOCUMENTS, hyper.seed)
-    # A generator: read only if the tokenizer is trained now (a resumed run reuses `init/`).
-    tokenizer_texts = corpus.documents(snapshots, skip=held_out.ordinals, every=corpus.sample_stride(snapshots))
-    init_dir = _initial_model(spec, tokenizer_texts, events)
+    init_dir = _initial_model(spec, snapshots, held_out, events)
     tokenizer = AutoTokenizer.from_pretrained(init_dir)
     model = AutoModelForCausalLM.from_pretrained(
         init_dir, attn_implementation=runs.attention_implementation(spec, device))
@@ -99,31 +97,40 @@ def run(spec: JobSpec, events: EventWriter, started: float | None = None) -> Job
     return result
 
 
-def _initial_model(spec: JobSpec, texts: Iterable[str], events: EventWriter) -> Path:
-    """Tokenizer and randomly initialised model in `output_dir/init`, built once per job."""
+def _initial_model(spec: JobSpec, snapshots: list[Path], held_out: corpus.HeldOut, events: EventWriter) -> Path:
+    """Tokenizer and randomly initialised model in `output_dir/init`, built once per job; the tokenizer
+    is trained on the corpus's sample once per snapshot and options (`corpus.trained_tokenizer`)."""
     init_dir = Path(spec.output_dir) / "init"
     if (init_dir / "config.json").exists():
         return init_dir
     options = spec.options
     shape = _shape(options)
+    recipe: dict[str, Any] = {"vocab_size": int(options.get("vocab_size") or shape.vocab_size),
+                              "model_max_length": shape.max_position_embeddings,
+                              "extra_special_tokens": list(options.get("special_tokens") or []),
+                              **({"chat_template": options["chat_template"]} if options.get("chat_template") else {})}
+    trained = False
+
+    def train(directory: Path) -> None:
+        nonlocal trained
+        texts = corpus.documents(snapshots, skip=held_out.ordinals, every=corpus.sample_stride(snapshots))
+        with corpus.parallel_tokenizers():
+            presets.train_tokenizer(texts, out_dir=directory, **recipe)
+        trained = True
+
+    tokenizer_dir = corpus.trained_tokenizer(snapshots, spec, recipe, held_out, train)
     # Every process of a several-device job builds the same (seeded) model; the first rename wins.
     building = init_dir.with_name(f"init.building-{os.environ.get('RANK', '0')}")
     shutil.rmtree(building, ignore_errors=True)
-    tokenizer_options: dict[str, Any] = {}
-    if options.get("vocab_size"):
-        tokenizer_options["vocab_size"] = int(options["vocab_size"])
-    if options.get("special_tokens"):
-        tokenizer_options["extra_special_tokens"] = list(options["special_tokens"])
-    if options.get("chat_template"):
-        tokenizer_options["chat_template"] = options["chat_template"]
-    with corpus.parallel_tokenizers():
-        presets.build_base_model(shape, texts, building, seed=spec.hyperparameters.seed, **tokenizer_options)
+    presets.build_base_model(shape, tokenizer_dir, building, seed=spec.hyperparameters.seed)
     try:
         building.rename(init_dir)  # whole or absent: a run killed while building starts it again
     except OSError:  # another process's identical copy is in place
         shutil.rmtree(building, ignore_errors=True)
-    events.message(f"trained a {len(AutoTokenizer.from_pretrained(init_dir))}-token byte-level BPE tokenizer and "
-                   f"built the initial model ({options.get('preset') or 'explicit config'})")
+    how = "trained a" if trained else "reused a"
+    events.message(f"{how} {len(AutoTokenizer.from_pretrained(init_dir))}-token byte-level BPE tokenizer "
+                   f"and built the initial model ({options.get('preset') or 'explicit config'})",
+                   tokenizer_dir=str(tokenizer_dir), tokenizer_reused=not trained)
     return init_dir
 
 

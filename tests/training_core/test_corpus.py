@@ -153,3 +153,29 @@ def test_a_pretrain_job_killed_after_a_checkpoint_resumes_on_its_token_file(tmp_
     assert sorted(resumed_losses) == [3, 4]
     assert [resumed_losses[step] for step in (3, 4)] == pytest.approx([losses[3], losses[4]], rel=1e-4)
     assert resumed.metrics["train_blocks"] == whole.metrics["train_blocks"]
+
+
+def test_a_second_pretrain_on_the_same_snapshot_reuses_its_tokenizer_and_token_files(tmp_path: Path) -> None:
+    snapshots = _snapshots(tmp_path / "data")
+    first, second = (_spec(tmp_path / name, "pretrain", "", snapshots, learning_rate=rate)
+                     for name, rate in (("first", 3e-3), ("second", 1e-3)))
+    other_tokens = _spec(tmp_path / "other", "pretrain", "", snapshots)
+    other_tokens.options = {"preset": "tiny", "vocab_size": 600, "special_tokens": ["<|ticket|>"]}
+
+    for spec in (first, second, other_tokens):
+        with EventWriter(spec.run_dir) as events:
+            assert pretrain.run(spec, events).status == "succeeded"
+
+    def tokenizer_event(spec: JobSpec) -> dict[str, Any]:
+        return next(e["data"] for e in _events(spec) if "tokenizer_reused" in e["data"])
+
+    assert [tokenizer_event(spec)["tokenizer_reused"] for spec in (first, second, other_tokens)] == [False, True, False]
+    assert tokenizer_event(first)["tokenizer_dir"] == tokenizer_event(second)["tokenizer_dir"]
+    assert Path(tokenizer_event(first)["tokenizer_dir"]).parent == tmp_path / "data"
+    assert [data["reused"] for data in _token_file_events(second)] == [True, True]
+    assert [data["reused"] for data in _token_file_events(other_tokens)] == [False, False]
+    first_tokenizer, second_tokenizer = (AutoTokenizer.from_pretrained(Path(spec.output_dir) / "model")
+                                         for spec in (first, second))
+    assert corpus.tokenizer_key(first_tokenizer) == corpus.tokenizer_key(second_tokenizer)
+    assert "<|ticket|>" in AutoTokenizer.from_pretrained(Path(other_tokens.output_dir) / "model").get_vocab()
+    assert "<|ticket|>" not in first_tokenizer.get_vocab()
