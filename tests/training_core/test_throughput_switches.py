@@ -80,6 +80,21 @@ def test_packed_sdpa_lets_each_record_of_a_row_attend_only_to_itself(tiny_model:
     assert torch.allclose(packed, alone, atol=1e-4 if dtype == torch.float32 else 5e-2)
 
 
+def test_packed_sdpa_attends_in_fp32_under_bf16_autocast() -> None:
+    """Autocast casts SDPA's inputs to bf16 whatever their dtype, and the CPU kernel's bf16 backward is
+    the slow one: under autocast the attention must run in fp32, as if autocast were off."""
+    module = torch.nn.Module()
+    query, key, value = (torch.randn(1, 4, 26, 16) for _ in range(3))
+    edges = torch.tensor([0, 7, 26], dtype=torch.int32)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast, _ = attention.packed_sdpa(module, query, key, value, None, cu_seq_lens_q=edges)
+    in_fp32, _ = attention.packed_sdpa(module, query, key, value, None, cu_seq_lens_q=edges)
+
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, in_fp32)
+
+
 def test_gradient_checkpointing_trains_the_same_steps(tmp_path: Path, tiny_model: Path) -> None:
     (_, plain_losses), (_, checkpointed_losses) = (
         _run(_spec(tmp_path / f"gc-{on}", tiny_model, precision="fp32", gradient_checkpointing=on))
