@@ -13,6 +13,8 @@ our tables when it autogenerates a revision.
 from __future__ import annotations
 
 import functools
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +48,7 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 VERSION_TABLE = "weightsmith_schema_version"
 """Where our alembic keeps its revision: alembic's default table, `alembic_version`, is Optuna's."""
 MIGRATION_LOCK_KEY = 0x7765_6967_6874  # "weight": the PostgreSQL advisory lock `migrate` holds
+SQLITE_BUSY_TIMEOUT_S = 30
 LEGACY_VERSION_TABLE = "alembic_version"
 """Where stores made before the studies moved into this database keep our revision."""
 
@@ -55,16 +58,16 @@ def make_engine(url: str) -> Engine:
         return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
         # pysqlite's own implicit BEGIN is deferred and cannot be made IMMEDIATE; we emit BEGIN.
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+        _switch_to_wal(cursor)
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
@@ -74,6 +77,24 @@ def make_engine(url: str) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _switch_to_wal(cursor: sqlite3.Cursor) -> None:
+    """Put the file in WAL mode (a no-op once it is). Switching a fresh file needs an exclusive lock,
+    and SQLite answers "database is locked" at once, without waiting out the busy timeout, when other
+    connections hold the file too: service processes starting together on an empty store lost
+    their start this way. So wait here, as the busy timeout would."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    pause = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 def without_password(url: str) -> str:
