@@ -29,6 +29,7 @@ from server.context import ServiceContext, ServiceRef
 from server.errors import InvalidRequest
 from server.serving.gateway import Gateway, Served, gateway_of
 from server.store.tables import Agent
+from training_core.serving.disconnect import CLIENT_CLOSED_REQUEST, ClientLeft, unless_client_leaves
 
 
 def _service(request: Request) -> ServiceContext:
@@ -82,8 +83,11 @@ async def _generate(route: str, request: Request, service: ServiceContext, autho
         return StreamingResponse(_relay(gateway, agent, served, route, body, ended), media_type="text/event-stream",
                                  background=BackgroundTask(lambda: gateway.charge(agent, served, ended.get("usage"))))
     try:
-        reply = await gateway.forward(route, served, body)
+        # Cancelling the forward closes the engine's connection, and the engine then stops the rows.
+        reply = await unless_client_leaves(request, gateway.forward(route, served, body))
         payload = reply.json()
+    except ClientLeft:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     finally:
         gateway.release(agent)
     usage = payload.get("usage") if reply.status_code == 200 else None

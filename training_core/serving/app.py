@@ -11,7 +11,8 @@ response carries `usage`; a stream ends with a chunk of usage and no choices, th
 Errors are OpenAI's `{"error": {message, type, param, code}}` with the status that fits (400, 404,
 507, 500); an error after a stream has begun comes as such an object in a `data:` line.
 
-Handlers only wait on the request's event queue: the engine's worker thread does the work.
+Handlers only wait on the request's event queue: the engine's worker thread does the work. A client
+that goes away cancels its request, streamed or not (`unless_client_leaves`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from training_core.serving.disconnect import CLIENT_CLOSED_REQUEST, ClientLeft, unless_client_leaves
 from training_core.serving.engine import Engine, EngineRequest, Failed, Started
 from training_core.serving.protocol import ChatCompletionRequest, CompletionRequest, EngineError
 from training_core.serving.rows import ChoiceFinished, TextDelta
@@ -39,6 +41,10 @@ def build_app(engine: Engine, lifespan: Any = None) -> FastAPI:
     async def _engine_error(request: Request, error: EngineError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status)
 
+    @app.exception_handler(ClientLeft)
+    async def _client_left(request: Request, error: ClientLeft) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = ChatCompletionRequest.parse(await _json(request))
@@ -46,7 +52,7 @@ def build_app(engine: Engine, lifespan: Any = None) -> FastAPI:
                             messages=[message.as_template_input() for message in body.messages],
                             temperature=body.temperature, top_p=body.top_p, stop=body.stop or [],
                             seed=body.seed, stream=body.stream)
-        return await _respond(engine, job, "chat")
+        return await _respond(engine, job, "chat", request)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -54,7 +60,7 @@ def build_app(engine: Engine, lifespan: Any = None) -> FastAPI:
         job = EngineRequest(model=body.model, adapter=body.adapter, n=body.n, max_tokens=body.max_tokens,
                             prompts=body.prompt, temperature=body.temperature, top_p=body.top_p,
                             stop=body.stop or [], seed=body.seed, stream=body.stream)
-        return await _respond(engine, job, "text")
+        return await _respond(engine, job, "text", request)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -80,10 +86,10 @@ async def _json(request: Request) -> Any:
         raise EngineError(400, "the request body is not valid JSON", code="invalid_json") from None
 
 
-async def _respond(engine: Engine, job: EngineRequest, kind: Kind) -> Response:
+async def _respond(engine: Engine, job: EngineRequest, kind: Kind, request: Request) -> Response:
     engine.submit(job)
     try:
-        first = await job.events.get()
+        first = await unless_client_leaves(request, job.events.get())
     except BaseException:
         engine.cancel(job)  # the client went away before anything ran
         raise
@@ -94,7 +100,7 @@ async def _respond(engine: Engine, job: EngineRequest, kind: Kind) -> Response:
     if job.stream:
         return StreamingResponse(_guarded(engine, job, reply.stream()), media_type="text/event-stream")
     try:
-        return JSONResponse(await reply.whole())
+        return JSONResponse(await unless_client_leaves(request, reply.whole()))
     finally:
         engine.cancel(job)  # a no-op once every choice has finished; stops the rows if the client left
 

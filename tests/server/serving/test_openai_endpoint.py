@@ -7,10 +7,13 @@ would any rented model. A second agent has no models; an unknown key has no agen
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -219,3 +222,47 @@ def test_sample_model_tool_and_list_models_point_the_agent_at_the_endpoint(live:
         _chat(live.client(), "production", p) for p in PROMPTS[:2]]
     assert listed["openai_base_url"] == f"{live.url}/openai/v1"
     assert sampled.json()["openai_base_url"] == listed["openai_base_url"]
+
+
+def test_an_answer_that_does_not_stream_stops_generating_when_its_client_leaves(live: Live) -> None:
+    body = {"model": "support-full", "prompt": "The quiet window", "max_tokens": 256, "temperature": 0}
+    headers = {"Authorization": f"Bearer {live.key}", "Content-Type": "application/json"}
+    url = f"{live.url}/openai/v1/completions"
+    httpx.post(url, json=body, headers=headers, timeout=600).raise_for_status()  # the engine is up from here on
+    began = time.monotonic()
+    whole = httpx.post(url, json=body, headers=headers, timeout=600).json()
+    full_run = time.monotonic() - began
+    assert whole["choices"][0]["finish_reason"] == "length", "the prompt ended early; pick one the model loops on"
+    engines = _engine_stats_urls()
+    assert engines, "no engine process found"
+
+    def running_rows() -> int:  # every engine of this test session: the others are idle now
+        return sum(httpx.get(stats, timeout=30).json()["running_rows"] for stats in engines)
+
+    # A raw socket, so that the test decides the moment the client leaves.
+    service = httpx.URL(live.url)
+    payload = json.dumps(body).encode()
+    with socket.create_connection((service.host, service.port)) as sock:
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        sock.sendall(f"POST /openai/v1/completions HTTP/1.1\r\nHost: {service.host}\r\n{head}"
+                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        assert wait_until(lambda: running_rows() == 1, timeout=300, interval=0.02)
+        left = time.monotonic()
+    assert wait_until(lambda: running_rows() == 0, timeout=300, interval=0.02)
+    # Without the cancel the service waits for the whole answer and the engine runs its 256 tokens for nobody.
+    assert time.monotonic() - left < full_run / 3, (time.monotonic() - left, full_run)
+
+
+def _engine_stats_urls() -> list[str]:
+    """The `/stats` of each engine process running here: its ready file, named on its command line,
+    holds its URL (the service picks the engine's port, and shows the engine to nobody)."""
+    urls = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+            if b"training_core.serving" in argv and b"--ready-file" in argv:
+                ready = Path(argv[argv.index(b"--ready-file") + 1].decode())
+                urls.append(json.loads(ready.read_text(encoding="utf-8"))["url"].removesuffix("/v1") + "/stats")
+        except (OSError, ValueError, KeyError):
+            continue  # a process that ended meanwhile, or an engine still starting
+    return urls

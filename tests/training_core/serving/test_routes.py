@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -168,3 +170,24 @@ def test_other_routes_answer_while_a_long_generation_runs(engine_url: str, tiny_
     seen = wait_until(lambda: stats(engine_url)["running_rows"] == 1, timeout=300, interval=0.05)
     worker.join()
     assert seen and stats(engine_url)["running_rows"] == 0
+
+
+def test_an_answer_that_does_not_stream_stops_generating_when_its_client_leaves(engine_url: str,
+                                                                                  tiny_model: Path):
+    body = {"model": str(tiny_model), "prompt": "The", "max_tokens": 900, "temperature": 0}
+    began = time.monotonic()
+    whole = httpx.post(f"{engine_url}/completions", json=body, timeout=600).json()
+    full_run = time.monotonic() - began
+    assert whole["choices"][0]["finish_reason"] == "length", "the prompt ended early; pick one the model loops on"
+
+    # A raw socket, so that the test decides the moment the client leaves.
+    url = httpx.URL(engine_url)
+    payload = json.dumps(body).encode()
+    with socket.create_connection((url.host, url.port)) as sock:
+        sock.sendall(f"POST {url.path}/completions HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: application/json"
+                     f"\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        assert wait_until(lambda: stats(engine_url)["running_rows"] == 1, timeout=300, interval=0.02)
+        left = time.monotonic()
+    assert wait_until(lambda: stats(engine_url)["running_rows"] == 0, timeout=300, interval=0.02)
+    # Without the cancel the row runs its 900 tokens for nobody, as long as the whole answer took.
+    assert time.monotonic() - left < full_run / 3, (time.monotonic() - left, full_run)
