@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,19 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 120.0, interval: f
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+@contextmanager
+def posted_on_a_raw_socket(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> Iterator[None]:
+    """POST `body` as JSON to `url` and hold the connection open for the block: closing it at the end
+    is the client leaving, at the moment the test chooses (an HTTP client library decides that itself)."""
+    target = httpx.URL(url)
+    payload = json.dumps(body).encode()
+    head = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    with socket.create_connection((target.host, target.port)) as sock:
+        sock.sendall(f"POST {target.path} HTTP/1.1\r\nHost: {target.host}\r\n{head}Content-Type: application/json\r\n"
+                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        yield
 
 
 def quick_hyperparameters(**overrides: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 import optuna
 import sqlalchemy.exc
 
-from server.store.db import without_password
+from server.store.db import SQLITE_BUSY_TIMEOUT_S, without_password
 from server.store.tables import Job
 from server.tuning.admission import ParamSpace
 
@@ -42,7 +42,8 @@ def _storage(url: str) -> optuna.storages.RDBStorage:
     # locked". The file is in WAL mode (set by the service's engine; it persists), and pysqlite
     # begins a transaction only at its first write, so Optuna never waits for the lock holding a
     # stale read snapshot (which SQLite would refuse at once, timeout or not).
-    kwargs: dict[str, Any] = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    kwargs: dict[str, Any] = ({"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if url.startswith("sqlite")
+                              else {"pool_pre_ping": True})
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
 

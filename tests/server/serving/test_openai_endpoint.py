@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +26,15 @@ import pytest
 from server.settings import Settings
 from server.store import agents as auth
 from server.store.db import make_engine, migrate
-from tests.conftest import ROOT, chat_records, quick_hyperparameters, serve_process, wait_until, write_jsonl
+from tests.conftest import (
+    ROOT,
+    chat_records,
+    posted_on_a_raw_socket,
+    quick_hyperparameters,
+    serve_process,
+    wait_until,
+    write_jsonl,
+)
 
 PROMPTS = ["What is a red-drop?", "When is the quiet window?", "Who handles T2 tickets?", "What does PARKED mean?",
            "Where are splice cabinets listed?", "What is an ONT reseat?", "What is an SC code?", "Who walks out?"]
@@ -226,7 +233,7 @@ def test_sample_model_tool_and_list_models_point_the_agent_at_the_endpoint(live:
 
 def test_an_answer_that_does_not_stream_stops_generating_when_its_client_leaves(live: Live) -> None:
     body = {"model": "support-full", "prompt": "The quiet window", "max_tokens": 256, "temperature": 0}
-    headers = {"Authorization": f"Bearer {live.key}", "Content-Type": "application/json"}
+    headers = {"Authorization": f"Bearer {live.key}"}
     url = f"{live.url}/openai/v1/completions"
     httpx.post(url, json=body, headers=headers, timeout=600).raise_for_status()  # the engine is up from here on
     began = time.monotonic()
@@ -239,13 +246,7 @@ def test_an_answer_that_does_not_stream_stops_generating_when_its_client_leaves(
     def running_rows() -> int:  # every engine of this test session: the others are idle now
         return sum(httpx.get(stats, timeout=30).json()["running_rows"] for stats in engines)
 
-    # A raw socket, so that the test decides the moment the client leaves.
-    service = httpx.URL(live.url)
-    payload = json.dumps(body).encode()
-    with socket.create_connection((service.host, service.port)) as sock:
-        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        sock.sendall(f"POST /openai/v1/completions HTTP/1.1\r\nHost: {service.host}\r\n{head}"
-                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    with posted_on_a_raw_socket(url, body, headers):
         assert wait_until(lambda: running_rows() == 1, timeout=300, interval=0.02)
         left = time.monotonic()
     assert wait_until(lambda: running_rows() == 0, timeout=300, interval=0.02)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.conftest import wait_until
+from tests.conftest import posted_on_a_raw_socket, wait_until
 from tests.training_core.serving.conftest import stats
 
 QUESTION = [{"role": "user", "content": "What is a red-drop?"}]
@@ -180,12 +179,7 @@ def test_an_answer_that_does_not_stream_stops_generating_when_its_client_leaves(
     full_run = time.monotonic() - began
     assert whole["choices"][0]["finish_reason"] == "length", "the prompt ended early; pick one the model loops on"
 
-    # A raw socket, so that the test decides the moment the client leaves.
-    url = httpx.URL(engine_url)
-    payload = json.dumps(body).encode()
-    with socket.create_connection((url.host, url.port)) as sock:
-        sock.sendall(f"POST {url.path}/completions HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: application/json"
-                     f"\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    with posted_on_a_raw_socket(f"{engine_url}/completions", body):
         assert wait_until(lambda: stats(engine_url)["running_rows"] == 1, timeout=300, interval=0.02)
         left = time.monotonic()
     assert wait_until(lambda: stats(engine_url)["running_rows"] == 0, timeout=300, interval=0.02)
