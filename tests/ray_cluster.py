@@ -18,7 +18,6 @@ other people's clusters included.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -33,6 +32,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from tests.events import read_events
 
 if TYPE_CHECKING:
     from training_core.spec import JobResult
@@ -189,13 +190,6 @@ def write_sft_spec(work: Path, base_model: Path, devices: int = 1, **hyperparame
     run_dir.mkdir(parents=True, exist_ok=True)
     spec.write(run_dir / "spec.json")
     return run_dir / "spec.json"
-
-
-def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "events.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.endswith("}")]
 
 
 def assert_resumed_to_the_end(run_dir: Path, checkpoints: list[int], max_steps: int) -> JobResult:

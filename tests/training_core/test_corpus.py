@@ -3,7 +3,6 @@ as packing in memory would cut them, and pre-training jobs that reuse the files 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.conftest import CHAT_FACTS, write_jsonl
+from tests.events import read_events
 from training_core import continued_pretrain, corpus, language_modeling, pretrain
 from training_core.events import EventWriter
 from training_core.spec import EVENTS_FILE, Hyperparameters, JobError, JobSpec
@@ -42,8 +42,7 @@ def _spec(tmp_path: Path, method: str, base_model: str, train_files: list[Path],
 
 
 def _events(spec: JobSpec) -> list[dict[str, Any]]:
-    lines = (Path(spec.run_dir) / EVENTS_FILE).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines]
+    return read_events(spec.run_dir)
 
 
 def _token_file_events(spec: JobSpec) -> list[dict[str, Any]]:

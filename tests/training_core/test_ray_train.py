@@ -16,10 +16,10 @@ from transformers import AutoTokenizer
 
 from server.workers.ray_jobs import RayJobs, SubmissionStatus, training_entrypoint
 from tests.conftest import chat_records, wait_until
+from tests.events import read_events
 from tests.ray_cluster import (
     RayCluster,
     assert_resumed_to_the_end,
-    read_events,
     submission_env,
     training_processes,
     write_sft_spec,

@@ -5,7 +5,6 @@ start-up time, `sft.run` in this process."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -19,12 +18,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import chat_records, wait_until, write_jsonl
+from tests.events import read_events
 from training_core import sft
 from training_core.__main__ import main
 from training_core.events import EventWriter, metric_history
 from training_core.spec import (
     CANCEL_FILE,
-    EVENTS_FILE,
     SPEC_FILE,
     Hyperparameters,
     JobResult,
@@ -76,10 +75,7 @@ def _child_log(spec: JobSpec) -> str:
 
 
 def _events(spec: JobSpec) -> list[dict[str, Any]]:
-    path = Path(spec.run_dir) / EVENTS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return read_events(spec.run_dir)
 
 
 def _messages(spec: JobSpec, start: str) -> list[dict[str, Any]]:

@@ -13,10 +13,10 @@ pytest.importorskip("ray.job_submission", reason="ray[default] is not installed;
 
 from server.workers.ray_jobs import LogTail, RayJobs, RayJobsError, SubmissionStatus, training_entrypoint
 from tests.conftest import wait_until
+from tests.events import read_events
 from tests.ray_cluster import (
     RayCluster,
     assert_resumed_to_the_end,
-    read_events,
     submission_env,
     training_processes,
     write_sft_spec,
