@@ -144,7 +144,17 @@ def _merged(found: list[tuple[str, str]]) -> list[tuple[str, str]]:
         messages = merged.setdefault(param, [])
         if message not in messages:
             messages.append(message)
-    return [(param, " or ".join(messages)) for param, messages in merged.items()]
+    return [(param, _alternatives(messages)) for param, messages in merged.items()]
+
+
+def _alternatives(messages: list[str]) -> str:
+    """The branches' refusals as one: "must be an integer or auto (got True)", naming the value once."""
+    endings = {m[m.rfind(" (got "):] if " (got " in m else "" for m in messages}
+    ending = endings.pop() if len(endings) == 1 else ""
+    parts = [m.removesuffix(ending) for m in messages]
+    if parts[0].startswith("must be "):
+        parts[1:] = [part.removeprefix("must be ") for part in parts[1:]]
+    return " or ".join(parts) + ending
 
 
 _WORDS = {
@@ -168,7 +178,8 @@ _WORDS = {
 def _message(error: dict[str, Any]) -> str:
     kind, ctx = error["type"], error.get("ctx") or {}
     if kind in ("literal_error", "enum"):
-        text = f"must be one of {ctx.get('expected', '')}".replace("'", "")
+        expected = str(ctx.get("expected", "")).replace("'", "")
+        text = f"must be one of {expected}" if "," in expected or " or " in expected else f"must be {expected}"
     elif kind in _WORDS:
         text = _WORDS[kind]
     elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):

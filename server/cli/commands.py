@@ -50,7 +50,14 @@ def add_tool_commands(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
                 parent.add_typer(groups[key], name=group)
             parent = groups[key]
         short = tool.description.split(". ")[0].rstrip(".") + "."
-        parent.command(name, help=f"{short}  (tool {tool.name})", short_help=short[:80])(_command(tool))
+        parent.command(name, help=f"{short}  (tool {tool.name})", short_help=_listing_line(short))(_command(tool))
+
+
+def _listing_line(sentence: str, width: int = 120) -> str:
+    """The sentence as a command listing shows it: whole where it fits, else cut at a word with an ellipsis."""
+    if len(sentence) <= width:
+        return sentence
+    return sentence[: width - 1].rsplit(" ", 1)[0].rstrip(",;:(") + "…"
 
 
 def _command(tool: Tool) -> Callable[..., None]:
