@@ -39,8 +39,14 @@ class InvalidRequest(WeightsmithError):
     code = "invalid_request"
     http_status = 422
 
+    listed: Sequence[tuple[str, str]] = ()
+    """The `(param, message)` pairs it was made `of`: a caller that gathers problems from several checks
+    takes these, not the joined message, which already names each param."""
+
     def problems(self) -> list[tuple[str, str]]:
         """Every `(param, message)` this refusal lists (one, unless it was made with `of`)."""
+        if self.listed:
+            return list(self.listed)
         listed = self.details.get("problems")
         return [(p["param"], p["message"]) for p in listed] if listed else [(self.param or "", self.message)]
 
@@ -48,8 +54,10 @@ class InvalidRequest(WeightsmithError):
     def of(cls, problems: Sequence[tuple[str, str]]) -> InvalidRequest:
         """Every problem of a request at once, each `(param, message)`; the first names `param`."""
         listed = "; ".join(f"{param}: {message}" if param else message for param, message in problems)
-        return cls(listed, param=problems[0][0] or None,
+        made = cls(listed, param=problems[0][0] or None,
                    details={"problems": [{"param": p, "message": m} for p, m in problems]} if len(problems) > 1 else {})
+        made.listed = tuple(problems)
+        return made
 
 
 class InvalidDataset(WeightsmithError):
@@ -200,8 +208,10 @@ def _message(error: dict[str, Any]) -> str:
         return f"is not valid JSON ({ctx.get('error', 'cannot be parsed')}); send a JSON object"
     else:
         text = error["msg"].replace("Input should be", "must be").replace("Value error, ", "")
-    if kind not in ("missing", "extra_forbidden") and "input" in error and error.get("loc"):  # not a whole model
-        text += f" (got {_shown(error['input'])})"
+    shown = _shown(error["input"]) if "input" in error else ""
+    # Not for a whole model, nor where our own validator's words quote the value already.
+    if kind not in ("missing", "extra_forbidden") and error.get("loc") and shown and shown not in text:
+        text += f" (got {shown})"
     return text
 
 
