@@ -26,7 +26,8 @@ on the Nightwatch desk of Halvard Fibre (`examples/sample_corpus`):
 The caller is an agent of its own (`weightsmith agents add closed-loop`): its key selects the identity
 over stdio (WEIGHTSMITH_LOCAL_AGENT_KEY) and over HTTP alike, so the endpoint serves the models the
 loop trained. The home is a temporary directory unless --home names one (a fresh one: the loop
-creates its agent there). About 16 minutes on two shared CPU cores with the defaults.
+creates its agent there). About 5 minutes on an idle two-core machine with the defaults (16 on two cores
+shared with another run of it).
 """
 
 from __future__ import annotations
