@@ -17,6 +17,7 @@ Time is `clock()` (injectable): tests drive `tick(now)` directly.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -84,6 +85,9 @@ class Scheduler:
                 or_(col(Schedule.next_fire_at) <= now, col(Schedule.next_fire_at).is_(None),
                     col(Schedule.buffered_fire_at).is_not(None)),
                 or_(col(Schedule.lease_expires_at).is_(None), col(Schedule.lease_expires_at) < now))))
+        # In an order of its own: service processes that claim at once then share the due schedules,
+        # where in one order a process that started a moment late trails the other and claims none.
+        random.shuffle(ids)
         claimed = []
         for schedule_id in ids:
             with write_transaction(self.ctx.engine) as session:

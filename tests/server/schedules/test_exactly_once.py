@@ -1,11 +1,12 @@
-"""Two service processes on one PostgreSQL database, ticking at the same moments: every due firing
-starts exactly once."""
+"""Two service processes on one PostgreSQL database, ticking from the same moment on: every due firing
+starts exactly once, whichever process claims it."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,15 +24,22 @@ from tools.upload_dataset import UploadDatasetRequest, upload_dataset
 SCHEDULES = 100
 T0 = 1_700_000_000.0  # 2023-11-14, before the `at` below
 
+# Each ticker says it is ready and waits for the start file, so that both tick at the same moment:
+# started one after the other, the first would fire everything before the second had imported.
 TICKER = """
-import sys, json
+import sys, json, time
+from pathlib import Path
 from server.schedules.scheduler import Scheduler
 from server.service import open_service
 from server.settings import Settings
 settings = Settings.model_validate_json(sys.argv[1])
+start = Path(sys.argv[3])
 with open_service(settings, workers=False, scheduler=False) as ctx:
     scheduler = Scheduler(ctx, sys.argv[2])
-    print(json.dumps(sum(scheduler.tick(float(now)) for now in sys.argv[3:])))
+    Path(sys.argv[3] + "." + sys.argv[2]).touch()
+    while not start.exists():
+        time.sleep(0.01)
+    print(json.dumps(sum(scheduler.tick(float(now)) for now in sys.argv[4:])))
 """
 
 
@@ -55,9 +63,16 @@ def test_two_processes_ticking_together_start_each_of_100_due_firings_once(setti
                 definitions.create(ctx, agent, spec, T0)
         due = str(1_800_000_100.0)  # just after the `at` (2027-01-15T08:00Z), for both
         ticks = [due, str(float(due) + 1), str(float(due) + 2)]
-        processes = [subprocess.Popen([sys.executable, "-c", TICKER, settings.model_dump_json(), f"proc-{n}", *ticks],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                     for n in ("a", "b")]
+        start = tmp_path / "start"
+        owners = ("proc-a", "proc-b")
+        processes = [subprocess.Popen([sys.executable, "-c", TICKER, settings.model_dump_json(), owner, str(start),
+                                       *ticks], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for owner in owners]
+        deadline = time.monotonic() + 300
+        while not all(Path(f"{start}.{owner}").exists() for owner in owners):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in processes), "a ticker did not start"
+            time.sleep(0.05)
+        start.touch()
         fired = []
         for process in processes:
             out, err = process.communicate(timeout=600)
