@@ -36,6 +36,8 @@ def test_the_whole_tool_list_fits_its_budget_and_the_default_list_is_every_core_
     size = len(json.dumps(everything)) // 4  # what the before-stop hook measures, spaces and all
     assert size < TOOL_LIST_BUDGET_TOKENS, f"the tool list is ~{size} tokens"
     default = _listed(seeded, ("core",))
+    print(f"\n[tools] every toolset: {len(everything)} tools, ~{size} tokens; default (core): {len(default)} tools, "
+          f"~{len(json.dumps(default)) // 4} tokens")
     assert {t["name"] for t in default} == {t.name for t in TOOLS if t.toolset == "core"}
     for tool in everything:
         assert tool["description"] and tool["annotations"], tool["name"]

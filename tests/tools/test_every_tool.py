@@ -86,6 +86,7 @@ def test_a_tool_answers_over_mcp_and_rest_with_its_result_in_budget(tool: Tool, 
     structured, text = anyio.run(over_mcp)
     tool.result.model_validate(structured)
     assert json.loads(text) == json.loads(tool.result.model_validate(structured).compact_json())
+    print(f"\n[result] {tool.name}: ~{len(text) // 4} tokens")  # `-s` shows each tool's size
     assert len(text) / 4 < RESULT_BUDGET_TOKENS, f"{tool.name}: default result ~{len(text) // 4} tokens"
 
     path, rest = tool.route.path, dict(arguments)
