@@ -58,7 +58,7 @@ def _registered_model(job: Job, result: JobResult) -> Model:
         base_model=resolved["base_model"], parent_model_id=resolved.get("parent_model_id"), job_id=job.id,
         dataset_hashes=resolved["dataset_hashes"], config=resolved, metrics=result.metrics,
         # The count the model was built with: pre-training is priced at its preset's vocabulary, and the
-        # tokenizer it trains usually has fewer tokens. A result written before runs counted it has none.
+        # tokenizer it trains usually has fewer tokens. A result from a release that did not count it has none.
         parameters=int(result.metrics.get("parameters", resolved["estimate"]["parameters"])))
     lineage = {"model_id": model.id, "job_id": job.id, "base_model": model.base_model,
                "parent_model_id": model.parent_model_id, "dataset_hashes": model.dataset_hashes,
